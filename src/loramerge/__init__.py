@@ -1,0 +1,72 @@
+"""loramerge: merge, unmerge and verify LoRA adapters, proving every merge numerically.
+
+The lifecycle, one function each::
+
+    base = load_base("base/")                  # safetensors only unless allow_pickle=True
+    adapter = load_adapter("adapter/")         # typed, validated view of a PEFT adapter
+    model = attach(base, adapter)              # adapter mode (a PeftModel), after a fit check
+    result = merge(model)                      # in place, fp32 math, one rounding, verified
+    report = verify(base2, adapter, merged)    # weight-space + output checks, any time later
+    back = unmerge(merged, adapter)            # remove a saved adapter in any process
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import PackageNotFoundError, version
+
+from loramerge.adapter import Adapter, AdapterModule, load_adapter
+from loramerge.errors import (
+    AdapterConfigError,
+    AdapterMismatchError,
+    AdapterNotFoundError,
+    LoraMergeError,
+    LoraMergeWarning,
+    NonFiniteMergeError,
+    UnmergeImpossibleError,
+    UnsafeFormatError,
+    UnsupportedAdapterError,
+    VerificationError,
+)
+from loramerge.loading import load_base
+from loramerge.merge import merge, unmerge
+from loramerge.peft_glue import attach
+from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
+from loramerge.tolerance import Tolerance
+from loramerge.verify import make_probes, verify
+
+try:
+    __version__ = version("loramerge")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without installing
+    __version__ = "0.0.0+unknown"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "Adapter",
+    "AdapterConfigError",
+    "AdapterMismatchError",
+    "AdapterModule",
+    "AdapterNotFoundError",
+    "LayerCheck",
+    "LoraMergeError",
+    "LoraMergeWarning",
+    "MergeResult",
+    "NonFiniteMergeError",
+    "OutputCheck",
+    "Tolerance",
+    "UnmergeImpossibleError",
+    "UnmergeResult",
+    "UnsafeFormatError",
+    "UnsupportedAdapterError",
+    "VerificationError",
+    "VerificationReport",
+    "__version__",
+    "attach",
+    "load_adapter",
+    "load_base",
+    "make_probes",
+    "merge",
+    "unmerge",
+    "verify",
+]

@@ -1,0 +1,365 @@
+"""Reading a PEFT LoRA adapter directory into a typed, validated :class:`Adapter`.
+
+An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or the legacy
+pickle ``adapter_model.bin``, refused unless the caller opts in). Keys look like
+``base_model.model.<module path>.lora_A.weight``; this module turns them into one
+:class:`~loramerge.delta.LoraUpdate` per adapted module plus the full tensors the adapter replaces
+(``modules_to_save`` copies, trained biases, saved embedding bases).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+
+from loramerge.delta import Kind, LoraUpdate
+from loramerge.errors import AdapterConfigError, AdapterNotFoundError, UnsafeFormatError, UnsupportedAdapterError
+from loramerge.io import read_tensors
+
+__all__ = ["Adapter", "AdapterModule", "load_adapter", "pattern_value"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+# Config entries that change what the adapter computes in ways loramerge does not merge.
+_UNSUPPORTED_SETTINGS: dict[str, str] = {
+    "layer_replication": "layer replication duplicates base layers; PEFT cannot merge it either",
+    "trainable_token_indices": "trainable tokens (token deltas) are not supported yet",
+    "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts) is not supported yet",
+    "use_qalora": "QA-LoRA pools inputs and cannot be expressed as a weight delta here",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) applies only after invocation tokens; it has no weight delta",
+    "velora_config": "VeLoRA changes the forward pass",
+    "monteclora_config": "MonteCLoRA samples its adapter weights",
+    "use_bdlora": "block-diagonal LoRA is not supported yet",
+    "arrow_config": "Arrow routing mixes adapters per token",
+    "kasa_config": "KaSA is not supported yet",
+}
+# Initialisations that also rewrite the base weights: the adapter is only valid on that rewritten base.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "mica", "lora_ga", "lora-ga")
+
+Bias = Literal["none", "all", "lora_only"]
+
+
+def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
+    """The value of the first pattern that matches ``module_name``, as PEFT resolves rank/alpha patterns.
+
+    A pattern ``key`` matches when ``module_name`` matches the regex ``(.*\\.)?(key)$``.
+
+    Example:
+        >>> pattern_value({"v_proj": 2}, "model.layers.0.self_attn.v_proj", 8)
+        2
+        >>> pattern_value({"v_proj": 2}, "model.layers.0.self_attn.q_proj", 8)
+        8
+    """
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """The LoRA update of one module of the base model.
+
+    Attributes:
+        name: Module path in the base model, e.g. ``"model.layers.0.self_attn.q_proj"``.
+        kind: ``"linear"``, ``"conv1d"`` (GPT-2 style, ``fan_in_fan_out``), ``"embedding"`` or ``"conv"``.
+        rank: ``r`` for this module (``rank_pattern`` applied).
+        alpha: ``lora_alpha`` for this module (``alpha_pattern`` applied).
+        scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+        update: The tensors, as a :class:`~loramerge.delta.LoraUpdate`.
+    """
+
+    name: str
+    kind: Kind
+    rank: int
+    alpha: float
+    scale: float
+    update: LoraUpdate
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether this module is a DoRA module (has a magnitude vector)."""
+        return self.update.magnitude is not None
+
+    def delta(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """ΔW in fp32, in the layout of the module's weight.
+
+        ``shape`` is needed for convolutions (the kernel shape); other kinds infer it.
+        """
+        if shape is None:
+            a, b = self.update.lora_A, self.update.lora_B
+            if self.kind == "linear":
+                shape = (b.shape[0], a.shape[1])
+            elif self.kind in ("conv1d", "embedding"):
+                shape = (a.shape[1], b.shape[0])
+            else:
+                shape = (b.shape[0], *a.shape[1:])
+        return self.update.delta(shape)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A validated, typed view of a PEFT LoRA adapter.
+
+    Create it with :func:`load_adapter`. All mappings are read-only and sorted by name.
+
+    Attributes:
+        path: The directory it was read from (``None`` when built in memory).
+        config: The raw ``adapter_config.json`` contents.
+        modules: One :class:`AdapterModule` per adapted module, by module path.
+        replaced: Full tensors that *replace* base parameters when the adapter is applied, by
+            parameter name: ``modules_to_save`` copies, biases trained with ``bias="all"`` or
+            ``"lora_only"``, and saved embedding bases (PEFT's ``save_embedding_layers``).
+        replaced_kinds: Why each entry of ``replaced`` exists: ``"modules_to_save"``,
+            ``"trained_bias"`` or ``"saved_base"``.
+        tensors: The adapter's tensors exactly as stored (keys as in the file).
+    """
+
+    path: Path | None
+    config: Mapping[str, Any]
+    modules: Mapping[str, AdapterModule]
+    replaced: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    replaced_kinds: Mapping[str, str] = field(default_factory=dict)
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        """Paths of the modules that get a low-rank update, sorted."""
+        return tuple(self.modules)
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        """The base model the adapter was trained on, as recorded in its config."""
+        value = self.config.get("base_model_name_or_path")
+        return str(value) if value else None
+
+    @property
+    def uses_dora(self) -> bool:
+        """Whether any module is a DoRA module."""
+        return any(m.use_dora for m in self.modules.values())
+
+    def delta(self, module_name: str) -> torch.Tensor:
+        """ΔW (fp32) of one module; see :meth:`AdapterModule.delta`."""
+        try:
+            return self.modules[module_name].delta()
+        except KeyError:
+            raise KeyError(f"the adapter has no module {module_name!r}; its modules are {list(self.modules)[:5]}...") from None
+
+    def num_parameters(self) -> int:
+        """Number of stored adapter parameters."""
+        return sum(t.numel() for t in self.tensors.values())
+
+    def summary(self) -> str:
+        """A human-readable table: module, kind, rank, alpha, scale, ΔW shape."""
+        lines = [f"adapter: {self.path or '<in memory>'}", f"base model: {self.base_model_name_or_path or '?'}"]
+        lines.append(f"{'module':<60} {'kind':<9} {'r':>4} {'alpha':>7} {'scale':>8} {'dora':>4}")
+        for m in self.modules.values():
+            lines.append(f"{m.name:<60} {m.kind:<9} {m.rank:>4} {m.alpha:>7g} {m.scale:>8.4g} {'yes' if m.use_dora else '':>4}")
+        for name, kind in self.replaced_kinds.items():
+            lines.append(f"{name:<60} replaces the base tensor ({kind}, shape {tuple(self.replaced[name].shape)})")
+        total = self.num_parameters()
+        lines.append(f"{len(self.modules)} adapted modules, {len(self.replaced)} replaced tensors, {total:,} parameters")
+        return "\n".join(lines)
+
+
+def _validate_config(raw: Mapping[str, Any], where: str) -> None:
+    problems: list[str] = []
+    peft_type = raw.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise UnsupportedAdapterError(
+            f"{where}: peft_type is {peft_type!r}; loramerge merges LoRA adapters only (peft_type 'LORA')."
+        )
+    for key, why in _UNSUPPORTED_SETTINGS.items():
+        value = raw.get(key)
+        if value not in (None, False, [], {}, ""):
+            raise UnsupportedAdapterError(f"{where}: {key}={value!r} is set: {why}. Merge it with PEFT, or retrain without it.")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise UnsupportedAdapterError(
+            f"{where}: init_lora_weights={init!r} also rewrites the base weights, so this adapter is only valid on that "
+            "rewritten base. Convert it to a plain LoRA adapter first (PEFT's save_pretrained("
+            "path_initial_model_for_weight_conversion=...)), then merge the converted adapter."
+        )
+    r = raw.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        problems.append(f"'r' must be a positive integer, got {r!r}")
+    alpha = raw.get("lora_alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        problems.append(f"'lora_alpha' must be a finite number, got {alpha!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = raw.get(key) or {}
+        if not isinstance(value, dict):
+            problems.append(f"'{key}' must be a mapping of module pattern to number, got {type(value).__name__}")
+            continue
+        for pattern, number in value.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                problems.append(f"'{key}' pattern {pattern!r} is not a valid regex ({e})")
+            if not isinstance(number, (int, float)) or isinstance(number, bool) or number <= 0:
+                problems.append(f"'{key}'[{pattern!r}] must be a positive number, got {number!r}")
+    if raw.get("bias", "none") not in ("none", "all", "lora_only"):
+        problems.append(f"'bias' must be 'none', 'all' or 'lora_only', got {raw.get('bias')!r}")
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
+        if not isinstance(raw.get(key, False), bool):
+            problems.append(f"'{key}' must be true or false, got {raw.get(key)!r}")
+    if problems:
+        raise AdapterConfigError(f"{where} is invalid:\n  - " + "\n  - ".join(problems) + "\nFix the file or re-save the adapter with PEFT.")
+
+
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|"
+    r"lora_magnitude_vector(?:\.weight)?)$"
+)
+
+
+def _strip_prefix(key: str) -> str:
+    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+
+
+def build_adapter(
+    config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], path: Path | None = None
+) -> Adapter:
+    """Build and validate an :class:`Adapter` from a config dict and its tensors (keys as PEFT saves them)."""
+    where = str(path / CONFIG_NAME) if path is not None else "adapter config"
+    _validate_config(config, where)
+    r_default = int(config["r"])
+    alpha_default = float(config["lora_alpha"])
+    use_rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    rank_pattern = dict(config.get("rank_pattern") or {})
+    alpha_pattern = dict(config.get("alpha_pattern") or {})
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    replaced: dict[str, torch.Tensor] = {}
+    replaced_kinds: dict[str, str] = {}
+    problems: list[str] = []
+    modules_to_save = set(config.get("modules_to_save") or [])
+    for key in sorted(tensors):
+        name = _strip_prefix(key)
+        if ".token_adapter." in name or "trainable_tokens" in name:
+            raise UnsupportedAdapterError(f"{where}: tensor {key!r} is a trainable-tokens delta, which is not supported yet.")
+        match = _LORA_KEY.match(name)
+        if match:
+            parts.setdefault(match["module"], {})[match["part"].split(".")[0] + ("_bias" if match["part"] == "lora_B.bias" else "")] = tensors[key]
+            continue
+        if "lora_" in name:
+            problems.append(f"{key}: not a LoRA tensor name loramerge knows")
+            continue
+        if ".base_layer." in name:
+            param = name.replace(".base_layer.", ".")
+            kind = "trained_bias" if param.endswith(".bias") else "saved_base"
+        else:
+            param = name
+            module = name.rsplit(".", 1)[0]
+            is_saved_module = any(module == m or module.endswith("." + m) for m in modules_to_save)
+            kind = "modules_to_save" if is_saved_module else "trained_bias" if name.endswith(".bias") else "modules_to_save"
+        replaced[param] = tensors[key]
+        replaced_kinds[param] = kind
+
+    modules: dict[str, AdapterModule] = {}
+    for module_name, p in sorted(parts.items()):
+        if "lora_embedding_A" in p or "lora_embedding_B" in p:
+            a, b, kind = p.get("lora_embedding_A"), p.get("lora_embedding_B"), "embedding"
+        else:
+            a, b = p.get("lora_A"), p.get("lora_B")
+            kind = "conv" if a is not None and a.dim() > 2 else "conv1d" if fan_in_fan_out else "linear"
+        if a is None or b is None:
+            problems.append(f"{module_name}: has {sorted(p)} but needs both the A and the B matrix")
+            continue
+        rank = int(a.shape[0])
+        if b.shape[1] != rank:
+            problems.append(f"{module_name}: A has rank {rank} but B has {b.shape[1]} columns (A {tuple(a.shape)}, B {tuple(b.shape)})")
+            continue
+        expected_rank = int(pattern_value(rank_pattern, module_name, r_default))
+        if expected_rank != rank:
+            problems.append(f"{module_name}: the config gives rank {expected_rank} but the tensors have rank {rank}")
+            continue
+        alpha = float(pattern_value(alpha_pattern, module_name, alpha_default))
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        magnitude = p.get("lora_magnitude_vector")
+        if magnitude is not None and kind not in ("linear", "conv1d"):
+            raise UnsupportedAdapterError(f"{where}: DoRA on {kind} layers ({module_name}) is not supported yet; DoRA on linear layers is.")
+        update = LoraUpdate(kind, a, b, scale, magnitude=magnitude, bias=p.get("lora_B_bias"))  # type: ignore[arg-type]
+        modules[module_name] = AdapterModule(module_name, kind, rank, alpha, scale, update)  # type: ignore[arg-type]
+    if problems:
+        raise AdapterConfigError(f"{where}: the adapter's tensors are inconsistent:\n  - " + "\n  - ".join(problems))
+    if not modules and not replaced:
+        raise AdapterConfigError(f"{where}: the adapter contains no LoRA tensors.")
+    return Adapter(
+        path=path,
+        config=MappingProxyType(dict(config)),
+        modules=MappingProxyType(modules),
+        replaced=MappingProxyType(replaced),
+        replaced_kinds=MappingProxyType(replaced_kinds),
+        tensors=MappingProxyType(dict(tensors)),
+    )
+
+
+def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
+    """Read and validate a PEFT LoRA adapter directory.
+
+    Args:
+        path: Directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        allow_pickle: Accept a legacy ``adapter_model.bin`` (read with ``weights_only=True``) when
+            no safetensors file is present. Off by default: pickle files can run code.
+
+    Returns:
+        The adapter, with per-module scales resolved and tensors checked against the config.
+
+    Raises:
+        AdapterNotFoundError: The directory or a required file is missing.
+        AdapterConfigError: The config is malformed or disagrees with the tensors.
+        UnsupportedAdapterError: The adapter uses a PEFT feature loramerge cannot merge.
+        UnsafeFormatError: Only a pickle file exists and ``allow_pickle`` is false.
+
+    Example:
+        >>> adapter = load_adapter(adapter_dir)  # doctest: +SKIP
+        >>> adapter.modules["model.layers.0.self_attn.q_proj"].scale  # doctest: +SKIP
+        2.0
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise AdapterNotFoundError(
+            f"adapter directory {str(root)!r} does not exist (or is not a directory); pass the folder that PEFT's "
+            "save_pretrained() wrote, containing adapter_config.json."
+        )
+    config_path = root / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterNotFoundError(f"{str(config_path)!r} is missing: {str(root)!r} is not a PEFT adapter directory.")
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterConfigError(f"{str(config_path)!r} is not valid JSON ({e}); re-save the adapter with PEFT.") from e
+    if not isinstance(raw, dict):
+        raise AdapterConfigError(f"{str(config_path)!r} must hold a JSON object, found {type(raw).__name__}.")
+    st_path = root / SAFETENSORS_NAME
+    bin_path = root / PICKLE_NAME
+    if st_path.is_file():
+        tensors = read_tensors(st_path)
+    elif bin_path.is_file():
+        if not allow_pickle:
+            raise UnsafeFormatError(
+                f"{str(root)!r} has only the pickle file {PICKLE_NAME}, which can run arbitrary code when loaded. "
+                "Convert it to safetensors, or pass allow_pickle=True (it is then read with weights_only=True) "
+                "if you trust its source."
+            )
+        tensors = read_tensors(bin_path, allow_pickle=True)
+    else:
+        raise AdapterNotFoundError(f"{str(root)!r} has no {SAFETENSORS_NAME} (nor {PICKLE_NAME}); the adapter weights are missing.")
+    logger.debug("read %d adapter tensors from %s", len(tensors), root)
+    return build_adapter(raw, tensors, root)

@@ -1,0 +1,382 @@
+"""Pure tensor math of LoRA merges: ΔW for each layer kind, DoRA, fp32 accumulation, one rounding.
+
+Nothing here knows about PEFT, transformers or files. Every weight is handled in its *stored*
+layout, viewed as a 2-D matrix ``[rows, cols]``:
+
+========== ======================= ============================= ===================
+kind       stored weight           view                          output features on
+========== ======================= ============================= ===================
+linear     ``[out, in]``           ``[out, in]``                 rows
+conv       ``[out, in, *kernel]``  ``[out, in * prod(kernel)]``  rows
+conv1d     ``[in, out]`` (GPT-2)   ``[in, out]``                 columns
+embedding  ``[num, dim]``          ``[num, dim]``                columns
+========== ======================= ============================= ===================
+
+and the delta of one adapter is ``scale * left @ right`` in that view (:meth:`LoraUpdate.factors`).
+Large weights are processed in row chunks, so the extra memory of a merge is bounded by the chunk
+size, not by the size of the weight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from loramerge.tolerance import ulp
+
+__all__ = [
+    "Kind",
+    "LoraUpdate",
+    "TensorStats",
+    "apply_weight",
+    "check_updates",
+    "dora_norms",
+    "merge_tensor_",
+    "unmerge_tensor_",
+]
+
+Kind = Literal["linear", "conv1d", "embedding", "conv"]
+KINDS: tuple[Kind, ...] = ("linear", "conv1d", "embedding", "conv")
+CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MiB per fp32 temporary
+
+
+def _outputs_on_rows(kind: Kind) -> bool:
+    return kind in ("linear", "conv")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16-bit weights, fp64 for fp32/fp64 weights: always wider than the result."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+@dataclass(frozen=True)
+class LoraUpdate:
+    """One adapter's low-rank update of one weight tensor, as PEFT stores it.
+
+    Args:
+        kind: The layer kind (see the module docstring).
+        lora_A: ``lora_A.weight`` (``[r, in]``, ``[r, in, *kernel]``) or ``lora_embedding_A``
+            (``[r, num_embeddings]``).
+        lora_B: ``lora_B.weight`` (``[out, r]``, ``[out, r, 1, ...]``) or ``lora_embedding_B``
+            (``[dim, r]``).
+        scale: ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA).
+        magnitude: DoRA's magnitude vector (one value per output feature), or ``None``.
+        bias: ``lora_B.bias`` when the adapter was trained with ``lora_bias=True``; merged as
+            ``bias += scale * lora_B.bias``.
+    """
+
+    kind: Kind
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scale: float
+    magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown layer kind {self.kind!r}; expected one of {KINDS}")
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank ``r``."""
+        return int(self.lora_A.shape[0])
+
+    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left, right)`` with ``ΔW_view = scale * left @ right`` in the stored-layout view."""
+        a = self.lora_A.detach().to(dtype)
+        b = self.lora_B.detach().to(dtype)
+        r = self.rank
+        if self.kind == "linear":
+            return b, a
+        if self.kind == "conv":
+            return b.reshape(b.shape[0], r), a.reshape(r, -1)
+        # conv1d: W is [in, out], ΔW = (B @ A)^T; embedding: W is [num, dim], ΔW = (B @ A)^T.
+        return a.t(), b.t()
+
+    def delta(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full ``ΔW`` in the weight's stored layout and ``shape``, computed in ``dtype``.
+
+        Example:
+            >>> up = LoraUpdate("linear", torch.ones(2, 3), torch.ones(4, 2), scale=0.5)
+            >>> up.delta((4, 3))[0].tolist()
+            [1.0, 1.0, 1.0]
+        """
+        left, right = self.factors(dtype)
+        return (left @ right).mul_(self.scale).reshape(tuple(shape))
+
+    def lora_output(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The LoRA branch's output ``scale * B(A(x))`` for probe inputs ``x``, in ``dtype``.
+
+        ``x`` is ``[k, in_features]`` (flattened patches for conv), or ``[k]`` token ids for
+        embeddings.
+        """
+        left, right = self.factors(dtype)
+        if self.kind == "embedding":
+            return (left[x] @ right) * self.scale
+        xd = x.to(dtype)
+        if _outputs_on_rows(self.kind):
+            return ((xd @ right.t()) @ left.t()) * self.scale
+        return ((xd @ left) @ right) * self.scale
+
+
+def view2d(weight: torch.Tensor) -> torch.Tensor:
+    """The stored-layout 2-D view of a weight (no copy)."""
+    return weight.reshape(weight.shape[0], -1) if weight.dim() != 2 else weight
+
+
+def apply_weight(
+    kind: Kind,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The layer's function (without bias) on probe inputs: ``x @ W^T`` in the kind's layout.
+
+    With ``dtype`` the product is computed in that dtype, converting the weight in chunks of output
+    features (never a full-size copy), and ``transform`` (if given) is applied to each converted
+    chunk first; without ``dtype``, in the weight's own dtype.
+    """
+    w = view2d(weight.detach())
+    if kind == "embedding":
+        rows = w[x]
+        if dtype is None:
+            return rows
+        rows = rows.to(dtype)
+        return transform(rows) if transform is not None else rows
+    on_rows = _outputs_on_rows(kind)
+    if dtype is None:
+        xd = x.to(w.dtype)
+        return xd @ w.t() if on_rows else xd @ w
+    xd = x.to(dtype)
+    n_out = w.shape[0] if on_rows else w.shape[1]
+    n_in = w.shape[1] if on_rows else w.shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(1, n_in))
+    parts = []
+    for start in range(0, n_out, step):
+        chunk = (w[start : start + step] if on_rows else w[:, start : start + step]).to(dtype)
+        if transform is not None:
+            chunk = transform(chunk)
+        parts.append(xd @ chunk.t() if on_rows else xd @ chunk)
+    return torch.cat(parts, dim=1)
+
+
+def _row_ranges(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_ELEMENTS // max(1, cols))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def _delta_rows(
+    updates: Sequence[LoraUpdate], factors: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, stop: int
+) -> torch.Tensor:
+    total: torch.Tensor | None = None
+    for up, (left, right) in zip(updates, factors, strict=True):
+        part = left[start:stop] @ right
+        if up.scale != 1.0:
+            part.mul_(up.scale)
+        total = part if total is None else total.add_(part)
+    assert total is not None
+    return total
+
+
+def _factors_on(updates: Sequence[LoraUpdate], weight: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    cdt = _compute_dtype(weight.dtype)
+    return [tuple(t.to(weight.device) for t in up.factors(cdt)) for up in updates]  # type: ignore[misc]
+
+
+def check_updates(updates: Sequence[LoraUpdate], weight: torch.Tensor) -> list[str]:
+    """Problems that make merging ``updates`` into ``weight`` impossible (empty when fine).
+
+    Checks that every factor is finite, that DoRA is not combined with other updates, and that
+    ``weight`` itself is finite and cannot overflow its dtype once ΔW is added. The overflow check
+    first uses a cheap bound (``max|W| + Σ |scale| * max_i‖left_i‖ * max_j‖right_j‖``) and computes
+    ``W + ΔW`` exactly (in chunks) only where the bound cannot exclude it.
+    """
+    problems: list[str] = []
+    if not updates:
+        return problems
+    for up in updates:
+        for label, t in (("lora_A", up.lora_A), ("lora_B", up.lora_B), ("magnitude", up.magnitude), ("lora_B.bias", up.bias)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                problems.append(f"non-finite values in the adapter's {label}")
+        if not math.isfinite(up.scale):
+            problems.append(f"non-finite scale {up.scale}")
+    if any(up.magnitude is not None for up in updates) and len(updates) > 1:
+        problems.append(
+            "a DoRA adapter cannot be merged together with other adapters on the same module "
+            "(its norm depends on the weight it is merged into); merge them one at a time"
+        )
+    if problems:
+        return problems
+    w = view2d(weight.detach())
+    max_w = 0.0
+    for start, stop in _row_ranges(w.shape[0], w.shape[1]):
+        max_w = max(max_w, float(torch.linalg.vector_norm(w[start:stop].to(_compute_dtype(w.dtype)), ord=math.inf)))
+    if not math.isfinite(max_w):
+        return ["the base weight itself contains non-finite values"]
+    dtype_max = float(torch.finfo(weight.dtype).max)
+    factors = _factors_on(updates, weight)
+    if updates[0].magnitude is not None:
+        norms = dora_norms(updates[0], weight)
+        if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
+            return ["DoRA weight norm ‖W + ΔW‖ is zero or non-finite for some output feature"]
+        if float(updates[0].magnitude.abs().max()) >= dtype_max:
+            return [f"DoRA magnitude exceeds the largest {weight.dtype} value"]
+        return problems
+    bound = max_w
+    for up, (left, right) in zip(updates, factors, strict=True):
+        bound += abs(up.scale) * float(left.norm(dim=1).max()) * float(right.norm(dim=0).max())
+    if bound < dtype_max * (1 - 2.0**-8):
+        return problems
+    worst = 0.0
+    for start, stop in _row_ranges(w.shape[0], w.shape[1]):
+        merged = w[start:stop].to(_compute_dtype(w.dtype)) + _delta_rows(updates, factors, start, stop)
+        rounded = merged.to(weight.dtype)
+        if not bool(torch.isfinite(rounded).all()):
+            worst = max(worst, float(torch.linalg.vector_norm(merged, ord=math.inf)))
+    if worst:
+        problems.append(f"W + ΔW overflows {weight.dtype} (largest |value| {worst:.4g} > {dtype_max:.4g})")
+    return problems
+
+
+def dora_norms(update: LoraUpdate, weight: torch.Tensor) -> torch.Tensor:
+    """DoRA's ``‖W + ΔW‖`` per output feature, computed in fp32 (fp64 for fp32/fp64 weights)."""
+    if update.kind not in ("linear", "conv1d"):
+        raise ValueError(f"DoRA is supported on linear and conv1d layers, not {update.kind}")
+    cdt = _compute_dtype(weight.dtype)
+    w = view2d(weight.detach())
+    factors = _factors_on([update], weight)
+    on_rows = _outputs_on_rows(update.kind)
+    out = torch.zeros(w.shape[0] if on_rows else w.shape[1], dtype=cdt, device=w.device)
+    for start, stop in _row_ranges(w.shape[0], w.shape[1]):
+        merged = w[start:stop].to(cdt) + _delta_rows([update], factors, start, stop)
+        if on_rows:
+            out[start:stop] = merged.pow(2).sum(dim=1)
+        else:
+            out += merged.pow(2).sum(dim=0)
+    return out.sqrt_()
+
+
+def _dora_factor(update: LoraUpdate, norms: torch.Tensor, on_rows: bool, start: int, stop: int) -> torch.Tensor:
+    assert update.magnitude is not None
+    mag = update.magnitude.detach().to(norms.dtype).to(norms.device).reshape(-1)
+    factor = mag / norms
+    return factor[start:stop].unsqueeze(1) if on_rows else factor.unsqueeze(0)
+
+
+@dataclass
+class TensorStats:
+    """What one in-place merge or unmerge of a weight did, numerically."""
+
+    delta_norm: float = 0.0
+    """‖applied change‖ in fp32: ‖ΔW‖ for LoRA, ‖W' − W‖ for DoRA."""
+    residual_norm: float = 0.0
+    """‖rounded result − exact fp32 result‖."""
+    max_ulp: float = 0.0
+    """Largest rounding residual in units in the last place of the weight's dtype."""
+    error_bound: float = 0.0
+    """Unmerge only: largest bound ``½ulp(W_merged) + ½ulp(W_recovered)`` on the distance to the base."""
+    remerge_ulp: float = 0.0
+    """Unmerge only: largest gap between re-merging the result and the merged weight, in ulps."""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def relative_residual(self) -> float:
+        """‖rounding residual‖ / ‖ΔW‖: the fraction of the delta lost to rounding."""
+        return self.residual_norm / self.delta_norm if self.delta_norm > 0 else 0.0
+
+
+def _accumulate(stats: TensorStats, exact: torch.Tensor, rounded: torch.Tensor, change: torch.Tensor, dtype: torch.dtype) -> None:
+    stats.delta_norm = math.hypot(stats.delta_norm, float(change.norm()))
+    residual = rounded.to(exact.dtype) - exact
+    stats.residual_norm = math.hypot(stats.residual_norm, float(residual.norm()))
+    if residual.numel():
+        stats.max_ulp = max(stats.max_ulp, float((residual.abs() / ulp(exact, dtype)).max()))
+
+
+def merge_tensor_(
+    weight: torch.Tensor, updates: Sequence[LoraUpdate], norms: torch.Tensor | None = None
+) -> TensorStats:
+    """Merge ``updates`` into ``weight`` in place: ``W ← round(W + Σ ΔW)``, computed in fp32
+    (fp64 for fp32 weights) and rounded once.
+
+    For a DoRA update, ``W ← round(m / ‖W + ΔW‖ ⊙ (W + ΔW))``; the norms used are returned in
+    ``stats.extras["dora_norms"]`` (they are what an exact unmerge needs). Call
+    :func:`check_updates` first: this function assumes the result is finite.
+
+    Example:
+        >>> w = torch.zeros(2, 2, dtype=torch.bfloat16)
+        >>> up = LoraUpdate("linear", torch.ones(1, 2), torch.ones(2, 1), scale=1.0)
+        >>> merge_tensor_(w, [up]).max_ulp, w.tolist()
+        (0.0, [[1.0, 1.0], [1.0, 1.0]])
+    """
+    stats = TensorStats()
+    if not updates:
+        return stats
+    dtype = weight.dtype
+    cdt = _compute_dtype(dtype)
+    w = view2d(weight.data)
+    factors = _factors_on(updates, weight)
+    dora = updates[0] if updates[0].magnitude is not None else None
+    on_rows = _outputs_on_rows(updates[0].kind)
+    if dora is not None:
+        norms = dora_norms(dora, weight) if norms is None else norms.to(cdt).to(w.device)
+        stats.extras["dora_norms"] = norms
+    for start, stop in _row_ranges(w.shape[0], w.shape[1]):
+        base = w[start:stop].to(cdt)
+        exact = base + _delta_rows(updates, factors, start, stop)
+        if dora is not None:
+            assert norms is not None
+            exact.mul_(_dora_factor(dora, norms, on_rows, start, stop))
+        rounded = exact.to(dtype)
+        _accumulate(stats, exact, rounded, exact - base, dtype)
+        w[start:stop].copy_(rounded)
+    return stats
+
+
+def unmerge_tensor_(
+    weight: torch.Tensor, updates: Sequence[LoraUpdate], norms: torch.Tensor | None = None
+) -> TensorStats:
+    """Remove ``updates`` from a merged ``weight`` in place: ``W ← round(W_merged − Σ ΔW)``.
+
+    For DoRA the merge-time norms are required: ``W ← round(W_merged ⊙ ‖W + ΔW‖ / m − ΔW)``.
+    ``stats.max_ulp`` is the rounding of this subtraction; the distance to the true base is
+    bounded by half an ulp of the merged value plus half an ulp of the result (see the docs).
+    """
+    stats = TensorStats()
+    if not updates:
+        return stats
+    dtype = weight.dtype
+    cdt = _compute_dtype(dtype)
+    w = view2d(weight.data)
+    factors = _factors_on(updates, weight)
+    dora = updates[0] if updates[0].magnitude is not None else None
+    on_rows = _outputs_on_rows(updates[0].kind)
+    if dora is not None and norms is None:
+        raise ValueError("unmerging a DoRA update needs the norms ‖W + ΔW‖ recorded at merge time")
+    for start, stop in _row_ranges(w.shape[0], w.shape[1]):
+        merged = w[start:stop].to(cdt)
+        delta = _delta_rows(updates, factors, start, stop)
+        factor = None
+        if dora is not None:
+            assert norms is not None
+            factor = _dora_factor(dora, norms.to(cdt).to(w.device), on_rows, start, stop)
+        exact = (merged / factor if factor is not None else merged) - delta
+        rounded = exact.to(dtype)
+        _accumulate(stats, exact, rounded, merged - exact, dtype)
+        if rounded.numel():
+            back = rounded.to(cdt)
+            spacing_merged = ulp(merged, dtype)
+            spacing_back = ulp(back, dtype)
+            stats.error_bound = max(stats.error_bound, float((0.5 * spacing_merged + 0.5 * spacing_back).max()))
+            remerged = back + delta
+            if factor is not None:
+                remerged = remerged * factor
+            gap = (remerged.to(dtype).to(cdt) - merged).abs() / spacing_merged
+            stats.remerge_ulp = max(stats.remerge_ulp, float(gap.max()))
+        w[start:stop].copy_(rounded)
+    return stats

@@ -1,0 +1,511 @@
+"""Numerical verification: probes, wide-dtype references, the per-layer and whole-model checks.
+
+Two kinds of evidence are gathered (see :mod:`loramerge.tolerance` for the rule):
+
+* **per layer**, on random probe vectors: the merged layer's output, and adapter mode's output in
+  the model's dtype, both against the layer's adapter-mode output computed in a wider dtype. This
+  needs no copy of the model, so it runs for any model size.
+* **whole model**, on probe inputs (seeded random token ids / pixels, or the caller's): the merged
+  model's outputs, and adapter mode's, against adapter mode run in a wider dtype. The model is
+  widened in place and narrowed back afterwards, which is exact (every bf16/fp16 value is an fp32
+  value, every fp32 value an fp64 value); it costs the memory of the widened model, so ``"auto"``
+  runs it only when that fits comfortably.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import torch
+from torch import nn
+
+from loramerge.adapter import Adapter
+from loramerge.delta import Kind, LoraUpdate, apply_weight, dora_norms, view2d
+from loramerge.errors import LoraMergeError
+from loramerge.peft_glue import adapter_mode, check_compatible
+from loramerge.reports import LayerCheck, OutputCheck, VerificationReport
+from loramerge.tolerance import Tolerance, reference_dtype, relative_errors, ulp, unit_roundoff
+
+__all__ = ["make_probes", "verify"]
+
+logger = logging.getLogger(__name__)
+
+Probes = Mapping[str, torch.Tensor]
+CheckOutputs = bool | Literal["auto"]
+PROBES_PER_LAYER = 16
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype holding most of ``model``'s parameters."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=lambda d: counts[d]) if counts else torch.float32
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def make_probes(model: nn.Module, *, seed: int = 0, batch: int = 2, seq_len: int = 16) -> dict[str, torch.Tensor]:
+    """Seeded random inputs for ``model``: token ids for text models, pixels for vision models.
+
+    Args:
+        model: A transformers model (its ``main_input_name`` and config say what it takes).
+        seed: Same seed, same probes.
+        batch: Number of probe sequences / images.
+        seq_len: Tokens per sequence.
+
+    Raises:
+        LoraMergeError: The model takes inputs loramerge cannot invent; pass ``probes=`` yourself.
+
+    Example:
+        >>> make_probes(model)["input_ids"].shape  # doctest: +SKIP
+        torch.Size([2, 16])
+    """
+    inner = getattr(getattr(model, "base_model", None), "model", None) if hasattr(model, "peft_config") else None
+    target = cast(nn.Module, inner) if inner is not None else model
+    config = getattr(target, "config", None)
+    main = getattr(target, "main_input_name", None)
+    gen = torch.Generator().manual_seed(seed)
+    device = _device(model)
+    if main == "input_ids" and config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        vocab = int(getattr(text, "vocab_size", 0) or 0)
+        if vocab > 0:
+            ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+            return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    if main == "pixel_values" and config is not None:
+        channels = int(getattr(config, "num_channels", 3))
+        size = getattr(config, "image_size", 224)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        pixels = torch.randn(batch, channels, h, w, generator=gen).to(model_dtype(model))
+        return {"pixel_values": pixels.to(device)}
+    raise LoraMergeError(
+        f"cannot build probe inputs for {type(target).__name__} (main input {main!r}); pass probes={{...}} with "
+        "a small batch of real inputs, or check_outputs=False to rely on the per-layer checks."
+    )
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The main output tensor of a model call (``logits`` when present)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    values: Iterator[Any] = iter(output.values()) if isinstance(output, Mapping) else iter(output)
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise LoraMergeError(f"the model returned no tensor ({type(output).__name__}); pass probes that produce one.")
+
+
+def run_model(model: nn.Module, probes: Probes) -> torch.Tensor:
+    """``model(**probes)`` in eval mode without gradients, returning the main output on CPU."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if set(probes) == {""}:
+                out = model(probes[""])
+            else:
+                out = model(**probes)
+        return first_tensor(out).detach().to("cpu")
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def widened(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily convert every narrower floating tensor of ``model`` to ``dtype``, exactly undone after."""
+    order = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
+    changed: list[tuple[torch.Tensor, torch.dtype]] = []
+    seen: set[int] = set()
+    try:
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            if id(t) in seen or not t.is_floating_point() or order.get(t.dtype, 3) >= order[dtype]:
+                continue
+            seen.add(id(t))
+            changed.append((t, t.dtype))
+            t.data = t.data.to(dtype)
+        yield
+    finally:
+        for t, dt in changed:
+            t.data = t.data.to(dt)
+
+
+def _widened_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() * max(0, size - p.element_size()) for p in model.parameters() if p.is_floating_point())
+
+
+def _memory_budget() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 4 << 30
+
+
+def want_output_check(model: nn.Module, check_outputs: CheckOutputs, probes: Probes | None) -> tuple[bool, str]:
+    """Whether to run the whole-model check, and a note when it is skipped."""
+    if check_outputs is False:
+        return False, "whole-model output check off (check_outputs=False); per-layer checks only"
+    dtype = model_dtype(model)
+    extra = _widened_bytes(model, reference_dtype(dtype))
+    if check_outputs == "auto" and extra > _memory_budget():
+        return False, (
+            f"whole-model output check skipped: the {reference_dtype(dtype)} reference would need {extra / 2**30:.1f} GiB "
+            "more memory than a quarter of this machine's RAM; per-layer checks only (check_outputs=True forces it)"
+        )
+    if probes is None:
+        try:
+            make_probes(model)
+        except LoraMergeError as e:
+            if check_outputs is True:
+                raise
+            return False, f"whole-model output check skipped: {e}"
+    return True, ""
+
+
+@dataclass
+class ModelReference:
+    """Adapter-mode outputs on the probes: in the model's dtype and in the reference dtype."""
+
+    adapter: torch.Tensor
+    reference: torch.Tensor
+    dtype: torch.dtype
+    reference_dtype: torch.dtype
+
+
+def reference_outputs(model: nn.Module, probes: Probes) -> ModelReference:
+    """Run ``model`` (in adapter mode) on ``probes`` in its own dtype and, widened, in the reference dtype."""
+    dtype = model_dtype(model)
+    ref_dtype = reference_dtype(dtype)
+    adapter_out = run_model(model, probes)
+    wide_probes = {k: (v.to(ref_dtype) if v.is_floating_point() else v) for k, v in probes.items()}
+    try:
+        with widened(model, ref_dtype):
+            ref = run_model(model, wide_probes)
+    except RuntimeError as e:
+        if ref_dtype != torch.float64:
+            raise
+        # Some architectures hard-code fp32 somewhere; fall back to an fp32 reference (then the floor decides).
+        logger.info("fp64 reference failed (%s); using fp32", e)
+        ref_dtype = torch.float32
+        ref = run_model(model, probes)
+    return ModelReference(adapter_out, ref.to(ref_dtype), dtype, ref_dtype)
+
+
+def output_check(merged: torch.Tensor, ref: ModelReference, tolerance: Tolerance, probes: Probes) -> OutputCheck:
+    """Apply the tolerance rule to whole-model outputs."""
+    if merged.shape != ref.reference.shape:
+        raise LoraMergeError(f"merged output shape {tuple(merged.shape)} differs from adapter mode's {tuple(ref.reference.shape)}")
+    m_rms, m_max = relative_errors(merged, ref.reference)
+    a_rms, a_max = relative_errors(ref.adapter, ref.reference)
+    limit, max_limit = tolerance.limit(a_rms, ref.dtype), tolerance.limit(a_max, ref.dtype)
+    shape = next(iter(probes.values())).shape
+    ok = math.isfinite(m_rms) and m_rms <= limit and m_max <= max_limit
+    return OutputCheck(
+        dtype=str(ref.dtype).replace("torch.", ""),
+        reference_dtype=str(ref.reference_dtype).replace("torch.", ""),
+        probe_shape=tuple(int(s) for s in shape),
+        merged_error=m_rms,
+        adapter_error=a_rms,
+        limit=limit,
+        merged_max_error=m_max,
+        adapter_max_error=a_max,
+        max_limit=max_limit,
+        max_abs_diff=float((merged.double() - ref.adapter.double()).abs().max()),
+        output_scale=float(ref.reference.abs().max()),
+        passed=ok,
+    )
+
+
+def _seed_for(name: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little")
+
+
+def _input_features(kind: Kind, weight: torch.Tensor) -> int:
+    w = view2d(weight)
+    return int(w.shape[0]) if kind in ("conv1d", "embedding") else int(w.shape[1])
+
+
+def _bias(layer: nn.Module) -> torch.Tensor | None:
+    b = getattr(layer, "bias", None)
+    return b.detach() if isinstance(b, torch.Tensor) else None
+
+
+def probe_inputs(name: str, kind: Kind, weight: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Seeded probe inputs for one layer: token ids for embeddings, vectors in the weight's dtype otherwise."""
+    gen = torch.Generator().manual_seed(_seed_for(name, seed))
+    if kind == "embedding":
+        return torch.randint(0, weight.shape[0], (PROBES_PER_LAYER,), generator=gen).to(weight.device)
+    x = torch.randn(PROBES_PER_LAYER, _input_features(kind, weight), generator=gen)
+    return x.to(weight.dtype).to(weight.device)
+
+
+def exact_layer_output(kind: Kind, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """A layer's output on probe inputs ``x``, computed in the reference dtype of the weight's dtype."""
+    rd = reference_dtype(weight.dtype)
+    y = apply_weight(kind, weight, x if kind == "embedding" else x.to(rd), rd)
+    return y + bias.to(rd) if bias is not None else y
+
+
+def storage_rms(kind: Kind, stored: torch.Tensor, x: torch.Tensor) -> float:
+    """Expected RMS output error on probes ``x`` caused by rounding every element of ``stored``'s
+    exact value to its dtype (independent rounding errors of ±½ulp: variance ulp²/12 each)."""
+    dtype = stored.dtype
+    rd = reference_dtype(dtype)
+
+    def ulp_squared(chunk: torch.Tensor) -> torch.Tensor:
+        return ulp(chunk, dtype).to(rd).pow(2) / 12
+
+    xx = x if kind == "embedding" else x.to(rd).pow(2)
+    variance = apply_weight(kind, stored.detach(), xx, rd, ulp_squared)
+    return float(variance.double().mean().sqrt())
+
+
+class LayerProbe:
+    """Per-layer functional check of one weight on random probe vectors.
+
+    Built from the layer *before* it changes: it records adapter mode's output in the weight's
+    dtype and in the reference dtype. :meth:`check` then compares the changed layer's output.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        kind: Kind,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        updates: Sequence[LoraUpdate],
+        seed: int = 0,
+    ):
+        self.name, self.kind, self.dtype = name, kind, weight.dtype
+        self.ref_dtype = reference_dtype(weight.dtype)
+        self.x = probe_inputs(name, kind, weight, seed)
+        x_exact = self.x if kind == "embedding" else self.x.to(self.ref_dtype)
+        self.x_exact = x_exact
+        rd, lp = self.ref_dtype, weight.dtype
+        base_ref = apply_weight(kind, weight, x_exact, rd)
+        base_lp = apply_weight(kind, weight, self.x)
+        if bias is not None:
+            base_ref = base_ref + bias.to(rd)
+            base_lp = base_lp + bias
+        lora_ref = torch.zeros_like(base_ref)
+        for up in updates:
+            lora_ref = lora_ref + up.lora_output(x_exact, rd)
+            if up.bias is not None:
+                lora_ref = lora_ref + up.scale * up.bias.detach().to(rd)
+        self.reference = base_ref + lora_ref
+        self.adapter = (base_lp.float() + lora_ref.to(lp).float()).to(lp)
+        dora = [up for up in updates if up.magnitude is not None]
+        if dora:
+            assert dora[0].magnitude is not None
+            factor = dora[0].magnitude.detach().to(rd).reshape(-1) / dora_norms(dora[0], weight).to(rd)
+            self.reference = (base_ref - (bias.to(rd) if bias is not None else 0) + lora_ref) * factor + (
+                bias.to(rd) if bias is not None else 0
+            )
+            no_bias = base_lp - (bias if bias is not None else 0)
+            self.adapter = ((no_bias.float() + lora_ref.to(lp).float()).to(lp) * factor.to(lp) + (bias if bias is not None else 0)).to(lp)
+
+    def outputs(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The output of a layer holding ``weight``/``bias`` on the probes, computed exactly (in the
+        reference dtype), so that only the stored values, not the arithmetic, are compared."""
+        return exact_layer_output(self.kind, weight, bias, self.x_exact)
+
+    def check(
+        self,
+        value: torch.Tensor,
+        tolerance: Tolerance,
+        residual: float,
+        max_ulp: float,
+        extra_reason: str = "",
+        storage: float = 0.0,
+    ) -> LayerCheck:
+        """Check ``value``, the changed layer's exact output on the probes (:meth:`outputs`).
+
+        The layer passes when ``error <= factor * storage_error + floor / 4``: evaluated exactly, the
+        stored weight may differ from adapter mode only by about the rounding that storing
+        ``W + ΔW`` in its dtype costs anyway. ``storage`` is :func:`storage_rms` of the stored
+        weight(s) involved.
+        """
+        err, _ = relative_errors(value, self.reference)
+        a_err, _ = relative_errors(self.adapter, self.reference)
+        ref_rms = float(self.reference.double().pow(2).mean().sqrt())
+        s_err = storage / ref_rms if ref_rms > 0 else 0.0
+        limit = tolerance.factor * s_err + tolerance.floor_for(self.dtype) / 4
+        reasons = []
+        if not math.isfinite(err) or err > limit:
+            reasons.append(
+                f"output error {err:.3g} on probe vectors exceeds the limit {limit:.3g} "
+                f"(rounding W + ΔW to {self.dtype} explains {s_err:.3g}; adapter mode in {self.dtype}: {a_err:.3g})"
+            )
+        if extra_reason:
+            reasons.append(extra_reason)
+        return LayerCheck(
+            name=self.name,
+            kind=self.kind,
+            dtype=str(self.dtype).replace("torch.", ""),
+            residual=residual,
+            max_ulp=max_ulp,
+            probe_error=err,
+            adapter_error=a_err,
+            storage_error=s_err,
+            limit=limit,
+            passed=not reasons,
+            reason="; ".join(reasons),
+        )
+
+
+def _weight_space(
+    kind: Kind, base_w: torch.Tensor, merged_w: torch.Tensor, updates: Sequence[LoraUpdate], tolerance: Tolerance
+) -> tuple[float, float, str]:
+    """Compare ``merged_w`` with ``base_w + ΔW`` (or the DoRA weight) elementwise, in fp32/fp64."""
+    cdt = torch.float64
+    base = base_w.detach().to(cdt)
+    expected = base.clone()
+    slack_terms = torch.zeros_like(base)
+    cols = view2d(base).shape[1]
+    for up in updates:
+        expected += up.delta(base.shape, cdt)
+        left, right = up.factors(cdt)
+        slack_terms += (abs(up.scale) * (left.abs() @ right.abs())).reshape(base.shape) * (up.rank + 2)
+    dora = [up for up in updates if up.magnitude is not None]
+    if dora:
+        assert dora[0].magnitude is not None
+        norms = dora_norms(dora[0], base_w).to(cdt)
+        factor = dora[0].magnitude.detach().to(cdt).reshape(-1) / norms
+        on_rows = kind in ("linear", "conv")
+        shaped = factor.reshape(-1, *([1] * (base.dim() - 1))) if on_rows else factor.reshape(1, -1)
+        expected = expected * shaped
+        slack_terms = slack_terms * shaped.abs() + expected.abs() * (math.sqrt(cols) + 4)
+    residual = merged_w.detach().to(cdt) - expected
+    change = float((expected - base).norm())
+    rel = float(residual.norm()) / change if change > 0 else float(residual.norm())
+    # Whoever merged computed ΔW in at least fp32: allow fp32 arithmetic error on top of the rounding.
+    slack = 2 * unit_roundoff(torch.float32) * slack_terms
+    spacing = ulp(expected, merged_w.dtype).to(cdt)
+    beyond = (residual.abs() - slack).clamp_min(0) / spacing
+    max_ulp = float(beyond.max()) if beyond.numel() else 0.0
+    allowed = tolerance.ulp * spacing + slack
+    bad = residual.abs() > allowed
+    reason = ""
+    if not bool(torch.isfinite(residual).all()):
+        reason = "the merged weight holds non-finite values"
+    elif bool(bad.any()):
+        where = int(bad.sum())
+        reason = (
+            f"W_merged - W_base differs from the adapter's update in {where} of {bad.numel()} elements, by up to "
+            f"{max_ulp:.3g} ulp (allowed {tolerance.ulp:g}); wrong scale, transposed update, corrupted tensor or another base?"
+        )
+    return rel, max_ulp, reason
+
+
+def verify(
+    base: nn.Module,
+    adapter: Adapter,
+    merged: nn.Module,
+    *,
+    probes: Probes | None = None,
+    tolerance: Tolerance | None = None,
+    check_outputs: CheckOutputs = "auto",
+    seed: int = 0,
+) -> VerificationReport:
+    """Check that ``merged`` is ``base`` with ``adapter`` merged in, within tolerance.
+
+    Three checks: per adapted layer, ``W_merged - W_base`` against ΔW elementwise (in ulps of the
+    merged dtype) and the layer's output on random probe vectors against the wide-dtype reference;
+    every other tensor bit-identical to the base (or to the adapter's copy where the adapter
+    replaces it); and the whole model's outputs on probe inputs against adapter mode (tolerance
+    rule, see :class:`~loramerge.Tolerance`). ``base`` is used in adapter mode temporarily and
+    restored exactly.
+
+    Args:
+        base: The base model (plain, not a ``PeftModel``).
+        adapter: The adapter that was merged.
+        merged: The merged model.
+        probes: Inputs for the whole-model check (keyword arguments of ``model(...)``); seeded
+            random inputs when omitted.
+        tolerance: The rule's settings; :class:`~loramerge.Tolerance` defaults when omitted.
+        check_outputs: Run the whole-model check: ``True``, ``False`` or ``"auto"`` (when the
+            wide-dtype reference fits in a quarter of RAM and probes can be built).
+        seed: Seed of the random probes.
+
+    Returns:
+        The report; ``report.passed`` says whether everything is within tolerance (this function
+        does not raise on a failed check).
+
+    Example:
+        >>> report = verify(base, load_adapter(adapter_dir), merged)  # doctest: +SKIP
+        >>> report.passed  # doctest: +SKIP
+        True
+    """
+    tol = tolerance or Tolerance()
+    kinds = check_compatible(base, adapter)
+    check_compatible(merged, adapter)
+    base_params = dict(base.named_parameters(remove_duplicate=False))
+    merged_params = dict(merged.named_parameters(remove_duplicate=False))
+    layers: list[LayerCheck] = []
+    touched: set[str] = set()
+    for name, mod in adapter.modules.items():
+        kind = kinds[name]
+        update = LoraUpdate(kind, mod.update.lora_A, mod.update.lora_B, mod.scale, mod.update.magnitude, mod.update.bias)
+        saved = adapter.replaced.get(f"{name}.weight")
+        base_w = saved.to(base_params[f"{name}.weight"].dtype) if saved is not None else base_params[f"{name}.weight"]
+        merged_w = merged_params[f"{name}.weight"]
+        base_b = base_params.get(f"{name}.bias")
+        if f"{name}.bias" in adapter.replaced:
+            base_b = adapter.replaced[f"{name}.bias"].to(merged_w.dtype)
+        merged_b = merged_params.get(f"{name}.bias")
+        touched.update({f"{name}.weight", f"{name}.bias"})
+        rel, max_ulp, reason = _weight_space(kind, base_w, merged_w, [update], tol)
+        probe = LayerProbe(name, kind, base_w, base_b.detach() if base_b is not None else None, [update], seed)
+        out = probe.outputs(merged_w.detach(), merged_b.detach() if merged_b is not None else None)
+        layers.append(probe.check(out, tol, rel, max_ulp, reason, storage_rms(kind, merged_w, probe.x)))
+    changed: list[str] = []
+    checked = 0
+    merged_state = merged.state_dict()
+    for pname, tensor in base.state_dict().items():
+        if pname in touched:
+            continue
+        other = merged_state.get(pname)
+        expected = adapter.replaced[pname].to(tensor.dtype) if pname in adapter.replaced else tensor
+        checked += 1
+        if other is None or other.shape != expected.shape or not torch.equal(other.to(expected.device), expected):
+            changed.append(pname)
+    notes: list[str] = []
+    outputs = None
+    run, note = want_output_check(base, check_outputs, probes)
+    if note:
+        notes.append(note)
+    if run:
+        batch = dict(probes) if probes is not None else make_probes(base, seed=seed)
+        merged_out = run_model(merged, batch)
+        with adapter_mode(base, [adapter]) as peft_model:
+            ref = reference_outputs(peft_model, batch)
+        outputs = output_check(merged_out, ref, tol, batch)
+    passed = all(c.passed for c in layers) and not changed and (outputs is None or outputs.passed)
+    return VerificationReport(
+        operation="verify",
+        passed=passed,
+        tolerance=tol,
+        layers=tuple(layers),
+        outputs=outputs,
+        unchanged_checked=checked,
+        unexpected_changes=tuple(sorted(changed)),
+        notes=tuple(notes),
+    )
+
