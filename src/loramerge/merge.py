@@ -36,6 +36,7 @@ from loramerge.verify import (
     exact_layer_output,
     make_probes,
     probe_inputs,
+    storage_baseline,
     storage_rms,
     output_check,
     reference_outputs,
@@ -187,7 +188,9 @@ def merge(
             out = probe.outputs(merged_w, bias)
             layers.append(probe.check(out, tol, st.relative_residual, st.max_ulp, "", storage_rms(plan.kind, merged_w, probe.x)))
         if model_ref is not None and batch is not None:
-            outputs = output_check(run_model(plain, batch), model_ref, tol, batch)
+            merged_out = run_model(plain, batch)
+            storage = storage_baseline(plain, batch, [p.weight for p in plans], seed)
+            outputs = output_check(merged_out, model_ref, tol, batch, storage)
     else:
         notes.append("verification off (verify=False)")
         for plan in plans:
@@ -303,6 +306,7 @@ def unmerge(
 
     notes: list[str] = []
     merged_model_out: torch.Tensor | None = None
+    merged_storage = (0.0, 0.0)
     batch: dict[str, torch.Tensor] | None = None
     target_out: dict[str, torch.Tensor] = {}
     storage: dict[str, float] = {}
@@ -313,6 +317,7 @@ def unmerge(
         if run:
             batch = dict(probes) if probes is not None else make_probes(model, seed=seed)
             merged_model_out = run_model(model, batch)
+            merged_storage = storage_baseline(model, batch, [p.weight for p in plans], seed)
         for plan in plans:
             x = probe_inputs(plan.name, plan.kind, plan.weight, seed)
             target_out[plan.name] = exact_layer_output(plan.kind, plan.weight.detach(), _bias_of(plan.layer), x)
@@ -362,7 +367,7 @@ def unmerge(
         if merged_model_out is not None and batch is not None:
             with adapter_mode(model, [adapter]) as peft_model:
                 ref = reference_outputs(peft_model, batch)
-            outputs = output_check(merged_model_out, ref, tol, batch)
+            outputs = output_check(merged_model_out, ref, tol, batch, merged_storage)
     else:
         notes.append("verification off (verify=False)")
     passed = all(c.passed for c in layers) and (outputs is None or outputs.passed)

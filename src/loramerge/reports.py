@@ -95,13 +95,18 @@ class OutputCheck:
         probe_shape: Shape of the probe batch.
         merged_error: Relative RMS error of the merged (or recovered) model.
         adapter_error: Relative RMS error of adapter mode in ``dtype``.
-        limit: The tolerance's limit on ``merged_error``.
+        storage_error: Relative RMS change of the merged model's outputs under random
+            rounding-sized (±½ulp) perturbations of its adapted weights: the error that storing
+            ``W + ΔW`` in ``dtype`` costs any merge (adapter mode keeps ΔW in its LoRA weights).
+        limit: The limit on ``merged_error``: ``factor * hypot(adapter_error, storage_error) + floor``.
         merged_max_error: Relative max error of the merged model.
         adapter_max_error: Relative max error of adapter mode.
-        max_limit: The tolerance's limit on ``merged_max_error``.
+        storage_max_error: Relative max change under the rounding-sized perturbation.
         max_abs_diff: Largest absolute difference between merged and adapter-mode outputs.
         output_scale: Largest absolute value of the reference output.
-        passed: Both errors within their limits.
+        passed: ``merged_error <= limit`` (and everything finite). The max errors are reported,
+            not judged: the largest single-output deviation is dominated by where the network
+            happens to amplify rounding and changes from one random draw to the next.
     """
 
     dtype: str
@@ -109,10 +114,11 @@ class OutputCheck:
     probe_shape: tuple[int, ...]
     merged_error: float
     adapter_error: float
+    storage_error: float
     limit: float
     merged_max_error: float
     adapter_max_error: float
-    max_limit: float
+    storage_max_error: float
     max_abs_diff: float
     output_scale: float
     passed: bool
@@ -156,8 +162,8 @@ class VerificationReport:
         if self.outputs is not None and not self.outputs.passed:
             o = self.outputs
             lines.append(
-                f"model outputs: error {o.merged_error:.3g} (limit {o.limit:.3g}), max error {o.merged_max_error:.3g} "
-                f"(limit {o.max_limit:.3g}) against the {o.reference_dtype} reference"
+                f"model outputs: relative error {o.merged_error:.3g} exceeds the limit {o.limit:.3g} (adapter mode "
+                f"{o.adapter_error:.3g}, storage rounding {o.storage_error:.3g}) against the {o.reference_dtype} reference"
             )
         lines += [f"tensor {n}: changed but should be identical to the base" for n in self.unexpected_changes]
         return tuple(lines)
@@ -189,8 +195,9 @@ class VerificationReport:
             o = self.outputs
             lines.append(
                 f"  model outputs ({o.dtype}, reference {o.reference_dtype}, probes {list(o.probe_shape)}): "
-                f"rel. error {o.merged_error:.3g} vs adapter mode {o.adapter_error:.3g} (limit {o.limit:.3g}); "
-                f"max {o.merged_max_error:.3g} vs {o.adapter_max_error:.3g} (limit {o.max_limit:.3g}); "
+                f"rel. error {o.merged_error:.3g} (adapter mode {o.adapter_error:.3g}, storage rounding "
+                f"{o.storage_error:.3g}, limit {o.limit:.3g}); max {o.merged_max_error:.3g} "
+                f"(adapter mode {o.adapter_max_error:.3g}); "
                 f"largest |merged - adapter| {o.max_abs_diff:.3g} on scale {o.output_scale:.3g}"
             )
         if self.layers:
