@@ -280,8 +280,9 @@ class TensorStats:
     """Largest rounding residual in units in the last place of the weight's dtype."""
     error_bound: float = 0.0
     """Unmerge only: largest bound ``½ulp(W_merged) + ½ulp(W_recovered)`` on the distance to the base."""
-    remerge_ulp: float = 0.0
-    """Unmerge only: largest gap between re-merging the result and the merged weight, in ulps."""
+    remerge_gap: float = 0.0
+    """Unmerge only: largest gap between re-merging the result and the merged weight, as a fraction
+    of what rounding allows (``ulp(W_recovered) + ulp(W_merged)``): above 1 means precision was lost."""
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -376,7 +377,7 @@ def unmerge_tensor_(
             remerged = back + delta
             if factor is not None:
                 remerged = remerged * factor
-            gap = (remerged.to(dtype).to(cdt) - merged).abs() / spacing_merged
-            stats.remerge_ulp = max(stats.remerge_ulp, float(gap.max()))
+            gap = (remerged.to(dtype).to(cdt) - merged).abs() / (spacing_merged + spacing_back)
+            stats.remerge_gap = max(stats.remerge_gap, float(gap.max()))
         w[start:stop].copy_(rounded)
     return stats

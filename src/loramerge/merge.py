@@ -355,12 +355,16 @@ def unmerge(
         for plan in plans:
             up = plan.updates[0][1]
             st = stats[plan.name]
-            probe = LayerProbe(plan.name, plan.kind, plan.weight.detach(), _bias_of(plan.layer), [up], seed)
+            bias = _bias_of(plan.layer)
+            trained_bias = adapter.replaced.get(f"{plan.name}.bias")
+            if trained_bias is not None and bias is not None:  # adapter mode runs with the adapter's bias
+                bias = trained_bias.to(bias.dtype).to(bias.device)
+            probe = LayerProbe(plan.name, plan.kind, plan.weight.detach(), bias, [up], seed)
             reason = ""
-            if st.remerge_ulp > 1.0 + 1e-6:
+            if st.remerge_gap > 1.0 + 1e-6:
                 reason = (
-                    f"re-merging the recovered weight misses the merged weight by {st.remerge_ulp:.3g} ulp: "
-                    "is this the adapter that was merged into this model?"
+                    f"re-merging the recovered weight misses the merged weight by {st.remerge_gap:.3g}x what rounding "
+                    "allows: the subtraction lost precision"
                 )
             both = math.hypot(storage[plan.name], storage_rms(plan.kind, plan.weight, probe.x))
             layers.append(probe.check(target_out[plan.name], tol, st.relative_residual, st.max_ulp, reason, both))
