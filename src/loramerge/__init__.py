@@ -29,11 +29,11 @@ from loramerge.errors import (
     VerificationError,
 )
 from loramerge.loading import load_base
-from loramerge.merge import merge, unmerge
+from loramerge.inmemory import merge, unmerge
 from loramerge.peft_glue import attach
 from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
 from loramerge.tolerance import Tolerance
-from loramerge.verify import make_probes, verify
+from loramerge.verification import make_probes, verify
 
 try:
     __version__ = version("loramerge")

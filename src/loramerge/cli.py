@@ -18,7 +18,7 @@ from loramerge.adapter import load_adapter
 from loramerge.errors import LoraMergeError
 from loramerge.loading import load_base, resolve_dtype
 from loramerge.tolerance import Tolerance
-from loramerge.verify import verify
+from loramerge.verification import verify
 
 __all__ = ["main"]
 

@@ -11,9 +11,9 @@ import torch
 
 from loramerge.adapter import load_adapter
 from loramerge.loading import load_base
-from loramerge.merge import merge, unmerge
+from loramerge.inmemory import merge, unmerge
 from loramerge.peft_glue import attach
-from loramerge.verify import verify
+from loramerge.verification import verify
 
 __all__ = ["build_tiny_checkpoint", "run_demo"]
 

@@ -28,7 +28,7 @@ from loramerge.errors import (
 from loramerge.peft_glue import LayerPlan, adapter_mode, attach, check_compatible, collect_plans, unwrap, untie_shared
 from loramerge.reports import LayerCheck, MergeResult, UnmergeResult, VerificationReport
 from loramerge.tolerance import Tolerance, ulp
-from loramerge.verify import (
+from loramerge.verification import (
     CheckOutputs,
     LayerProbe,
     ModelReference,

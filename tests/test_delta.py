@@ -1,0 +1,165 @@
+"""Property-based tests of the pure delta math against independent formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loramerge import delta as delta_mod
+from loramerge.delta import LoraUpdate, apply_weight, check_updates, dora_norms, merge_tensor_, unmerge_tensor_
+from loramerge.tolerance import reference_dtype, ulp, unit_roundoff
+
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+dims = st.integers(min_value=1, max_value=24)
+ranks = st.integers(min_value=1, max_value=6)
+seeds = st.integers(min_value=0, max_value=2**16)
+dtypes = st.sampled_from(list(DT))
+scales = st.floats(min_value=-4, max_value=4, allow_nan=False).filter(lambda x: abs(x) > 1e-3)
+
+
+def _rand(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+
+@settings(max_examples=60, deadline=None)
+@given(out=dims, inp=dims, r=ranks, scale=scales, seed=seeds)
+def test_linear_and_transposed_kinds(out: int, inp: int, r: int, scale: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    a, b = _rand(gen, r, inp), _rand(gen, out, r)
+    expected = scale * (b @ a)
+    assert torch.allclose(LoraUpdate("linear", a, b, scale).delta((out, inp), torch.float64), expected)
+    # GPT-2 Conv1D stores [in, out]; PEFT transposes the delta (fan_in_fan_out)
+    assert torch.allclose(LoraUpdate("conv1d", a, b, scale).delta((inp, out), torch.float64), expected.t())
+    # Embedding: lora_embedding_A [r, num], lora_embedding_B [dim, r]; ΔW = (B @ A)^T
+    assert torch.allclose(LoraUpdate("embedding", a, b, scale).delta((inp, out), torch.float64), expected.t())
+
+
+@settings(max_examples=30, deadline=None)
+@given(out=dims, inp=st.integers(1, 6), r=ranks, k=st.integers(1, 3), scale=scales, seed=seeds)
+def test_conv_delta_matches_peft_conv_formula(out: int, inp: int, r: int, k: int, scale: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    a, b = _rand(gen, r, inp, k, k), _rand(gen, out, r, 1, 1)
+    # PEFT's formula: conv2d(A^T, B), transposed, scaled
+    expected = F.conv2d(a.transpose(0, 1), b).transpose(0, 1) * scale
+    got = LoraUpdate("conv", a, b, scale).delta((out, inp, k, k), torch.float64)
+    assert torch.allclose(got, expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(out=dims, inp=dims, r=ranks, scale=scales, seed=seeds, dt=dtypes, w_scale=st.sampled_from([0.02, 1.0, 30.0]))
+def test_merge_is_correctly_rounded_and_unmerge_within_bound(
+    out: int, inp: int, r: int, scale: float, seed: int, dt: str, w_scale: float
+) -> None:
+    dtype = DT[dt]
+    gen = torch.Generator().manual_seed(seed)
+    base = _rand(gen, out, inp, scale=w_scale).to(dtype)
+    up = LoraUpdate("linear", _rand(gen, r, inp).float(), _rand(gen, out, r).float(), scale)
+    exact = base.double() + up.delta((out, inp), torch.float64)
+    w = base.clone()
+    assert check_updates([up], w) == []
+    stats = merge_tensor_(w, [up])
+    arithmetic = (r + 2) * unit_roundoff(torch.float32) * abs(scale) * (up.lora_B.double().abs() @ up.lora_A.double().abs())
+    if dtype == torch.float32:
+        arithmetic = arithmetic * 0  # fp32 weights merge in fp64: exact up to fp64 error
+    gap = (w.double() - exact).abs()
+    assert bool((gap <= 0.5 * ulp(exact, dtype).double() + arithmetic + 1e-300).all())
+    assert stats.max_ulp <= 0.5 + 1e-6
+    merged = w.clone()
+    back = unmerge_tensor_(w, [up])
+    bound = 0.5 * ulp(merged.double(), dtype).double() + 0.5 * ulp(w.double(), dtype).double() + 2 * arithmetic
+    assert bool(((w.double() - base.double()).abs() <= bound + 1e-300).all())
+    assert back.error_bound >= 0 and back.remerge_gap <= 1.0 + 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=dims, inp=dims, r=ranks, scale=scales, seed=seeds, dt=dtypes, kind=st.sampled_from(["linear", "conv1d"]))
+def test_dora_merge_and_unmerge_with_norms(out: int, inp: int, r: int, scale: float, seed: int, dt: str, kind: str) -> None:
+    dtype = DT[dt]
+    gen = torch.Generator().manual_seed(seed)
+    a, b = _rand(gen, r, inp).float(), _rand(gen, out, r).float()
+    mag = (_rand(gen, out).abs() + 0.5).float()
+    shape = (out, inp) if kind == "linear" else (inp, out)
+    base = _rand(gen, *shape).to(dtype)
+    up = LoraUpdate(kind, a, b, scale, magnitude=mag)  # type: ignore[arg-type]
+    # independent formula in the [out, in] orientation: W' = m * (W + ΔW) / ‖W + ΔW‖ (row norms)
+    w_oi = base.double() if kind == "linear" else base.double().t()
+    v = w_oi + scale * (b.double() @ a.double())
+    expected_oi = mag.double().unsqueeze(1) * v / v.norm(dim=1, keepdim=True)
+    expected = expected_oi if kind == "linear" else expected_oi.t()
+    norms = dora_norms(up, base)
+    assert torch.allclose(norms.double(), v.norm(dim=1), rtol=1e-5)
+    w = base.clone()
+    stats = merge_tensor_(w, [up])
+    tol = ulp(expected, dtype).double() * 0.5 + 1e-5 * expected.abs().max()
+    assert bool(((w.double() - expected).abs() <= tol).all())
+    with pytest.raises(ValueError, match="norms"):
+        unmerge_tensor_(w.clone(), [up])
+    unmerge_tensor_(w, [up], stats.extras["dora_norms"])
+    assert torch.allclose(w.double(), base.double(), rtol=0, atol=float(4 * ulp(base.double().abs().max(), dtype) + 1e-4))
+
+
+def test_chunked_merge_equals_single_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(37, 29, generator=gen).to(torch.bfloat16)
+    up = LoraUpdate("conv1d", torch.randn(3, 37, generator=gen), torch.randn(29, 3, generator=gen), 0.7)
+    whole = base.clone()
+    merge_tensor_(whole, [up])
+    monkeypatch.setattr(delta_mod, "CHUNK_ELEMENTS", 50)  # forces 2-row chunks
+    chunked = base.clone()
+    merge_tensor_(chunked, [up])
+    assert torch.equal(whole, chunked)
+
+
+def test_several_updates_are_summed_before_rounding() -> None:
+    base = torch.tensor([[1.0]], dtype=torch.bfloat16)
+    # +0.003 then -0.003: rounded separately, each step would round to 1.0 and lose nothing... or not;
+    # summed first, the result is exactly 1.0.
+    ups = [LoraUpdate("linear", torch.ones(1, 1), torch.full((1, 1), 0.003), 1.0),
+           LoraUpdate("linear", torch.ones(1, 1), torch.full((1, 1), 0.0045), -1.0)]
+    w = base.clone()
+    merge_tensor_(w, ups)
+    exact = 1.0 + 0.003 - 0.0045
+    assert float(w) == float(torch.tensor(exact).to(torch.bfloat16))
+
+
+def test_check_updates_finds_overflow_and_non_finite() -> None:
+    w = torch.full((2, 2), 60000.0, dtype=torch.float16)
+    big = LoraUpdate("linear", torch.ones(1, 2), torch.full((2, 1), 8000.0), 1.0)
+    problems = check_updates([big], w)
+    assert len(problems) == 1 and "overflows torch.float16" in problems[0]
+    small = LoraUpdate("linear", torch.ones(1, 2), torch.full((2, 1), 1.0), 1.0)
+    assert check_updates([small], w) == []  # the cheap bound cannot exclude overflow; the exact pass can
+    nan = LoraUpdate("linear", torch.tensor([[math.nan, 1.0]]), torch.ones(2, 1), 1.0)
+    assert any("non-finite values in the adapter's lora_A" in p for p in check_updates([nan], w))
+    inf_base = torch.tensor([[math.inf, 0.0]], dtype=torch.bfloat16)
+    assert check_updates([small.__class__("linear", torch.ones(1, 2), torch.ones(1, 1), 1.0)], inf_base) == [
+        "the base weight itself contains non-finite values"
+    ]
+
+
+@pytest.mark.parametrize("dt", list(DT))
+def test_ulp_matches_nextafter(dt: str) -> None:
+    dtype = DT[dt]
+    x = torch.tensor([1.0, 3.0, -2.5, 0.1, 1e-3, 100.0]).to(dtype)
+    up = torch.nextafter(x, torch.tensor(math.inf, dtype=dtype))
+    assert torch.equal(ulp(x.float(), dtype), (up.float() - x.float()))
+
+
+def test_apply_weight_matches_modules() -> None:
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(7, 5)
+    x = torch.randn(3, 7, generator=gen)
+    assert torch.allclose(apply_weight("linear", lin.weight, x) + lin.bias, lin(x))
+    assert torch.allclose(apply_weight("linear", lin.weight, x, torch.float64, None).float(), lin(x) - lin.bias, atol=1e-6)
+    emb = torch.nn.Embedding(11, 4)
+    ids = torch.tensor([0, 3, 10])
+    assert torch.equal(apply_weight("embedding", emb.weight, ids), emb(ids))
+    conv = torch.nn.Conv2d(3, 6, 2, bias=False)
+    patches = torch.randn(4, 3, 2, 2, generator=gen)
+    assert torch.allclose(apply_weight("conv", conv.weight, patches.reshape(4, -1)), conv(patches).reshape(4, 6), atol=1e-6)
+    assert reference_dtype(torch.bfloat16) == torch.float32
