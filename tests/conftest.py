@@ -17,8 +17,8 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import (  # noqa: E402
+from peft import LoraConfig, get_peft_model
+from transformers import (
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
@@ -30,9 +30,9 @@ from transformers import (  # noqa: E402
     ViTConfig,
     ViTForImageClassification,
 )
-from transformers.utils import logging as hf_logging  # noqa: E402
+from transformers.utils import logging as hf_logging
 
-from loramerge.tolerance import ulp  # noqa: E402
+from loramerge.tolerance import ulp
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
@@ -123,20 +123,48 @@ CASES: list[Case] = [
     Case(
         "llama-linear-patterns",
         tiny_llama,
-        {"r": 8, "lora_alpha": 16, "target_modules": LLAMA_PROJ, "rank_pattern": {"down_proj": 4}, "alpha_pattern": {"v_proj": 4}},
+        {
+            "r": 8,
+            "lora_alpha": 16,
+            "target_modules": LLAMA_PROJ,
+            "rank_pattern": {"down_proj": 4},
+            "alpha_pattern": {"v_proj": 4},
+        },
     ),
-    Case("qwen2-rslora-lorabias", tiny_qwen2, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj"], "use_rslora": True, "lora_bias": True}),
+    Case(
+        "qwen2-rslora-lorabias",
+        tiny_qwen2,
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": ["q_proj", "k_proj", "v_proj"],
+            "use_rslora": True,
+            "lora_bias": True,
+        },
+    ),
     Case(
         "gpt2-conv1d-biasloraonly",
         tiny_gpt2,
-        {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True, "bias": "lora_only"},
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": ["c_attn", "c_proj", "c_fc"],
+            "fan_in_fan_out": True,
+            "bias": "lora_only",
+        },
         perturb=(".bias",),
         needs_originals=True,
     ),
     Case(
         "bert-seqcls-modules-to-save",
         tiny_bert,
-        {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"], "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"},
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": ["query", "value"],
+            "modules_to_save": ["classifier"],
+            "task_type": "SEQ_CLS",
+        },
         perturb=("classifier",),
         needs_originals=True,
     ),
@@ -147,7 +175,11 @@ CASES: list[Case] = [
         tags=frozenset({"tied"}),
     ),
     Case("vit-conv2d", tiny_vit, {"r": 4, "lora_alpha": 8, "target_modules": ["projection", "query", "value"]}),
-    Case("llama-dora", tiny_llama, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "use_dora": True}),
+    Case(
+        "llama-dora",
+        tiny_llama,
+        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "use_dora": True},
+    ),
     Case(
         "qwen2-bias-all",
         tiny_qwen2,
@@ -206,7 +238,9 @@ def peft_merge(base: nn.Module, adapter_dirs: list[Path]) -> nn.Module:
         return pm.merge_and_unload(adapter_names=names)
 
 
-def within_ulp(actual: torch.Tensor, expected: torch.Tensor, n_ulp: float, dtype: torch.dtype, slack: float = 0.0) -> bool:
+def within_ulp(
+    actual: torch.Tensor, expected: torch.Tensor, n_ulp: float, dtype: torch.dtype, slack: float = 0.0
+) -> bool:
     """Elementwise |actual - expected| <= n_ulp * ulp(expected in dtype) + slack."""
     a, e = actual.detach().double(), expected.detach().double()
     return bool(((a - e).abs() <= n_ulp * ulp(e, dtype).double() + slack).all())

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_adapter, tiny_llama
 
 import loramerge as lm
+from conftest import save_adapter, tiny_llama
 from loramerge.cli import main
 
 
@@ -22,7 +22,9 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     base = tiny_llama().to(torch.bfloat16).eval()
     base.save_pretrained(root / "base")
-    adapter_dir = save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, root / "adapter")
+    adapter_dir = save_adapter(
+        base, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, root / "adapter"
+    )
     merged = lm.merge(copy.deepcopy(base), lm.load_adapter(adapter_dir)).model
     merged.save_pretrained(root / "merged")
     with torch.no_grad():
@@ -37,7 +39,9 @@ def test_inspect_table_and_json(dirs: dict[str, Path], capsys: pytest.CaptureFix
     assert "model.layers.0.self_attn.q_proj" in out and "4 adapted modules" in out
     assert main(["inspect", str(dirs["adapter"]), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert {m["name"] for m in data["modules"]} == {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
+    assert {m["name"] for m in data["modules"]} == {
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
+    }
     assert all(m["scale"] == 2.0 and m["rank"] == 4 for m in data["modules"])
 
 
@@ -57,9 +61,13 @@ def test_bad_input_exit_code_and_message(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_console_script_version_and_demo() -> None:
-    version = subprocess.run([sys.executable, "-m", "loramerge.cli", "--version"], capture_output=True, text=True, check=True)
+    version = subprocess.run(
+        [sys.executable, "-m", "loramerge.cli", "--version"], capture_output=True, text=True, check=True
+    )
     assert version.stdout.startswith("loramerge ")
-    demo = subprocess.run([sys.executable, "-m", "loramerge.cli", "demo", "--dtype", "fp16"], capture_output=True, text=True, timeout=300)
+    demo = subprocess.run(
+        [sys.executable, "-m", "loramerge.cli", "demo", "--dtype", "fp16"], capture_output=True, text=True, timeout=300
+    )
     assert demo.returncode == 0, demo.stderr
     assert "demo: all checks passed" in demo.stdout
     assert demo.stdout.count("PASSED") >= 3

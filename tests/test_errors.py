@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CASES, make_base, save_adapter, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
 
 import loramerge as lm
+from conftest import CASES, make_base, save_adapter, tiny_gpt2, tiny_llama
 
 LLAMA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
@@ -106,9 +106,9 @@ def test_load_base_pickle_and_missing(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = tiny_llama()
     model.save_pretrained(tmp_path / "safe")
-    model.save_pretrained(tmp_path / "pickled", safe_serialization=False) if _supports_pickle_save(model) else _pickle_copy(
-        tmp_path / "safe", tmp_path / "pickled"
-    )
+    model.save_pretrained(tmp_path / "pickled", safe_serialization=False) if _supports_pickle_save(
+        model
+    ) else _pickle_copy(tmp_path / "safe", tmp_path / "pickled")
     with pytest.raises(lm.UnsafeFormatError, match="pytorch_model.bin"):
         lm.load_base(tmp_path / "pickled")
     loaded = lm.load_base(tmp_path / "pickled", allow_pickle=True)
@@ -152,20 +152,36 @@ def test_shape_mismatch_lists_every_module_sorted(llama_adapter: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     wider = LlamaForCausalLM(
-        LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
     )
     with pytest.raises(lm.AdapterMismatchError) as info:
         lm.attach(wider, lm.load_adapter(llama_adapter))
     lines = [line for line in str(info.value).splitlines() if line.startswith("  - ")]
     assert len(lines) == 4 and lines == sorted(lines)
-    assert "model.layers.0.self_attn.q_proj: expected A (4, 48) and B (48, 4), found A (4, 32) and B (32, 4)" in lines[0]
+    assert (
+        "model.layers.0.self_attn.q_proj: expected A (4, 48) and B (48, 4), found A (4, 32) and B (32, 4)" in lines[0]
+    )
 
 
 def test_missing_target_modules(llama_adapter: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shallow = LlamaForCausalLM(
-        LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
     )
     with pytest.raises(lm.AdapterMismatchError) as info:
         lm.attach(shallow, lm.load_adapter(llama_adapter))
@@ -216,7 +232,9 @@ def test_merge_subset_of_adapters(tmp_path: Path) -> None:
     torch.manual_seed(0)
     base = tiny_llama().eval()
     a = lm.load_adapter(save_adapter(base, LLAMA, tmp_path / "a"))
-    b = lm.load_adapter(save_adapter(base, {"r": 2, "lora_alpha": 2, "target_modules": ["down_proj"]}, tmp_path / "b", seed=5))
+    b = lm.load_adapter(
+        save_adapter(base, {"r": 2, "lora_alpha": 2, "target_modules": ["down_proj"]}, tmp_path / "b", seed=5)
+    )
     model = lm.attach(lm.attach(copy.deepcopy(base), a, name="a"), b, name="b")
     result = lm.merge(model, adapter_names=["b"])
     assert result.adapters == ("b",)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CASES, make_base, save_adapter, tiny_llama
 
 import loramerge as lm
 import loramerge.inmemory as merge_mod
+from conftest import CASES, make_base, save_adapter, tiny_llama
 from loramerge.delta import LoraUpdate
 
 Q = "model.layers.0.self_attn.q_proj"  # 32 x 32: a transposed delta still fits
@@ -23,7 +23,9 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp(f"faults-{request.param}")
     torch.manual_seed(0)
     base = tiny_llama().to(dtype).eval()
-    adapter_dir = save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"]}, root / "a")
+    adapter_dir = save_adapter(
+        base, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"]}, root / "a"
+    )
     adapter = lm.load_adapter(adapter_dir)
     merged = lm.merge(copy.deepcopy(base), adapter).model
     return {"base": base, "adapter": adapter, "merged": merged, "dtype": dtype, "root": root}
@@ -116,7 +118,9 @@ def test_stricter_tolerance_is_honoured(setup: dict[str, object]) -> None:
     assert not report.passed and report.tolerance is strict
 
 
-def test_merge_own_verification_catches_a_broken_merge(setup: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_merge_own_verification_catches_a_broken_merge(
+    setup: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = merge_mod.merge_tensor_
 
     def wrong_scale(weight: torch.Tensor, updates: list[LoraUpdate], norms: object = None) -> object:
@@ -154,7 +158,9 @@ def test_fp16_overflow_refused_before_any_change(tmp_path: Path) -> None:
     base = tiny_llama().to(torch.float16).eval()
     with torch.no_grad():
         base.get_parameter(f"{Q}.weight")[0, 0] = 65000.0
-    adapter = lm.load_adapter(save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}, tmp_path / "a"))
+    adapter = lm.load_adapter(
+        save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}, tmp_path / "a")
+    )
     module = adapter.modules[Q]
     with torch.no_grad():
         module.update.lora_A.fill_(1.0)

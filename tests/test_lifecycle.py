@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CASES, DTYPES, Case, make_base, peft_merge, save_adapter
 from safetensors.torch import load_file, save_file
 
 import loramerge as lm
+from conftest import CASES, DTYPES, Case, make_base, peft_merge, save_adapter
 from loramerge.tolerance import ulp
 
 UNMERGE_SCRIPT = textwrap.dedent(
@@ -83,7 +83,9 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Prepared]:
                 save_file({k: v.contiguous() for k, v in result.dora_norms.items()}, str(d / "dora_norms.safetensors"))
             if case.needs_originals:
                 state = base.state_dict()
-                names = [n for a in adapters for n, k in a.replaced_kinds.items() if k in ("modules_to_save", "trained_bias")]
+                names = [
+                    n for a in adapters for n, k in a.replaced_kinds.items() if k in ("modules_to_save", "trained_bias")
+                ]
                 save_file({n: state[n].contiguous() for n in names}, str(d / "originals.safetensors"))
             base_state = {k: v.clone() for k, v in base.state_dict().items()}
             messages = [str(w.message) for w in caught if issubclass(w.category, lm.LoraMergeWarning)]
@@ -138,7 +140,9 @@ def test_merge_equals_peft_within_rounding(lifecycle: dict[str, Prepared], key: 
             arithmetic += (mod.rank + 2) * 2.0**-24 * abs(mod.scale) * (left.abs() @ right.abs()).reshape(partial.shape)
         mine_gap = (mine.double() - partial).abs()
         assert bool((mine_gap <= 0.5 * ulp(partial, p.dtype).double() + arithmetic).all()), name
-        assert bool(((theirs.double() - partial).abs() <= peft_allowed).all()), f"PEFT's {name} is off by more than its rounding"
+        assert bool(((theirs.double() - partial).abs() <= peft_allowed).all()), (
+            f"PEFT's {name} is off by more than its rounding"
+        )
         assert not torch.equal(mine, p.base[name]), f"{name} did not change: zero delta?"
 
 
@@ -187,7 +191,9 @@ def test_unmerge_in_new_process_recovers_base(lifecycle: dict[str, Prepared], ke
             assert torch.equal(got, original), f"{name} should be restored bit for bit"
             continue
         gap = (got.double() - original.double()).abs()
-        if steps == 1:
+        if steps == 1 and not any(
+            a.modules[name[: -len(".weight")]].use_dora for a in p.adapters if name[:-7] in a.modules
+        ):
             # documented elementwise bound: ½ulp(W_merged) + ½ulp(W_recovered)
             bound = (0.5 * ulp(merged[name].double(), p.dtype) + 0.5 * ulp(got.double(), p.dtype)).double()
             assert bool((gap <= bound + 1e-12).all()), name

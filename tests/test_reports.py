@@ -13,7 +13,19 @@ from loramerge import LayerCheck, OutputCheck, Tolerance, VerificationReport
 
 
 def _layer(name: str, error: float, limit: float) -> LayerCheck:
-    return LayerCheck(name, "linear", "bfloat16", 1e-3, 0.5, error, 2e-3, 1e-3, limit, error <= limit, "" if error <= limit else "too far")
+    return LayerCheck(
+        name,
+        "linear",
+        "bfloat16",
+        1e-3,
+        0.5,
+        error,
+        2e-3,
+        1e-3,
+        limit,
+        error <= limit,
+        "" if error <= limit else "too far",
+    )
 
 
 def test_report_roundtrip_and_text() -> None:

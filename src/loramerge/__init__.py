@@ -28,8 +28,8 @@ from loramerge.errors import (
     UnsupportedAdapterError,
     VerificationError,
 )
-from loramerge.loading import load_base
 from loramerge.inmemory import merge, unmerge
+from loramerge.loading import load_base
 from loramerge.peft_glue import attach
 from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
 from loramerge.tolerance import Tolerance

@@ -157,7 +157,9 @@ class Adapter:
         try:
             return self.modules[module_name].delta()
         except KeyError:
-            raise KeyError(f"the adapter has no module {module_name!r}; its modules are {list(self.modules)[:5]}...") from None
+            raise KeyError(
+                f"the adapter has no module {module_name!r}; its modules are {list(self.modules)[:5]}..."
+            ) from None
 
     def num_parameters(self) -> int:
         """Number of stored adapter parameters."""
@@ -168,11 +170,15 @@ class Adapter:
         lines = [f"adapter: {self.path or '<in memory>'}", f"base model: {self.base_model_name_or_path or '?'}"]
         lines.append(f"{'module':<60} {'kind':<9} {'r':>4} {'alpha':>7} {'scale':>8} {'dora':>4}")
         for m in self.modules.values():
-            lines.append(f"{m.name:<60} {m.kind:<9} {m.rank:>4} {m.alpha:>7g} {m.scale:>8.4g} {'yes' if m.use_dora else '':>4}")
+            lines.append(
+                f"{m.name:<60} {m.kind:<9} {m.rank:>4} {m.alpha:>7g} {m.scale:>8.4g} {'yes' if m.use_dora else '':>4}"
+            )
         for name, kind in self.replaced_kinds.items():
             lines.append(f"{name:<60} replaces the base tensor ({kind}, shape {tuple(self.replaced[name].shape)})")
         total = self.num_parameters()
-        lines.append(f"{len(self.modules)} adapted modules, {len(self.replaced)} replaced tensors, {total:,} parameters")
+        lines.append(
+            f"{len(self.modules)} adapted modules, {len(self.replaced)} replaced tensors, {total:,} parameters"
+        )
         return "\n".join(lines)
 
 
@@ -186,7 +192,9 @@ def _validate_config(raw: Mapping[str, Any], where: str) -> None:
     for key, why in _UNSUPPORTED_SETTINGS.items():
         value = raw.get(key)
         if value not in (None, False, [], {}, ""):
-            raise UnsupportedAdapterError(f"{where}: {key}={value!r} is set: {why}. Merge it with PEFT, or retrain without it.")
+            raise UnsupportedAdapterError(
+                f"{where}: {key}={value!r} is set: {why}. Merge it with PEFT, or retrain without it."
+            )
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise UnsupportedAdapterError(
@@ -218,7 +226,9 @@ def _validate_config(raw: Mapping[str, Any], where: str) -> None:
         if not isinstance(raw.get(key, False), bool):
             problems.append(f"'{key}' must be true or false, got {raw.get(key)!r}")
     if problems:
-        raise AdapterConfigError(f"{where} is invalid:\n  - " + "\n  - ".join(problems) + "\nFix the file or re-save the adapter with PEFT.")
+        raise AdapterConfigError(
+            f"{where} is invalid:\n  - " + "\n  - ".join(problems) + "\nFix the file or re-save the adapter with PEFT."
+        )
 
 
 _LORA_KEY = re.compile(
@@ -231,9 +241,7 @@ def _strip_prefix(key: str) -> str:
     return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
 
 
-def build_adapter(
-    config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], path: Path | None = None
-) -> Adapter:
+def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], path: Path | None = None) -> Adapter:
     """Build and validate an :class:`Adapter` from a config dict and its tensors (keys as PEFT saves them)."""
     where = str(path / CONFIG_NAME) if path is not None else "adapter config"
     _validate_config(config, where)
@@ -252,10 +260,14 @@ def build_adapter(
     for key in sorted(tensors):
         name = _strip_prefix(key)
         if ".token_adapter." in name or "trainable_tokens" in name:
-            raise UnsupportedAdapterError(f"{where}: tensor {key!r} is a trainable-tokens delta, which is not supported yet.")
+            raise UnsupportedAdapterError(
+                f"{where}: tensor {key!r} is a trainable-tokens delta, which is not supported yet."
+            )
         match = _LORA_KEY.match(name)
         if match:
-            parts.setdefault(match["module"], {})[match["part"].split(".")[0] + ("_bias" if match["part"] == "lora_B.bias" else "")] = tensors[key]
+            parts.setdefault(match["module"], {})[
+                match["part"].split(".")[0] + ("_bias" if match["part"] == "lora_B.bias" else "")
+            ] = tensors[key]
             continue
         if "lora_" in name:
             problems.append(f"{key}: not a LoRA tensor name loramerge knows")
@@ -267,7 +279,13 @@ def build_adapter(
             param = name
             module = name.rsplit(".", 1)[0]
             is_saved_module = any(module == m or module.endswith("." + m) for m in modules_to_save)
-            kind = "modules_to_save" if is_saved_module else "trained_bias" if name.endswith(".bias") else "modules_to_save"
+            kind = (
+                "modules_to_save"
+                if is_saved_module
+                else "trained_bias"
+                if name.endswith(".bias")
+                else "modules_to_save"
+            )
         replaced[param] = tensors[key]
         replaced_kinds[param] = kind
 
@@ -283,7 +301,9 @@ def build_adapter(
             continue
         rank = int(a.shape[0])
         if b.shape[1] != rank:
-            problems.append(f"{module_name}: A has rank {rank} but B has {b.shape[1]} columns (A {tuple(a.shape)}, B {tuple(b.shape)})")
+            problems.append(
+                f"{module_name}: A has rank {rank} but B has {b.shape[1]} columns (A {tuple(a.shape)}, B {tuple(b.shape)})"
+            )
             continue
         expected_rank = int(pattern_value(rank_pattern, module_name, r_default))
         if expected_rank != rank:
@@ -293,7 +313,9 @@ def build_adapter(
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         magnitude = p.get("lora_magnitude_vector")
         if magnitude is not None and kind not in ("linear", "conv1d"):
-            raise UnsupportedAdapterError(f"{where}: DoRA on {kind} layers ({module_name}) is not supported yet; DoRA on linear layers is.")
+            raise UnsupportedAdapterError(
+                f"{where}: DoRA on {kind} layers ({module_name}) is not supported yet; DoRA on linear layers is."
+            )
         update = LoraUpdate(kind, a, b, scale, magnitude=magnitude, bias=p.get("lora_B_bias"))  # type: ignore[arg-type]
         modules[module_name] = AdapterModule(module_name, kind, rank, alpha, scale, update)  # type: ignore[arg-type]
     if problems:
@@ -360,6 +382,8 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
             )
         tensors = read_tensors(bin_path, allow_pickle=True)
     else:
-        raise AdapterNotFoundError(f"{str(root)!r} has no {SAFETENSORS_NAME} (nor {PICKLE_NAME}); the adapter weights are missing.")
+        raise AdapterNotFoundError(
+            f"{str(root)!r} has no {SAFETENSORS_NAME} (nor {PICKLE_NAME}); the adapter weights are missing."
+        )
     logger.debug("read %d adapter tensors from %s", len(tensors), root)
     return build_adapter(raw, tensors, root)

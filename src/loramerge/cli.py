@@ -12,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from loramerge import __version__
 from loramerge.adapter import load_adapter
@@ -70,7 +71,9 @@ def _inspect(args: argparse.Namespace) -> int:
                 }
                 for m in adapter.modules.values()
             ],
-            "replaced": {n: {"kind": adapter.replaced_kinds[n], "shape": list(t.shape)} for n, t in adapter.replaced.items()},
+            "replaced": {
+                n: {"kind": adapter.replaced_kinds[n], "shape": list(t.shape)} for n, t in adapter.replaced.items()
+            },
         }
         print(json.dumps(data, indent=2))
     else:
@@ -84,7 +87,11 @@ def _verify(args: argparse.Namespace) -> int:
     base = load_base(args.base, dtype=dtype)
     merged = load_base(args.merged, dtype=dtype)
     report = verify(
-        base, adapter, merged, tolerance=Tolerance(factor=args.factor), check_outputs=False if args.no_outputs else "auto"
+        base,
+        adapter,
+        merged,
+        tolerance=Tolerance(factor=args.factor),
+        check_outputs=False if args.no_outputs else "auto",
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0 if report.passed else 1
@@ -93,14 +100,17 @@ def _verify(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``loramerge`` console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
         try:
             from transformers.utils import logging as hf_logging
 
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
+            hf_log: Any = hf_logging
+            hf_log.set_verbosity_error()
+            hf_log.disable_progress_bar()
         except ImportError:  # pragma: no cover
             pass
     try:

@@ -200,7 +200,12 @@ def check_updates(updates: Sequence[LoraUpdate], weight: torch.Tensor) -> list[s
     if not updates:
         return problems
     for up in updates:
-        for label, t in (("lora_A", up.lora_A), ("lora_B", up.lora_B), ("magnitude", up.magnitude), ("lora_B.bias", up.bias)):
+        for label, t in (
+            ("lora_A", up.lora_A),
+            ("lora_B", up.lora_B),
+            ("magnitude", up.magnitude),
+            ("lora_B.bias", up.bias),
+        ):
             if t is not None and not bool(torch.isfinite(t).all()):
                 problems.append(f"non-finite values in the adapter's {label}")
         if not math.isfinite(up.scale):
@@ -279,7 +284,8 @@ class TensorStats:
     max_ulp: float = 0.0
     """Largest rounding residual in units in the last place of the weight's dtype."""
     error_bound: float = 0.0
-    """Unmerge only: largest bound ``½ulp(W_merged) + ½ulp(W_recovered)`` on the distance to the base."""
+    """Unmerge only: largest bound ``½ulp(W_merged) + ½ulp(W_recovered)`` on the distance to the base
+    (for DoRA the first term is divided by the DoRA factor ``m / ‖W + ΔW‖``)."""
     remerge_gap: float = 0.0
     """Unmerge only: largest gap between re-merging the result and the merged weight, as a fraction
     of what rounding allows (``ulp(W_recovered) + ulp(W_merged)``): above 1 means precision was lost."""
@@ -291,7 +297,9 @@ class TensorStats:
         return self.residual_norm / self.delta_norm if self.delta_norm > 0 else 0.0
 
 
-def _accumulate(stats: TensorStats, exact: torch.Tensor, rounded: torch.Tensor, change: torch.Tensor, dtype: torch.dtype) -> None:
+def _accumulate(
+    stats: TensorStats, exact: torch.Tensor, rounded: torch.Tensor, change: torch.Tensor, dtype: torch.dtype
+) -> None:
     stats.delta_norm = math.hypot(stats.delta_norm, float(change.norm()))
     residual = rounded.to(exact.dtype) - exact
     stats.residual_norm = math.hypot(stats.residual_norm, float(residual.norm()))
@@ -373,7 +381,9 @@ def unmerge_tensor_(
             back = rounded.to(cdt)
             spacing_merged = ulp(merged, dtype)
             spacing_back = ulp(back, dtype)
-            stats.error_bound = max(stats.error_bound, float((0.5 * spacing_merged + 0.5 * spacing_back).max()))
+            # DoRA: undoing the factor m / ‖W + ΔW‖ scales the merged value's rounding error by its inverse
+            carried = spacing_merged / factor.abs() if factor is not None else spacing_merged
+            stats.error_bound = max(stats.error_bound, float((0.5 * carried + 0.5 * spacing_back).max()))
             remerged = back + delta
             if factor is not None:
                 remerged = remerged * factor

@@ -6,12 +6,13 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
 from loramerge.adapter import load_adapter
-from loramerge.loading import load_base
 from loramerge.inmemory import merge, unmerge
+from loramerge.loading import load_base
 from loramerge.peft_glue import attach
 from loramerge.verification import verify
 
@@ -41,7 +42,8 @@ def build_tiny_checkpoint(root: Path, *, dtype: torch.dtype = torch.bfloat16, se
         max_position_embeddings=128,
         tie_word_embeddings=False,
     )
-    base = LlamaForCausalLM(config).to(dtype)
+    base: Any = LlamaForCausalLM(config)
+    base = base.to(dtype)
     base_dir, adapter_dir = root / "base", root / "adapter"
     base.save_pretrained(base_dir)
     lora = LoraConfig(
@@ -54,11 +56,13 @@ def build_tiny_checkpoint(root: Path, *, dtype: torch.dtype = torch.bfloat16, se
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(base, lora)
-    peft_model.save_pretrained(adapter_dir)
+    peft_model.save_pretrained(str(adapter_dir))
     return base_dir, adapter_dir
 
 
-def run_demo(workdir: Path | None = None, *, dtype: torch.dtype = torch.bfloat16, echo: Callable[[str], None] = print) -> bool:
+def run_demo(
+    workdir: Path | None = None, *, dtype: torch.dtype = torch.bfloat16, echo: Callable[[str], None] = print
+) -> bool:
     """Run load → attach → merge → verify → save → reload → unmerge on a tiny model, printing reports.
 
     Returns:
@@ -80,7 +84,7 @@ def run_demo(workdir: Path | None = None, *, dtype: torch.dtype = torch.bfloat16
         report = verify(load_base(base_dir), adapter, result.model)
         echo(str(report))
         merged_dir = root / "merged"
-        result.model.save_pretrained(merged_dir)
+        cast(Any, result.model).save_pretrained(merged_dir)
         echo(f"\n5. saved the merged model to {merged_dir}; reloaded it and unmerged the saved adapter:")
         back = unmerge(load_base(merged_dir), adapter)
         echo(str(back))

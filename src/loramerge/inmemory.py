@@ -25,7 +25,7 @@ from loramerge.errors import (
     UnmergeImpossibleError,
     VerificationError,
 )
-from loramerge.peft_glue import LayerPlan, adapter_mode, attach, check_compatible, collect_plans, unwrap, untie_shared
+from loramerge.peft_glue import LayerPlan, adapter_mode, attach, check_compatible, collect_plans, untie_shared, unwrap
 from loramerge.reports import LayerCheck, MergeResult, UnmergeResult, VerificationReport
 from loramerge.tolerance import Tolerance, ulp
 from loramerge.verification import (
@@ -35,12 +35,12 @@ from loramerge.verification import (
     Probes,
     exact_layer_output,
     make_probes,
-    probe_inputs,
-    storage_baseline,
-    storage_rms,
     output_check,
+    probe_inputs,
     reference_outputs,
     run_model,
+    storage_baseline,
+    storage_rms,
     want_output_check,
 )
 
@@ -157,7 +157,7 @@ def merge(
         tuner.set_adapter(previous)
         for plan in plans:
             ups = [u for _, u in plan.updates]
-            bias = plan.layer.bias.detach() if isinstance(getattr(plan.layer, "bias", None), torch.Tensor) else None
+            bias = _bias_of(plan.layer)
             layer_probes.append(LayerProbe(plan.name, plan.kind, plan.weight, bias, ups, seed))
 
     untied = untie_shared(inner, plans)
@@ -183,10 +183,12 @@ def merge(
     if verify:
         for plan, probe in zip(plans, layer_probes, strict=True):
             st = stats[plan.name]
-            bias = plan.layer.bias.detach() if isinstance(getattr(plan.layer, "bias", None), torch.Tensor) else None
+            bias = _bias_of(plan.layer)
             merged_w = plan.weight.detach()
             out = probe.outputs(merged_w, bias)
-            layers.append(probe.check(out, tol, st.relative_residual, st.max_ulp, "", storage_rms(plan.kind, merged_w, probe.x)))
+            layers.append(
+                probe.check(out, tol, st.relative_residual, st.max_ulp, "", storage_rms(plan.kind, merged_w, probe.x))
+            )
         if model_ref is not None and batch is not None:
             merged_out = run_model(plain, batch)
             storage = storage_baseline(plain, batch, [p.weight for p in plans], seed)
@@ -196,8 +198,19 @@ def merge(
         for plan in plans:
             st = stats[plan.name]
             layers.append(
-                LayerCheck(plan.name, plan.kind, str(plan.weight.dtype).replace("torch.", ""), st.relative_residual,
-                           st.max_ulp, math.nan, math.nan, math.nan, math.nan, True, "")
+                LayerCheck(
+                    plan.name,
+                    plan.kind,
+                    str(plan.weight.dtype).replace("torch.", ""),
+                    st.relative_residual,
+                    st.max_ulp,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    True,
+                    "",
+                )
             )
     passed = all(c.passed for c in layers) and (outputs is None or outputs.passed)
     report = VerificationReport("merge", passed, tol, tuple(layers), outputs, notes=tuple(notes))
@@ -290,7 +303,9 @@ def unmerge(
                 "e.g. read from the base checkpoint with safetensors."
             )
         raise UnmergeImpossibleError("cannot unmerge exactly; nothing was changed:\n  - " + "\n  - ".join(lines))
-    bad_shapes = sorted(n for n, t in originals.items() if n in adapter.replaced and tuple(t.shape) != tuple(adapter.replaced[n].shape))
+    bad_shapes = sorted(
+        n for n, t in originals.items() if n in adapter.replaced and tuple(t.shape) != tuple(adapter.replaced[n].shape)
+    )
     if bad_shapes:
         raise AdapterMismatchError(f"originals= has wrong shapes for {bad_shapes}")
 
@@ -341,7 +356,9 @@ def unmerge(
                     plan.weight.copy_(candidate)
                 exact.append(f"{plan.name}.weight")
             else:
-                notes.append(f"{plan.name}.weight: the adapter's saved base copy differs from the recovered weight; kept the recovered one")
+                notes.append(
+                    f"{plan.name}.weight: the adapter's saved base copy differs from the recovered weight; kept the recovered one"
+                )
     bound = max((st.error_bound for n, st in stats.items() if f"{n}.weight" not in exact), default=0.0)
     for pname, value in originals.items():
         target = params[pname]
@@ -355,11 +372,11 @@ def unmerge(
         for plan in plans:
             up = plan.updates[0][1]
             st = stats[plan.name]
-            bias = _bias_of(plan.layer)
+            probe_bias = _bias_of(plan.layer)
             trained_bias = adapter.replaced.get(f"{plan.name}.bias")
-            if trained_bias is not None and bias is not None:  # adapter mode runs with the adapter's bias
-                bias = trained_bias.to(bias.dtype).to(bias.device)
-            probe = LayerProbe(plan.name, plan.kind, plan.weight.detach(), bias, [up], seed)
+            if trained_bias is not None and probe_bias is not None:  # adapter mode runs with the adapter's bias
+                probe_bias = trained_bias.to(probe_bias.dtype).to(probe_bias.device)
+            probe = LayerProbe(plan.name, plan.kind, plan.weight.detach(), probe_bias, [up], seed)
             reason = ""
             if st.remerge_gap > 1.0 + 1e-6:
                 reason = (
@@ -379,7 +396,8 @@ def unmerge(
     result = UnmergeResult(model, report, tuple(sorted(exact)), bound, verified=verify)
     if not passed:
         raise VerificationError(
-            "the unmerged model is out of tolerance (the model HAS been changed in place):\n" + "\n".join(report.failures),
+            "the unmerged model is out of tolerance (the model HAS been changed in place):\n"
+            + "\n".join(report.failures),
             report,
             result,
         )

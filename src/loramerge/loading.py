@@ -79,7 +79,9 @@ def load_base(
     """
     root = Path(path)
     if not root.is_dir():
-        raise AdapterNotFoundError(f"model directory {str(root)!r} does not exist; pass a folder written by save_pretrained().")
+        raise AdapterNotFoundError(
+            f"model directory {str(root)!r} does not exist; pass a folder written by save_pretrained()."
+        )
     config_path = root / "config.json"
     if not config_path.is_file():
         raise AdapterNotFoundError(f"{str(config_path)!r} is missing: {str(root)!r} is not a transformers checkpoint.")
@@ -92,19 +94,22 @@ def load_base(
                 "Convert them to safetensors, or pass allow_pickle=True (loaded with weights_only=True) if you trust them."
             )
         if not has_pickle:
-            raise AdapterNotFoundError(f"{str(root)!r} has no model.safetensors (nor a sharded index); the weights are missing.")
-    if model_class is None:
+            raise AdapterNotFoundError(
+                f"{str(root)!r} has no model.safetensors (nor a sharded index); the weights are missing."
+            )
+    cls: Any = model_class
+    if cls is None:
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise AdapterConfigError(f"{str(config_path)!r} is not valid JSON ({e}).") from e
         archs = config.get("architectures") or []
         found = getattr(transformers, archs[0], None) if archs else None
-        model_class = found if isinstance(found, type) and issubclass(found, PreTrainedModel) else AutoModelForCausalLM
+        cls = found if isinstance(found, type) and issubclass(found, PreTrainedModel) else AutoModelForCausalLM
     torch_dtype = resolve_dtype(dtype)
     kwargs.setdefault("local_files_only", True)
     kwargs["use_safetensors"] = has_safe
-    model = model_class.from_pretrained(str(root), dtype=torch_dtype if torch_dtype is not None else "auto", **kwargs)
+    model: Any = cls.from_pretrained(str(root), dtype=torch_dtype if torch_dtype is not None else "auto", **kwargs)
     model = model.to(device)
     model.eval()
     logger.info("loaded %s from %s (%s)", type(model).__name__, root, model.dtype)

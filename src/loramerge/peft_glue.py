@@ -35,9 +35,9 @@ except ImportError:  # pragma: no cover - transformers always has it
     Conv1D = None  # type: ignore[assignment,misc]
 
 
-def base_layer_of(module: nn.Module) -> nn.Module:
+def base_layer_of(module: Any) -> nn.Module:
     """The original layer under any PEFT wrapper."""
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    return cast(nn.Module, module.get_base_layer() if isinstance(module, BaseTunerLayer) else module)
 
 
 def layer_kind(module: nn.Module) -> Kind | None:
@@ -124,7 +124,10 @@ def check_compatible(model: nn.Module, adapter: Adapter) -> dict[str, Kind]:
         up = mod.update
         if tuple(up.lora_A.shape) != a_shape or tuple(up.lora_B.shape) != b_shape:
             problems.append(
-                (name, f"expected A {a_shape} and B {b_shape}, found A {tuple(up.lora_A.shape)} and B {tuple(up.lora_B.shape)}")
+                (
+                    name,
+                    f"expected A {a_shape} and B {b_shape}, found A {tuple(up.lora_A.shape)} and B {tuple(up.lora_B.shape)}",
+                )
             )
             continue
         if kind == "conv" and getattr(base, "groups", 1) != 1:
@@ -140,17 +143,27 @@ def check_compatible(model: nn.Module, adapter: Adapter) -> dict[str, Kind]:
     for pname, tensor in adapter.replaced.items():
         target = params.get(pname)
         if target is None:
-            problems.append((pname, f"the adapter replaces this tensor ({adapter.replaced_kinds[pname]}) but the model has none"))
+            problems.append(
+                (pname, f"the adapter replaces this tensor ({adapter.replaced_kinds[pname]}) but the model has none")
+            )
         elif tuple(target.shape) != tuple(tensor.shape):
             hint = ""
             if adapter.replaced_kinds[pname] == "saved_base" or "embed" in pname or "lm_head" in pname:
                 hint = "; if the vocabulary was resized for training, call model.resize_token_embeddings() first"
-            problems.append((pname, f"expected shape {tuple(tensor.shape)} from the adapter, the model has {tuple(target.shape)}{hint}"))
+            problems.append(
+                (
+                    pname,
+                    f"expected shape {tuple(tensor.shape)} from the adapter, the model has {tuple(target.shape)}{hint}",
+                )
+            )
     if problems:
         problems.sort()
         lines = "\n".join(f"  - {name}: {why}" for name, why in problems)
         hint = ""
-        if len([p for p in problems if p[1] == "no such module in the model"]) == len(adapter.modules) and adapter.modules:
+        if (
+            len([p for p in problems if p[1] == "no such module in the model"]) == len(adapter.modules)
+            and adapter.modules
+        ):
             hint = (
                 f"\nNone of the adapter's modules exist in this model: the adapter was probably trained for another "
                 f"architecture (its config names base model {adapter.base_model_name_or_path!r})."
@@ -206,20 +219,21 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str = "default", trainab
     peft_model = model if isinstance(model, PeftModel) else None
     if peft_model is not None and name in peft_model.peft_config:
         raise AdapterMismatchError(f"an adapter named {name!r} is already attached; pass another name= to attach().")
-    if peft_model is not None and adapter.replaced_kinds and any(
-        cfg.modules_to_save for cfg in peft_model.peft_config.values() if isinstance(cfg, LoraConfig)
-    ):
-        if any(k == "modules_to_save" for k in adapter.replaced_kinds.values()):
-            raise UnsupportedAdapterError(
-                "two attached adapters would both replace whole modules (modules_to_save); PEFT runs only one such copy "
-                "at a time. Merge the first adapter, then attach the second to the merged model."
-            )
+    if (
+        peft_model is not None
+        and adapter.replaced_kinds
+        and any(cfg.modules_to_save for cfg in peft_model.peft_config.values() if isinstance(cfg, LoraConfig))
+    ) and any(k == "modules_to_save" for k in adapter.replaced_kinds.values()):
+        raise UnsupportedAdapterError(
+            "two attached adapters would both replace whole modules (modules_to_save); PEFT runs only one such copy "
+            "at a time. Merge the first adapter, then attach the second to the merged model."
+        )
     kinds = check_compatible(model, adapter)
     config = _lora_config(adapter, kinds, trainable=trainable)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="peft")
         if peft_model is None:
-            peft_model = cast(PeftModel, get_peft_model(model, config, adapter_name=name))  # type: ignore[arg-type]
+            peft_model = cast(PeftModel, get_peft_model(model, config, adapter_name=name))
         else:
             peft_model.add_adapter(name, config)
         result = set_peft_model_state_dict(peft_model, dict(adapter.tensors), adapter_name=name)
@@ -259,13 +273,17 @@ def _lora_update(module: LoraLayer, adapter_name: str, kind: Kind, name: str) ->
     magnitude = None
     if adapter_name in m.lora_magnitude_vector:
         if kind not in ("linear", "conv1d"):
-            raise UnsupportedAdapterError(f"{name}: DoRA on {kind} layers is not supported yet; DoRA on linear layers is.")
+            raise UnsupportedAdapterError(
+                f"{name}: DoRA on {kind} layers is not supported yet; DoRA on linear layers is."
+            )
         magnitude = m.lora_magnitude_vector[adapter_name].weight
     bias = m.lora_B[adapter_name].bias if m.lora_bias.get(adapter_name, False) else None
     if kind == "conv":
         base = base_layer_of(module)
         if getattr(base, "groups", 1) != 1 or any(s != 1 for s in b.shape[2:]):
-            raise UnsupportedAdapterError(f"{name}: grouped convolutions or LoRA B kernels larger than 1 are not supported.")
+            raise UnsupportedAdapterError(
+                f"{name}: grouped convolutions or LoRA B kernels larger than 1 are not supported."
+            )
     return LoraUpdate(kind, a.detach(), b.detach(), float(m.scaling[adapter_name]), magnitude=magnitude, bias=bias)
 
 

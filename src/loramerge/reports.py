@@ -203,7 +203,9 @@ class VerificationReport:
         if self.layers:
             bad = sum(not c.passed for c in self.layers)
             lines.append(f"  layers: {len(self.layers) - bad}/{len(self.layers)} within tolerance; worst:")
-            lines.append(f"    {'layer':<56} {'dtype':<9} {'residual':>9} {'max ulp':>8} {'error':>9} {'adapter':>9} {'limit':>9}  ok")
+            lines.append(
+                f"    {'layer':<56} {'dtype':<9} {'residual':>9} {'max ulp':>8} {'error':>9} {'adapter':>9} {'limit':>9}  ok"
+            )
             for c in self.worst(8):
                 lines.append(
                     f"    {c.name[-56:]:<56} {c.dtype:<9} {c.residual:>9.3g} {c.max_ulp:>8.3g} {c.probe_error:>9.3g} "

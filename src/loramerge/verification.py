@@ -118,10 +118,7 @@ def run_model(model: nn.Module, probes: Probes) -> torch.Tensor:
     model.eval()
     try:
         with torch.no_grad():
-            if set(probes) == {""}:
-                out = model(probes[""])
-            else:
-                out = model(**probes)
+            out = model(**probes)
         return first_tensor(out).detach().to("cpu")
     finally:
         model.train(was_training)
@@ -217,7 +214,9 @@ def _perturb(weights: Sequence[torch.Tensor], dtype: torch.dtype, seed: int, sig
         w.data.add_(noise, alpha=sign)
 
 
-def storage_baseline(model: nn.Module, probes: Probes, weights: Sequence[torch.Tensor], seed: int = 0) -> tuple[float, float]:
+def storage_baseline(
+    model: nn.Module, probes: Probes, weights: Sequence[torch.Tensor], seed: int = 0
+) -> tuple[float, float]:
     """How much the model's outputs move when ``weights`` are perturbed by random rounding-sized noise.
 
     Storing ``W + ΔW`` in a 16-bit dtype rounds every element by up to ½ulp; adapter mode avoids
@@ -258,7 +257,9 @@ def output_check(
     ``factor * hypot(adapter error, storage error) + floor``.
     """
     if merged.shape != ref.reference.shape:
-        raise LoraMergeError(f"merged output shape {tuple(merged.shape)} differs from adapter mode's {tuple(ref.reference.shape)}")
+        raise LoraMergeError(
+            f"merged output shape {tuple(merged.shape)} differs from adapter mode's {tuple(ref.reference.shape)}"
+        )
     m_rms, m_max = relative_errors(merged, ref.reference)
     a_rms, a_max = relative_errors(ref.adapter, ref.reference)
     limit = tolerance.limit(math.hypot(a_rms, storage[0]), ref.dtype)
@@ -367,7 +368,9 @@ class LayerProbe:
                 bias.to(rd) if bias is not None else 0
             )
             no_bias = base_lp - (bias if bias is not None else 0)
-            self.adapter = ((no_bias.float() + lora_ref.to(lp).float()).to(lp) * factor.to(lp) + (bias if bias is not None else 0)).to(lp)
+            self.adapter = (
+                (no_bias.float() + lora_ref.to(lp).float()).to(lp) * factor.to(lp) + (bias if bias is not None else 0)
+            ).to(lp)
 
     def outputs(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The output of a layer holding ``weight``/``bias`` on the probes, computed exactly (in the
@@ -510,11 +513,13 @@ def verify(
     touched: set[str] = set()
     for name, mod in adapter.modules.items():
         kind = kinds[name]
-        update = LoraUpdate(kind, mod.update.lora_A, mod.update.lora_B, mod.scale, mod.update.magnitude, mod.update.bias)
+        update = LoraUpdate(
+            kind, mod.update.lora_A, mod.update.lora_B, mod.scale, mod.update.magnitude, mod.update.bias
+        )
         saved = adapter.replaced.get(f"{name}.weight")
         base_w = saved.to(base_params[f"{name}.weight"].dtype) if saved is not None else base_params[f"{name}.weight"]
         merged_w = merged_params[f"{name}.weight"]
-        base_b = base_params.get(f"{name}.bias")
+        base_b: torch.Tensor | None = base_params.get(f"{name}.bias")
         if f"{name}.bias" in adapter.replaced:
             base_b = adapter.replaced[f"{name}.bias"].to(merged_w.dtype)
         merged_b = merged_params.get(f"{name}.bias")
@@ -558,4 +563,3 @@ def verify(
         unexpected_changes=tuple(sorted(changed)),
         notes=tuple(notes),
     )
-
