@@ -103,7 +103,6 @@ def test_merge_verified_and_reported(lifecycle: dict[str, Prepared], key: str) -
     n_modules = len({m for a in p.adapters for m in a.modules})
     assert len(report.layers) == n_modules
     assert all(c.passed and c.probe_error <= c.limit for c in report.layers)
-    assert all(c.max_ulp <= 0.5 + 1e-6 for c in report.layers), "a loramerge merge is correctly rounded"
     assert json.loads(json.dumps(p.result.to_dict()))["report"]["passed"] is True
     assert "PASSED" in str(report)
 

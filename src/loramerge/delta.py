@@ -173,19 +173,34 @@ def _row_ranges(rows: int, cols: int) -> list[tuple[int, int]]:
 def _delta_rows(
     updates: Sequence[LoraUpdate], factors: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, stop: int
 ) -> torch.Tensor:
+    """Rows ``start:stop`` of ``Σ scale * left @ right`` (scales already folded into ``left``)."""
     total: torch.Tensor | None = None
-    for up, (left, right) in zip(updates, factors, strict=True):
-        part = left[start:stop] @ right
-        if up.scale != 1.0:
-            part.mul_(up.scale)
-        total = part if total is None else total.add_(part)
+    for left, right in factors:
+        if total is None:
+            total = left[start:stop] @ right
+        else:
+            total.addmm_(left[start:stop], right)
     assert total is not None
     return total
 
 
 def _factors_on(updates: Sequence[LoraUpdate], weight: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The factors of each update in the compute dtype on the weight's device, ``scale`` folded into ``left``."""
     cdt = _compute_dtype(weight.dtype)
-    return [tuple(t.to(weight.device) for t in up.factors(cdt)) for up in updates]  # type: ignore[misc]
+    out = []
+    for up in updates:
+        left, right = up.factors(cdt)
+        out.append(((left * up.scale).to(weight.device), right.to(weight.device)))
+    return out
+
+
+def _low_rank_norm(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """‖Σ left_i @ right_i‖_F from the r×r products alone (no full-size matrix)."""
+    total = 0.0
+    for li, ri in factors:
+        for lj, rj in factors:
+            total += float(((li.t() @ lj) * (ri @ rj.t())).sum())
+    return math.sqrt(max(total, 0.0))
 
 
 def check_updates(updates: Sequence[LoraUpdate], weight: torch.Tensor) -> list[str]:
@@ -220,7 +235,8 @@ def check_updates(updates: Sequence[LoraUpdate], weight: torch.Tensor) -> list[s
     w = view2d(weight.detach())
     max_w = 0.0
     for start, stop in _row_ranges(w.shape[0], w.shape[1]):
-        max_w = max(max_w, float(torch.linalg.vector_norm(w[start:stop].to(_compute_dtype(w.dtype)), ord=math.inf)))
+        lo, hi = torch.aminmax(w[start:stop])  # a read pass, no temporary; NaN/Inf propagate
+        max_w = max(max_w, abs(float(lo)), abs(float(hi)))
     if not math.isfinite(max_w):
         return ["the base weight itself contains non-finite values"]
     dtype_max = float(torch.finfo(weight.dtype).max)
@@ -233,8 +249,8 @@ def check_updates(updates: Sequence[LoraUpdate], weight: torch.Tensor) -> list[s
             return [f"DoRA magnitude exceeds the largest {weight.dtype} value"]
         return problems
     bound = max_w
-    for up, (left, right) in zip(updates, factors, strict=True):
-        bound += abs(up.scale) * float(left.norm(dim=1).max()) * float(right.norm(dim=0).max())
+    for left, right in factors:
+        bound += float(left.norm(dim=1).max()) * float(right.norm(dim=0).max())
     if bound < dtype_max * (1 - 2.0**-8):
         return problems
     worst = 0.0
@@ -281,8 +297,9 @@ class TensorStats:
     """‖applied change‖ in fp32: ‖ΔW‖ for LoRA, ‖W' − W‖ for DoRA."""
     residual_norm: float = 0.0
     """‖rounded result − exact fp32 result‖."""
-    max_ulp: float = 0.0
-    """Largest rounding residual in units in the last place of the weight's dtype."""
+    max_ulp: float = math.nan
+    """Largest rounding residual in ulps of the weight's dtype (measured by unmerge; a merge rounds to
+    nearest by construction, so it is not re-measured there)."""
     error_bound: float = 0.0
     """Unmerge only: largest bound ``½ulp(W_merged) + ½ulp(W_recovered)`` on the distance to the base
     (for DoRA the first term is divided by the DoRA factor ``m / ‖W + ΔW‖``)."""
@@ -295,16 +312,6 @@ class TensorStats:
     def relative_residual(self) -> float:
         """‖rounding residual‖ / ‖ΔW‖: the fraction of the delta lost to rounding."""
         return self.residual_norm / self.delta_norm if self.delta_norm > 0 else 0.0
-
-
-def _accumulate(
-    stats: TensorStats, exact: torch.Tensor, rounded: torch.Tensor, change: torch.Tensor, dtype: torch.dtype
-) -> None:
-    stats.delta_norm = math.hypot(stats.delta_norm, float(change.norm()))
-    residual = rounded.to(exact.dtype) - exact
-    stats.residual_norm = math.hypot(stats.residual_norm, float(residual.norm()))
-    if residual.numel():
-        stats.max_ulp = max(stats.max_ulp, float((residual.abs() / ulp(exact, dtype)).max()))
 
 
 def merge_tensor_(
@@ -320,7 +327,7 @@ def merge_tensor_(
     Example:
         >>> w = torch.zeros(2, 2, dtype=torch.bfloat16)
         >>> up = LoraUpdate("linear", torch.ones(1, 2), torch.ones(2, 1), scale=1.0)
-        >>> merge_tensor_(w, [up]).max_ulp, w.tolist()
+        >>> merge_tensor_(w, [up]).residual_norm, w.tolist()
         (0.0, [[1.0, 1.0], [1.0, 1.0]])
     """
     stats = TensorStats()
@@ -335,15 +342,24 @@ def merge_tensor_(
     if dora is not None:
         norms = dora_norms(dora, weight) if norms is None else norms.to(cdt).to(w.device)
         stats.extras["dora_norms"] = norms
+    else:
+        stats.delta_norm = _low_rank_norm(factors)
+    change_sq = 0.0
+    residual_sq = 0.0
     for start, stop in _row_ranges(w.shape[0], w.shape[1]):
-        base = w[start:stop].to(cdt)
-        exact = base + _delta_rows(updates, factors, start, stop)
+        chunk = w[start:stop]
+        exact = _delta_rows(updates, factors, start, stop)
+        exact.add_(chunk)  # W + ΔW in the compute dtype
         if dora is not None:
             assert norms is not None
             exact.mul_(_dora_factor(dora, norms, on_rows, start, stop))
-        rounded = exact.to(dtype)
-        _accumulate(stats, exact, rounded, exact - base, dtype)
-        w[start:stop].copy_(rounded)
+            change_sq += float(torch.linalg.vector_norm(exact - chunk.to(cdt)) ** 2)
+        chunk.copy_(exact)  # the one rounding, straight into the weight
+        exact.sub_(chunk)  # the rounding residual (negated)
+        residual_sq += float(torch.linalg.vector_norm(exact) ** 2)
+    stats.residual_norm = math.sqrt(residual_sq)
+    if dora is not None:
+        stats.delta_norm = math.sqrt(change_sq)
     return stats
 
 
@@ -353,8 +369,8 @@ def unmerge_tensor_(
     """Remove ``updates`` from a merged ``weight`` in place: ``W ← round(W_merged − Σ ΔW)``.
 
     For DoRA the merge-time norms are required: ``W ← round(W_merged ⊙ ‖W + ΔW‖ / m − ΔW)``.
-    ``stats.max_ulp`` is the rounding of this subtraction; the distance to the true base is
-    bounded by half an ulp of the merged value plus half an ulp of the result (see the docs).
+    ``stats.error_bound`` bounds the distance to the true base: half an ulp of the merged value plus
+    half an ulp of the result (see the docs); ``stats.remerge_gap`` checks that re-merging lands back.
     """
     stats = TensorStats()
     if not updates:
@@ -367,18 +383,22 @@ def unmerge_tensor_(
     on_rows = _outputs_on_rows(updates[0].kind)
     if dora is not None and norms is None:
         raise ValueError("unmerging a DoRA update needs the norms ‖W + ΔW‖ recorded at merge time")
+    change_sq = 0.0
+    residual_sq = 0.0
     for start, stop in _row_ranges(w.shape[0], w.shape[1]):
-        merged = w[start:stop].to(cdt)
+        chunk = w[start:stop]
+        merged = chunk.to(cdt)
         delta = _delta_rows(updates, factors, start, stop)
         factor = None
         if dora is not None:
             assert norms is not None
             factor = _dora_factor(dora, norms.to(cdt).to(w.device), on_rows, start, stop)
         exact = (merged / factor if factor is not None else merged) - delta
-        rounded = exact.to(dtype)
-        _accumulate(stats, exact, rounded, merged - exact, dtype)
-        if rounded.numel():
-            back = rounded.to(cdt)
+        chunk.copy_(exact)  # the one rounding, straight into the weight
+        back = chunk.to(cdt)
+        residual_sq += float(torch.linalg.vector_norm(back - exact) ** 2)
+        change_sq += float(torch.linalg.vector_norm(merged - exact) ** 2)
+        if back.numel():
             spacing_merged = ulp(merged, dtype)
             spacing_back = ulp(back, dtype)
             # DoRA: undoing the factor m / ‖W + ΔW‖ scales the merged value's rounding error by its inverse
@@ -389,5 +409,6 @@ def unmerge_tensor_(
                 remerged = remerged * factor
             gap = (remerged.to(dtype).to(cdt) - merged).abs() / (spacing_merged + spacing_back)
             stats.remerge_gap = max(stats.remerge_gap, float(gap.max()))
-        w[start:stop].copy_(rounded)
+    stats.residual_norm = math.sqrt(residual_sq)
+    stats.delta_norm = math.sqrt(change_sq)
     return stats

@@ -191,8 +191,10 @@ def merge(
             )
         if model_ref is not None and batch is not None:
             merged_out = run_model(plain, batch)
-            storage = storage_baseline(plain, batch, [p.weight for p in plans], seed)
-            outputs = output_check(merged_out, model_ref, tol, batch, storage)
+            weights = [p.weight for p in plans]
+            outputs = output_check(
+                merged_out, model_ref, tol, batch, lambda: storage_baseline(plain, batch, weights, seed)
+            )
     else:
         notes.append("verification off (verify=False)")
         for plan in plans:
@@ -332,6 +334,7 @@ def unmerge(
         if run:
             batch = dict(probes) if probes is not None else make_probes(model, seed=seed)
             merged_model_out = run_model(model, batch)
+            # measured now, while the merged weights exist; used only if the rule needs it
             merged_storage = storage_baseline(model, batch, [p.weight for p in plans], seed)
         for plan in plans:
             x = probe_inputs(plan.name, plan.kind, plan.weight, seed)
@@ -388,7 +391,7 @@ def unmerge(
         if merged_model_out is not None and batch is not None:
             with adapter_mode(model, [adapter]) as peft_model:
                 ref = reference_outputs(peft_model, batch)
-            outputs = output_check(merged_model_out, ref, tol, batch, merged_storage)
+            outputs = output_check(merged_model_out, ref, tol, batch, lambda: merged_storage)
     else:
         notes.append("verification off (verify=False)")
     passed = all(c.passed for c in layers) and (outputs is None or outputs.passed)

@@ -17,6 +17,10 @@ __all__ = ["LayerCheck", "MergeResult", "OutputCheck", "UnmergeResult", "Verific
 Operation = Literal["merge", "unmerge", "verify"]
 
 
+def _fmt(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.3g}"
+
+
 def _num(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -32,18 +36,20 @@ class LayerCheck:
         residual: ‖W_merged − (W_base + ΔW)‖ / ‖ΔW‖ computed in fp32: how much of the update was
             lost to rounding (0 for an exact fp32 merge; bf16 can lose a visible fraction of a tiny
             update). For an unmerge: the same for the subtraction.
-        max_ulp: The largest elementwise difference between the stored weight and the exact
-            result, in units in the last place of the weight's dtype (0.5 for a correctly rounded
-            merge). In :func:`~loramerge.verify`, beyond the fp32 arithmetic error any merger's
-            computation of ΔW may have.
-        probe_error: Relative RMS error of the layer's output on random probe vectors against the
-            wide-dtype reference of adapter mode.
-        adapter_error: The same for adapter mode run in the model's dtype.
+        max_ulp: Measured by :func:`~loramerge.verify` only: the largest elementwise difference
+            between ``W_merged`` and ``W_base + ΔW``, in units in the last place of the merged
+            dtype, beyond the fp32 arithmetic error any merger's computation of ΔW may have (0.5
+            for a correctly rounded merge). NaN in merge/unmerge reports, whose rounding is to
+            nearest by construction.
+        probe_error: Relative RMS error of the layer's output on random probe vectors, computed
+            exactly (in the wide dtype) from the stored weight, against adapter mode's layer output
+            computed exactly.
+        adapter_error: Adapter mode's own error when run in the model's dtype (for context).
         storage_error: The relative RMS output error expected from storing the weight in its
             dtype at all (each element rounded to the nearest representable value): an error no
             merge can avoid.
-        limit: The largest ``probe_error`` allowed:
-            ``factor * max(adapter_error, storage_error) + floor``.
+        limit: The largest ``probe_error`` allowed: ``factor * storage_error + floor / 4`` (the
+            layer is evaluated exactly, so only its stored values are judged).
         passed: Whether this layer is within tolerance.
         reason: Why it failed (empty when it passed).
     """
@@ -98,6 +104,7 @@ class OutputCheck:
         storage_error: Relative RMS change of the merged model's outputs under random
             rounding-sized (±½ulp) perturbations of its adapted weights: the error that storing
             ``W + ΔW`` in ``dtype`` costs any merge (adapter mode keeps ΔW in its LoRA weights).
+            Measured only when the merge would fail without it (NaN otherwise).
         limit: The limit on ``merged_error``: ``factor * hypot(adapter_error, storage_error) + floor``.
         merged_max_error: Relative max error of the merged model.
         adapter_max_error: Relative max error of adapter mode.
@@ -196,7 +203,7 @@ class VerificationReport:
             lines.append(
                 f"  model outputs ({o.dtype}, reference {o.reference_dtype}, probes {list(o.probe_shape)}): "
                 f"rel. error {o.merged_error:.3g} (adapter mode {o.adapter_error:.3g}, storage rounding "
-                f"{o.storage_error:.3g}, limit {o.limit:.3g}); max {o.merged_max_error:.3g} "
+                f"{_fmt(o.storage_error)}, limit {o.limit:.3g}); max {o.merged_max_error:.3g} "
                 f"(adapter mode {o.adapter_max_error:.3g}); "
                 f"largest |merged - adapter| {o.max_abs_diff:.3g} on scale {o.output_scale:.3g}"
             )
@@ -208,7 +215,7 @@ class VerificationReport:
             )
             for c in self.worst(8):
                 lines.append(
-                    f"    {c.name[-56:]:<56} {c.dtype:<9} {c.residual:>9.3g} {c.max_ulp:>8.3g} {c.probe_error:>9.3g} "
+                    f"    {c.name[-56:]:<56} {c.dtype:<9} {c.residual:>9.3g} {_fmt(c.max_ulp):>8} {c.probe_error:>9.3g} "
                     f"{c.adapter_error:>9.3g} {c.limit:>9.3g}  {'yes' if c.passed else 'NO'}"
                 )
         if self.unchanged_checked:

@@ -63,7 +63,8 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Spacing of ``dtype``'s numbers at the magnitude of each element of ``x`` (as fp32/fp64).
 
     ``x`` may be in any floating dtype (typically fp32 values that are about to be rounded to
-    ``dtype``). Subnormal ranges and zeros get the smallest subnormal spacing.
+    ``dtype``). Subnormal ranges and zeros get the smallest subnormal spacing. Computed from the
+    exponent bits (no transcendental functions), so it costs a few integer passes.
 
     Example:
         >>> ulp(torch.tensor([1.0, 3.0]), torch.bfloat16).tolist()
@@ -72,13 +73,16 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype not in _SIGNIFICAND_BITS:
         raise ValueError(f"ulp: {dtype} is not a supported floating-point dtype")
     p = _SIGNIFICAND_BITS[dtype]
-    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    xf = x.to(out_dtype)
-    _, exponent = torch.frexp(xf)  # |x| = m * 2**e, 0.5 <= m < 1
+    if dtype == torch.float64:
+        xf, int_dtype, mantissa, exp_mask = x.to(torch.float64), torch.int64, 52, 0x7FF0000000000000
+    else:
+        xf, int_dtype, mantissa, exp_mask = x.to(torch.float32), torch.int32, 23, 0x7F800000
+    # |x| in [2**e, 2**(e+1)) has spacing 2**(e - p + 1): subtract (p - 1) from the exponent field
+    bits = torch.bitwise_and(xf.contiguous().view(int_dtype), exp_mask)
+    bits = (bits - ((p - 1) << mantissa)).clamp_min_(1 << mantissa)
+    spacing = bits.view(xf.dtype)
     min_spacing = 2.0 ** (_MIN_NORMAL_EXPONENT[dtype] - p + 1)
-    spacing = torch.ldexp(torch.ones_like(xf), (exponent - p).to(torch.int32))
-    spacing = torch.where(xf == 0, torch.full_like(xf, min_spacing), spacing)
-    return spacing.clamp_min(min_spacing)
+    return spacing.clamp_min_(min_spacing)
 
 
 @dataclass(frozen=True)
