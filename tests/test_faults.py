@@ -176,3 +176,20 @@ def test_fp16_overflow_refused_before_any_change(tmp_path: Path) -> None:
         state = {k.replace(".base_layer", ""): v for k, v in inner.state_dict().items() if "lora_" not in k}
     for name, value in before.items():
         assert torch.equal(state[name], value), name
+
+
+def test_sampled_output_features_still_judge_correctly(
+    setup: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """merge() probes a sample of output features per layer; force a small sample on the tiny model."""
+    monkeypatch.setattr(merge_mod, "MAX_PROBE_OUTPUTS", 8)
+    good = lm.merge(copy.deepcopy(setup["base"]), setup["adapter"])  # type: ignore[arg-type]
+    assert good.passed
+    real = merge_mod.merge_tensor_
+
+    def wrong_scale(weight: torch.Tensor, updates: list[LoraUpdate], norms: object = None) -> object:
+        return real(weight, [LoraUpdate(u.kind, u.lora_A, u.lora_B, u.scale * 1.3) for u in updates])
+
+    monkeypatch.setattr(merge_mod, "merge_tensor_", wrong_scale)
+    with pytest.raises(lm.VerificationError, match=Q):
+        lm.merge(copy.deepcopy(setup["base"]), setup["adapter"])  # type: ignore[arg-type]

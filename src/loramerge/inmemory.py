@@ -29,6 +29,7 @@ from loramerge.peft_glue import LayerPlan, adapter_mode, attach, check_compatibl
 from loramerge.reports import LayerCheck, MergeResult, UnmergeResult, VerificationReport
 from loramerge.tolerance import Tolerance, ulp
 from loramerge.verification import (
+    MAX_PROBE_OUTPUTS,
     CheckOutputs,
     LayerProbe,
     ModelReference,
@@ -36,8 +37,11 @@ from loramerge.verification import (
     exact_layer_output,
     make_probes,
     output_check,
+    output_subset,
     probe_inputs,
     reference_outputs,
+    restrict_vector,
+    restrict_weight,
     run_model,
     storage_baseline,
     storage_rms,
@@ -158,7 +162,7 @@ def merge(
         for plan in plans:
             ups = [u for _, u in plan.updates]
             bias = _bias_of(plan.layer)
-            layer_probes.append(LayerProbe(plan.name, plan.kind, plan.weight, bias, ups, seed))
+            layer_probes.append(LayerProbe(plan.name, plan.kind, plan.weight, bias, ups, seed, MAX_PROBE_OUTPUTS))
 
     untied = untie_shared(inner, plans)
     if untied:
@@ -186,9 +190,7 @@ def merge(
             bias = _bias_of(plan.layer)
             merged_w = plan.weight.detach()
             out = probe.outputs(merged_w, bias)
-            layers.append(
-                probe.check(out, tol, st.relative_residual, st.max_ulp, "", storage_rms(plan.kind, merged_w, probe.x))
-            )
+            layers.append(probe.check(out, tol, st.relative_residual, st.max_ulp, "", probe.storage(merged_w)))
         if model_ref is not None and batch is not None:
             merged_out = run_model(plain, batch)
             weights = [p.weight for p in plans]
@@ -338,8 +340,10 @@ def unmerge(
             merged_storage = storage_baseline(model, batch, [p.weight for p in plans], seed)
         for plan in plans:
             x = probe_inputs(plan.name, plan.kind, plan.weight, seed)
-            target_out[plan.name] = exact_layer_output(plan.kind, plan.weight.detach(), _bias_of(plan.layer), x)
-            storage[plan.name] = storage_rms(plan.kind, plan.weight, x)
+            idx = output_subset(plan.name, plan.kind, plan.weight, seed, MAX_PROBE_OUTPUTS)
+            w_sub = restrict_weight(plan.kind, plan.weight, idx)
+            target_out[plan.name] = exact_layer_output(plan.kind, w_sub, restrict_vector(_bias_of(plan.layer), idx), x)
+            storage[plan.name] = storage_rms(plan.kind, w_sub, x)
 
     stats = {}
     exact: list[str] = []
@@ -379,14 +383,14 @@ def unmerge(
             trained_bias = adapter.replaced.get(f"{plan.name}.bias")
             if trained_bias is not None and probe_bias is not None:  # adapter mode runs with the adapter's bias
                 probe_bias = trained_bias.to(probe_bias.dtype).to(probe_bias.device)
-            probe = LayerProbe(plan.name, plan.kind, plan.weight.detach(), probe_bias, [up], seed)
+            probe = LayerProbe(plan.name, plan.kind, plan.weight.detach(), probe_bias, [up], seed, MAX_PROBE_OUTPUTS)
             reason = ""
             if st.remerge_gap > 1.0 + 1e-6:
                 reason = (
                     f"re-merging the recovered weight misses the merged weight by {st.remerge_gap:.3g}x what rounding "
                     "allows: the subtraction lost precision"
                 )
-            both = math.hypot(storage[plan.name], storage_rms(plan.kind, plan.weight, probe.x))
+            both = math.hypot(storage[plan.name], probe.storage(plan.weight))
             layers.append(probe.check(target_out[plan.name], tol, st.relative_residual, st.max_ulp, reason, both))
         if merged_model_out is not None and batch is not None:
             with adapter_mode(model, [adapter]) as peft_model:

@@ -137,10 +137,12 @@ def relative_errors(value: torch.Tensor, reference: torch.Tensor) -> tuple[float
     """``(relative RMS error, relative max error)`` of ``value`` against ``reference``.
 
     Both are relative to the reference: RMS error over RMS of the reference, and largest absolute
-    error over the largest absolute reference value. Computed in the reference's dtype.
+    error over the largest absolute reference value. Computed in fp64 when either side is fp64,
+    else in fp32 (the reference of a 16-bit model is fp32).
     """
-    ref = reference.to(torch.float64)
-    diff = value.to(torch.float64) - ref
+    wide = torch.float64 if torch.float64 in (value.dtype, reference.dtype) else torch.float32
+    ref = reference.to(wide)
+    diff = value.to(wide) - ref
     ref_rms = float(ref.pow(2).mean().sqrt())
     ref_max = float(ref.abs().max())
     rms = float(diff.pow(2).mean().sqrt()) / ref_rms if ref_rms > 0 else float(diff.abs().max())

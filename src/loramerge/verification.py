@@ -390,6 +390,45 @@ def storage_rms(kind: Kind, stored: torch.Tensor, x: torch.Tensor) -> float:
     return float(variance.double().mean().sqrt())
 
 
+MAX_PROBE_OUTPUTS = 512
+
+
+def output_subset(
+    name: str, kind: Kind, weight: torch.Tensor, seed: int, max_outputs: int | None
+) -> torch.Tensor | None:
+    """A seeded sorted sample of at most ``max_outputs`` output features (``None``: all of them)."""
+    w = view2d(weight)
+    n_out = int(w.shape[0] if kind in ("linear", "conv") else w.shape[1])
+    if max_outputs is None or n_out <= max_outputs:
+        return None
+    gen = torch.Generator().manual_seed(_seed_for(f"outputs:{name}", seed))
+    return torch.randperm(n_out, generator=gen)[:max_outputs].sort().values.to(weight.device)
+
+
+def restrict_weight(kind: Kind, weight: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """The part of ``weight`` that produces the output features ``idx`` (a copy; ``idx=None``: all)."""
+    if idx is None:
+        return weight.detach()
+    return weight.detach().index_select(0 if kind in ("linear", "conv") else 1, idx)
+
+
+def restrict_vector(v: torch.Tensor | None, idx: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-output-feature vector (bias, DoRA magnitude) restricted to ``idx``."""
+    if v is None or idx is None:
+        return None if v is None else v.detach()
+    return v.detach().reshape(-1).index_select(0, idx.to(v.device))
+
+
+def restrict_update(up: LoraUpdate, idx: torch.Tensor | None) -> LoraUpdate:
+    """``up`` restricted to the output features ``idx`` (``lora_B``'s first dimension, for every kind)."""
+    if idx is None:
+        return up
+    b = up.lora_B.detach().index_select(0, idx.to(up.lora_B.device))
+    return LoraUpdate(
+        up.kind, up.lora_A, b, up.scale, restrict_vector(up.magnitude, idx), restrict_vector(up.bias, idx)
+    )
+
+
 class LayerProbe:
     """Per-layer functional check of one weight on random probe vectors.
 
@@ -405,8 +444,13 @@ class LayerProbe:
         bias: torch.Tensor | None,
         updates: Sequence[LoraUpdate],
         seed: int = 0,
+        max_outputs: int | None = None,
     ):
         self.name, self.kind, self.dtype = name, kind, weight.dtype
+        self.idx = output_subset(name, kind, weight, seed, max_outputs)
+        weight = restrict_weight(kind, weight, self.idx)
+        bias = restrict_vector(bias, self.idx)
+        updates = [restrict_update(up, self.idx) for up in updates]
         self.ref_dtype = reference_dtype(weight.dtype)
         self.x = probe_inputs(name, kind, weight, seed)
         x_exact = self.x if kind == "embedding" else self.x.to(self.ref_dtype)
@@ -439,7 +483,12 @@ class LayerProbe:
     def outputs(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The output of a layer holding ``weight``/``bias`` on the probes, computed exactly (in the
         reference dtype), so that only the stored values, not the arithmetic, are compared."""
-        return exact_layer_output(self.kind, weight, bias, self.x_exact)
+        w, b = restrict_weight(self.kind, weight, self.idx), restrict_vector(bias, self.idx)
+        return exact_layer_output(self.kind, w, b, self.x_exact)
+
+    def storage(self, weight: torch.Tensor) -> float:
+        """:func:`storage_rms` of ``weight`` on these probes (and output features)."""
+        return storage_rms(self.kind, restrict_weight(self.kind, weight, self.idx), self.x)
 
     def check(
         self,
@@ -591,7 +640,7 @@ def verify(
         rel, max_ulp, reason = _weight_space(kind, base_w, merged_w, [update], tol)
         probe = LayerProbe(name, kind, base_w, base_b.detach() if base_b is not None else None, [update], seed)
         out = probe.outputs(merged_w.detach(), merged_b.detach() if merged_b is not None else None)
-        layers.append(probe.check(out, tol, rel, max_ulp, reason, storage_rms(kind, merged_w, probe.x)))
+        layers.append(probe.check(out, tol, rel, max_ulp, reason, probe.storage(merged_w)))
     changed: list[str] = []
     checked = 0
     merged_state = merged.state_dict()
