@@ -20,8 +20,8 @@ demo: setup
 	$(BIN)/loramerge demo
 
 lint: setup
-	$(BIN)/ruff check src tests bench docs/conf.py
-	$(BIN)/ruff format --check src tests bench docs/conf.py
+	$(BIN)/ruff check src tests bench examples docs/conf.py
+	$(BIN)/ruff format --check src tests bench examples docs/conf.py
 
 typecheck: setup
 	$(BIN)/mypy --strict src
