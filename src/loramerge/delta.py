@@ -289,6 +289,21 @@ def _dora_factor(update: LoraUpdate, norms: torch.Tensor, on_rows: bool, start: 
     return factor[start:stop].unsqueeze(1) if on_rows else factor.unsqueeze(0)
 
 
+def _prepare(
+    weight: torch.Tensor, updates: Sequence[LoraUpdate]
+) -> tuple[torch.dtype, torch.dtype, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], LoraUpdate | None, bool]:
+    """``(dtype, compute dtype, 2-D view, factors, DoRA update or None, outputs on rows)`` of a merge/unmerge."""
+    dora = updates[0] if updates[0].magnitude is not None else None
+    return (
+        weight.dtype,
+        _compute_dtype(weight.dtype),
+        view2d(weight.data),
+        _factors_on(updates, weight),
+        dora,
+        _outputs_on_rows(updates[0].kind),
+    )
+
+
 @dataclass
 class TensorStats:
     """What one in-place merge or unmerge of a weight did, numerically."""
@@ -333,12 +348,7 @@ def merge_tensor_(
     stats = TensorStats()
     if not updates:
         return stats
-    dtype = weight.dtype
-    cdt = _compute_dtype(dtype)
-    w = view2d(weight.data)
-    factors = _factors_on(updates, weight)
-    dora = updates[0] if updates[0].magnitude is not None else None
-    on_rows = _outputs_on_rows(updates[0].kind)
+    _, cdt, w, factors, dora, on_rows = _prepare(weight, updates)
     if dora is not None:
         norms = dora_norms(dora, weight) if norms is None else norms.to(cdt).to(w.device)
         stats.extras["dora_norms"] = norms
@@ -375,12 +385,7 @@ def unmerge_tensor_(
     stats = TensorStats()
     if not updates:
         return stats
-    dtype = weight.dtype
-    cdt = _compute_dtype(dtype)
-    w = view2d(weight.data)
-    factors = _factors_on(updates, weight)
-    dora = updates[0] if updates[0].magnitude is not None else None
-    on_rows = _outputs_on_rows(updates[0].kind)
+    dtype, cdt, w, factors, dora, on_rows = _prepare(weight, updates)
     if dora is not None and norms is None:
         raise ValueError("unmerging a DoRA update needs the norms ‖W + ΔW‖ recorded at merge time")
     change_sq = 0.0

@@ -35,9 +35,9 @@ from loramerge.verification import (
     ModelReference,
     Probes,
     exact_layer_output,
-    make_probes,
     output_check,
     output_subset,
+    probe_batch,
     probe_inputs,
     reference_outputs,
     restrict_vector,
@@ -45,7 +45,6 @@ from loramerge.verification import (
     run_model,
     storage_baseline,
     storage_rms,
-    want_output_check,
 )
 
 __all__ = ["merge", "unmerge"]
@@ -103,8 +102,9 @@ def merge(
         verify: Verify the merge (default). Costs a few forward passes; see ``check_outputs``.
         tolerance: Settings of the tolerance rule; defaults when omitted.
         probes: Inputs for the whole-model check (``model(**probes)``); seeded random otherwise.
-        check_outputs: ``"auto"`` (default) runs the whole-model check when its wide-dtype
-            reference fits in a quarter of RAM; per-layer checks always run when ``verify``.
+        check_outputs: ``"auto"`` (default) runs the whole-model check when the wide-dtype copy of
+            the largest module fits in a quarter of RAM (the reference widens one module at a time);
+            per-layer checks always run when ``verify``.
         seed: Seed of the random probes.
 
     Returns:
@@ -152,11 +152,8 @@ def merge(
     if verify:
         previous = list(peft_model.active_adapters)
         tuner.set_adapter(names)
-        run, note = want_output_check(inner, check_outputs, probes)
-        if note:
-            notes.append(note)
-        if run:
-            batch = dict(probes) if probes is not None else make_probes(inner, seed=seed)
+        batch = probe_batch(inner, check_outputs, probes, seed, notes)
+        if batch is not None:
             model_ref = reference_outputs(peft_model, batch)
         tuner.set_adapter(previous)
         for plan in plans:
@@ -330,11 +327,8 @@ def unmerge(
     target_out: dict[str, torch.Tensor] = {}
     storage: dict[str, float] = {}
     if verify:
-        run, note = want_output_check(model, check_outputs, probes)
-        if note:
-            notes.append(note)
-        if run:
-            batch = dict(probes) if probes is not None else make_probes(model, seed=seed)
+        batch = probe_batch(model, check_outputs, probes, seed, notes)
+        if batch is not None:
             merged_model_out = run_model(model, batch)
             # measured now, while the merged weights exist; used only if the rule needs it
             merged_storage = storage_baseline(model, batch, [p.weight for p in plans], seed)

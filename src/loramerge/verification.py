@@ -211,8 +211,14 @@ def run_widened(
 
 
 def _widened_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Extra memory of the reference run: the widened copy of the largest single module's weights
+    (:func:`run_widened` widens one module at a time)."""
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(p.numel() * max(0, size - p.element_size()) for p in model.parameters() if p.is_floating_point())
+    largest = 0
+    for module in model.modules():
+        own = sum(p.numel() * size for p in module.parameters(recurse=False) if p.is_floating_point())
+        largest = max(largest, own)
+    return largest
 
 
 def _memory_budget() -> int:
@@ -231,7 +237,8 @@ def want_output_check(model: nn.Module, check_outputs: CheckOutputs, probes: Pro
     if check_outputs == "auto" and extra > _memory_budget():
         return False, (
             f"whole-model output check skipped: the {reference_dtype(dtype)} reference would need {extra / 2**30:.1f} GiB "
-            "more memory than a quarter of this machine's RAM; per-layer checks only (check_outputs=True forces it)"
+            "for its largest module, more than a quarter of this machine's RAM; per-layer checks only "
+            "(check_outputs=True forces it)"
         )
     if probes is None:
         try:
@@ -241,6 +248,18 @@ def want_output_check(model: nn.Module, check_outputs: CheckOutputs, probes: Pro
                 raise
             return False, f"whole-model output check skipped: {e}"
     return True, ""
+
+
+def probe_batch(
+    model: nn.Module, check_outputs: CheckOutputs, probes: Probes | None, seed: int, notes: list[str]
+) -> dict[str, torch.Tensor] | None:
+    """The probe inputs for the whole-model check, or ``None`` when it is skipped (with a note why)."""
+    run, note = want_output_check(model, check_outputs, probes)
+    if note:
+        notes.append(note)
+    if not run:
+        return None
+    return dict(probes) if probes is not None else make_probes(model, seed=seed)
 
 
 @dataclass
@@ -654,11 +673,8 @@ def verify(
             changed.append(pname)
     notes: list[str] = []
     outputs = None
-    run, note = want_output_check(base, check_outputs, probes)
-    if note:
-        notes.append(note)
-    if run:
-        batch = dict(probes) if probes is not None else make_probes(base, seed=seed)
+    batch = probe_batch(base, check_outputs, probes, seed, notes)
+    if batch is not None:
         merged_out = run_model(merged, batch)
         adapted = [merged_params[f"{name}.weight"] for name in adapter.modules]
         with adapter_mode(base, [adapter]) as peft_model:
