@@ -16,6 +16,7 @@ import logging
 from importlib.metadata import PackageNotFoundError, version
 
 from loramerge.adapter import Adapter, AdapterModule, load_adapter
+from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint, verify_checkpoint
 from loramerge.errors import (
     AdapterConfigError,
     AdapterMismatchError,
@@ -48,6 +49,7 @@ __all__ = [
     "AdapterMismatchError",
     "AdapterModule",
     "AdapterNotFoundError",
+    "CheckpointMergeReport",
     "LayerCheck",
     "LoraMergeError",
     "LoraMergeWarning",
@@ -67,6 +69,9 @@ __all__ = [
     "load_base",
     "make_probes",
     "merge",
+    "merge_checkpoint",
     "unmerge",
+    "unmerge_checkpoint",
     "verify",
+    "verify_checkpoint",
 ]

@@ -1,4 +1,4 @@
-"""The ``loramerge`` command line: ``demo``, ``inspect``, ``verify``.
+"""The ``loramerge`` command line: ``demo``, ``inspect``, ``merge``, ``unmerge``, ``verify``.
 
 Exit codes: 0 success, 1 a verification failed, 2 bad input (the message says what to fix).
 """
@@ -12,11 +12,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from loramerge import __version__
 from loramerge.adapter import load_adapter
-from loramerge.errors import LoraMergeError
+from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint, verify_checkpoint
+from loramerge.errors import LoraMergeError, VerificationError
 from loramerge.loading import load_base, resolve_dtype
 from loramerge.tolerance import Tolerance
 from loramerge.verification import verify
@@ -40,13 +41,31 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("adapter", type=Path, help="PEFT adapter directory")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    merge = sub.add_parser("merge", help="merge ADAPTER into the checkpoint BASE, streaming, into OUT")
+    merge.add_argument("base", type=Path, help="base checkpoint directory (safetensors, single or sharded)")
+    merge.add_argument("adapter", type=Path, help="PEFT adapter directory")
+    merge.add_argument("-o", "--output", type=Path, required=True, help="output directory (must not exist)")
+    merge.add_argument("--dtype", help="convert floating tensors to this dtype (default: keep)")
+    merge.add_argument("--max-shard-size", default="5GB", help="largest output shard (default %(default)s)")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    merge.add_argument("--no-verify", action="store_true", help="skip verification")
+    merge.add_argument("--verify-model", action="store_true", help="also load both models and check their outputs")
+
+    unmerge = sub.add_parser("unmerge", help="remove ADAPTER from the merged checkpoint MERGED, into OUT")
+    unmerge.add_argument("merged", type=Path, help="merged checkpoint directory")
+    unmerge.add_argument("adapter", type=Path, help="PEFT adapter directory")
+    unmerge.add_argument("-o", "--output", type=Path, required=True, help="output directory (must not exist)")
+    unmerge.add_argument("--max-shard-size", default="5GB", help="largest output shard (default %(default)s)")
+    unmerge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    unmerge.add_argument("--no-verify", action="store_true", help="skip verification")
+
     ver = sub.add_parser("verify", help="verify that MERGED is BASE with ADAPTER merged in")
-    ver.add_argument("base", type=Path, help="base model directory")
+    ver.add_argument("base", type=Path, help="base checkpoint directory")
     ver.add_argument("adapter", type=Path, help="PEFT adapter directory")
-    ver.add_argument("merged", type=Path, help="merged model directory")
-    ver.add_argument("--dtype", help="load both models in this dtype (default: as stored)")
+    ver.add_argument("merged", type=Path, help="merged checkpoint directory")
+    ver.add_argument("--model", action="store_true", help="also load both models and check their outputs")
+    ver.add_argument("--dtype", help="with --model: load both models in this dtype (default: as stored)")
     ver.add_argument("--factor", type=float, default=Tolerance.factor, help="tolerance factor (default %(default)s)")
-    ver.add_argument("--no-outputs", action="store_true", help="skip the whole-model output check")
     ver.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
@@ -82,19 +101,49 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    dtype = resolve_dtype(args.dtype)
+    tolerance = Tolerance(factor=args.factor)
     adapter = load_adapter(args.adapter)
-    base = load_base(args.base, dtype=dtype)
-    merged = load_base(args.merged, dtype=dtype)
-    report = verify(
-        base,
-        adapter,
-        merged,
-        tolerance=Tolerance(factor=args.factor),
-        check_outputs=False if args.no_outputs else "auto",
-    )
+    report = verify_checkpoint(args.base, adapter, args.merged, tolerance=tolerance, progress=not args.json)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    if args.model and report.passed:
+        dtype = resolve_dtype(args.dtype)
+        full = verify(
+            load_base(args.base, dtype=dtype), adapter, load_base(args.merged, dtype=dtype), tolerance=tolerance
+        )
+        print(json.dumps(full.to_dict(), indent=2) if args.json else full)
+        return 0 if full.passed else 1
     return 0 if report.passed else 1
+
+
+def _stream_command(args: argparse.Namespace) -> int:
+    report: CheckpointMergeReport
+    try:
+        if args.command == "merge":
+            mode: bool | Literal["model"] = False if args.no_verify else ("model" if args.verify_model else True)
+            report = merge_checkpoint(
+                args.base,
+                args.adapter,
+                args.output,
+                dtype=args.dtype,
+                max_shard_size=args.max_shard_size,
+                overwrite=args.overwrite,
+                verify=mode,
+            )
+        else:
+            report = unmerge_checkpoint(
+                args.merged,
+                args.adapter,
+                args.output,
+                max_shard_size=args.max_shard_size,
+                overwrite=args.overwrite,
+                verify=not args.no_verify,
+            )
+    except VerificationError as e:
+        print(e.report, file=sys.stderr)
+        print(f"loramerge {args.command}: verification FAILED; nothing was written to {args.output}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if run_demo(args.workdir, dtype=dtype) else 1
         if args.command == "inspect":
             return _inspect(args)
+        if args.command in ("merge", "unmerge"):
+            return _stream_command(args)
         return _verify(args)
     except (LoraMergeError, ValueError) as e:
         print(f"loramerge {args.command}: error: {e}", file=sys.stderr)

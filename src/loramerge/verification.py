@@ -553,7 +553,7 @@ class LayerProbe:
         )
 
 
-def _weight_space(
+def weight_space_check(
     kind: Kind, base_w: torch.Tensor, merged_w: torch.Tensor, updates: Sequence[LoraUpdate], tolerance: Tolerance
 ) -> tuple[float, float, str]:
     """Compare ``merged_w`` with ``base_w + ΔW`` (or the DoRA weight) elementwise, in fp32/fp64."""
@@ -656,7 +656,7 @@ def verify(
             base_b = adapter.replaced[f"{name}.bias"].to(merged_w.dtype)
         merged_b = merged_params.get(f"{name}.bias")
         touched.update({f"{name}.weight", f"{name}.bias"})
-        rel, max_ulp, reason = _weight_space(kind, base_w, merged_w, [update], tol)
+        rel, max_ulp, reason = weight_space_check(kind, base_w, merged_w, [update], tol)
         probe = LayerProbe(name, kind, base_w, base_b.detach() if base_b is not None else None, [update], seed)
         out = probe.outputs(merged_w.detach(), merged_b.detach() if merged_b is not None else None)
         layers.append(probe.check(out, tol, rel, max_ulp, reason, probe.storage(merged_w)))

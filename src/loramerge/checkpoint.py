@@ -1,0 +1,606 @@
+"""Out-of-core merge, unmerge and verification of safetensors checkpoints, one tensor at a time.
+
+The model is never instantiated: adapter keys are mapped to checkpoint tensor names, each tensor is
+read (memory-mapped), merged in fp32 and rounded once (:mod:`loramerge.delta`, the same code as the
+in-memory merge, so the results are bit-identical), and streamed to the output shards. Reading the
+next tensor and writing the previous one overlap with the merge of the current one. The output is
+written into a temporary directory beside ``out`` and renamed only once complete and verified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from loramerge.adapter import Adapter, AdapterModule, load_adapter
+from loramerge.delta import Kind, LoraUpdate, check_updates, merge_tensor_, unmerge_tensor_
+from loramerge.errors import (
+    AdapterMismatchError,
+    NonFiniteMergeError,
+    UnmergeImpossibleError,
+    UnsupportedAdapterError,
+    VerificationError,
+)
+from loramerge.io import atomic_directory
+from loramerge.loading import resolve_dtype
+from loramerge.reports import LayerCheck, VerificationReport
+from loramerge.shards import CheckpointReader, ShardWriter, TensorInfo, copy_side_files, parse_size, plan_shards
+from loramerge.tolerance import Tolerance, ulp
+from loramerge.verification import MAX_PROBE_OUTPUTS, LayerProbe, weight_space_check
+
+__all__ = ["CheckpointMergeReport", "map_adapter", "merge_checkpoint", "unmerge_checkpoint", "verify_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckpointMergeReport:
+    """What :func:`merge_checkpoint` or :func:`unmerge_checkpoint` wrote, and its verification.
+
+    Attributes:
+        output: The finished checkpoint directory.
+        operation: ``"merge"`` or ``"unmerge"``.
+        files: The weight files written (shards and index).
+        tensors: Number of tensors written.
+        changed: Names of the tensors the adapter changed.
+        bytes_written: Bytes of tensor data written.
+        seconds: Wall time of the whole operation (verification included).
+        verification: The verification report (``None`` with ``verify=False``).
+        dora_norms: For DoRA modules merged, the norms an unmerge needs (by module name).
+    """
+
+    output: Path
+    operation: str
+    files: tuple[str, ...]
+    tensors: int
+    changed: tuple[str, ...]
+    bytes_written: int
+    seconds: float
+    verification: VerificationReport | None
+    dora_norms: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """Whether verification passed (``True`` when it did not run)."""
+        return self.verification is None or self.verification.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict."""
+        return {
+            "output": str(self.output),
+            "operation": self.operation,
+            "files": list(self.files),
+            "tensors": self.tensors,
+            "changed": list(self.changed),
+            "bytes_written": self.bytes_written,
+            "seconds": self.seconds,
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+        }
+
+    def __str__(self) -> str:
+        gb = self.bytes_written / 1e9
+        lines = [
+            f"{self.operation}d checkpoint written to {self.output}: {self.tensors} tensors ({len(self.changed)} changed), "
+            f"{gb:.2f} GB in {len(self.files)} file(s), {self.seconds:.1f} s ({gb / max(self.seconds, 1e-9):.2f} GB/s)"
+        ]
+        lines.append(str(self.verification) if self.verification is not None else "verification off")
+        return "\n".join(lines)
+
+
+def _resolve(names: set[str], wanted: str) -> str | None:
+    """The checkpoint tensor name for an adapter's ``wanted`` name, allowing for prefix differences."""
+    if wanted in names:
+        return wanted
+    matches = [n for n in names if n.endswith("." + wanted)]
+    if len(matches) == 1:
+        return matches[0]
+    parts = wanted.split(".")
+    for i in range(1, len(parts) - 1):
+        tail = ".".join(parts[i:])
+        if tail in names:
+            return tail
+    return None
+
+
+def _expected_shape(kind: Kind, update: LoraUpdate) -> tuple[int, ...]:
+    a, b = update.lora_A, update.lora_B
+    if kind == "linear":
+        return (int(b.shape[0]), int(a.shape[1]))
+    if kind in ("conv1d", "embedding"):
+        return (int(a.shape[1]), int(b.shape[0]))
+    return (int(b.shape[0]), *(int(s) for s in a.shape[1:]))
+
+
+@dataclass
+class AdapterMapping:
+    """Adapter entries resolved to checkpoint tensor names."""
+
+    modules: dict[str, tuple[AdapterModule, Kind]]  # weight tensor name -> module, resolved kind
+    biases: dict[str, AdapterModule]  # bias tensor name -> module with a lora_bias
+    replaced: dict[str, torch.Tensor]  # tensor name -> replacement
+
+
+def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
+    """Map every adapter entry to a checkpoint tensor, checking shapes; one error lists every problem."""
+    names = set(reader.names)
+    problems: list[tuple[str, str]] = []
+    modules: dict[str, tuple[AdapterModule, Kind]] = {}
+    biases: dict[str, AdapterModule] = {}
+    for module_name, mod in adapter.modules.items():
+        tensor = _resolve(names, f"{module_name}.weight")
+        if tensor is None:
+            problems.append((module_name, "no tensor named like this in the checkpoint"))
+            continue
+        shape = reader.tensors[tensor].shape
+        kind: Kind = mod.kind
+        if _expected_shape(kind, mod.update) != shape and kind in ("linear", "conv1d"):
+            other: Kind = "conv1d" if kind == "linear" else "linear"
+            if _expected_shape(other, mod.update) == shape:
+                kind = other  # a GPT-2 style Conv1D layout the config did not flag (or the reverse)
+        if _expected_shape(kind, mod.update) != shape:
+            problems.append(
+                (module_name, f"{tensor} has shape {shape}; the adapter's A/B fit {_expected_shape(kind, mod.update)}")
+            )
+            continue
+        if mod.update.bias is not None:
+            bias = _resolve(names, f"{module_name}.bias")
+            if bias is None:
+                problems.append((module_name, "the adapter has a lora_bias but the checkpoint has no bias for it"))
+                continue
+            biases[bias] = mod
+        modules[tensor] = (mod, kind)
+    replaced: dict[str, torch.Tensor] = {}
+    for pname, value in adapter.replaced.items():
+        tensor = _resolve(names, pname)
+        if tensor is None:
+            problems.append(
+                (
+                    pname,
+                    f"the adapter replaces this tensor ({adapter.replaced_kinds[pname]}) but the checkpoint has none",
+                )
+            )
+        elif reader.tensors[tensor].shape != tuple(value.shape):
+            problems.append(
+                (
+                    pname,
+                    f"the checkpoint's {tensor} has shape {reader.tensors[tensor].shape}, the adapter's {tuple(value.shape)}",
+                )
+            )
+        else:
+            replaced[tensor] = value
+    if problems:
+        problems.sort()
+        lines = "\n".join(f"  - {n}: {why}" for n, why in problems)
+        raise AdapterMismatchError(
+            f"the adapter {str(adapter.path or '<in memory>')!r} does not fit the checkpoint {str(reader.root)!r}, "
+            f"{len(problems)} problem(s):\n{lines}\nUse the base checkpoint the adapter was trained on."
+        )
+    return AdapterMapping(modules, biases, replaced)
+
+
+def _check_tied(root: Path, reader: CheckpointReader, touched: set[str]) -> None:
+    try:
+        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return
+    text = config.get("text_config") or {}
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    embeddings = [
+        n for n in touched if any(k in n for k in ("embed_tokens", "wte.", "word_embeddings", "embed_in", "lm_head"))
+    ]
+    if tied and embeddings:
+        raise UnsupportedAdapterError(
+            f"the checkpoint ties its input and output embeddings and the adapter changes {sorted(embeddings)}: the "
+            "checkpoint merge does not untie them yet. Merge in memory (loramerge.merge), which unties them correctly."
+        )
+
+
+class _Pipeline:
+    """Read-ahead of the next tensor and write-behind of the previous one, around the caller's compute."""
+
+    def __init__(self, reader: CheckpointReader, names: list[str], writer: ShardWriter):
+        self.reader, self.names, self.writer = reader, names, writer
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramerge-io")
+        self.pending_write: Future[None] | None = None
+
+    def __iter__(self) -> Any:
+        ahead: Future[torch.Tensor] | None = self.pool.submit(self.reader.get, self.names[0]) if self.names else None
+        for i, name in enumerate(self.names):
+            assert ahead is not None
+            tensor = ahead.result()
+            ahead = self.pool.submit(self.reader.get, self.names[i + 1]) if i + 1 < len(self.names) else None
+            yield name, tensor
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.pending_write is not None:
+            self.pending_write.result()  # one write in flight at a time, in order
+        self.pending_write = self.pool.submit(self.writer.write, name, tensor)
+
+    def finish(self) -> None:
+        if self.pending_write is not None:
+            self.pending_write.result()
+        self.pool.shutdown(wait=True)
+        self.writer.close()
+
+
+def _stream(
+    base: Path,
+    out: Path,
+    reader: CheckpointReader,
+    transform: Callable[[str, torch.Tensor], torch.Tensor],
+    dtype: torch.dtype | None,
+    max_shard_size: int | str,
+    overwrite: bool,
+    progress: bool,
+    finalize: Callable[[Path], None],
+    desc: str,
+) -> tuple[tuple[str, ...], int]:
+    infos = [
+        TensorInfo(t.name, dtype if (dtype is not None and t.dtype.is_floating_point) else t.dtype, t.shape, t.file)
+        for t in reader.tensors.values()
+    ]
+    plan = plan_shards(infos, parse_size(max_shard_size))
+    metadata = dict(reader.metadata.get(reader.files[0], {}))
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        copy_side_files(base, tmp)
+        if dtype is not None:
+            _set_config_dtype(tmp, dtype)
+        order = [t.name for shard in plan for t in shard]
+        writer = ShardWriter(tmp, plan, metadata)
+        pipe = _Pipeline(reader, order, writer)
+        bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc=desc, disable=not progress)
+        try:
+            for count, (name, tensor) in enumerate(pipe, start=1):
+                info = reader.tensors[name]
+                result = transform(name, tensor)
+                if dtype is not None and result.is_floating_point():
+                    result = result.to(dtype)
+                pipe.write(name, result)
+                bar.update(info.nbytes)
+                bar.set_postfix_str(f"{count}/{len(order)} tensors", refresh=False)
+        finally:
+            bar.close()
+            pipe.finish()
+        finalize(tmp)
+        files = tuple(
+            sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json"))
+        )
+        written = writer.bytes_written
+    return files, written
+
+
+def _set_config_dtype(root: Path, dtype: torch.dtype) -> None:
+    path = root / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    name = str(dtype).replace("torch.", "")
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _updates_for(mod: AdapterModule, kind: Kind) -> LoraUpdate:
+    up = mod.update
+    return LoraUpdate(kind, up.lora_A, up.lora_B, mod.scale, up.magnitude, up.bias)
+
+
+def merge_checkpoint(
+    base: str | Path,
+    adapter: str | Path | Adapter,
+    out: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    verify: bool | Literal["model"] = True,
+    tolerance: Tolerance | None = None,
+    progress: bool = True,
+) -> CheckpointMergeReport:
+    """Merge a PEFT adapter into a safetensors checkpoint on disk, one tensor at a time.
+
+    The model is never instantiated and memory does not grow with the model: each tensor is read,
+    merged in fp32 and rounded once (bit-identical to :func:`~loramerge.merge`), and streamed to the
+    output shards. The output is a complete checkpoint (config, generation config, tokenizer and
+    other small files copied; index; ``{"format": "pt"}`` metadata) written atomically.
+
+    Args:
+        base: Checkpoint directory (single file or sharded with ``model.safetensors.index.json``).
+        adapter: PEFT adapter directory, or an :class:`~loramerge.Adapter`.
+        out: Output directory; must not exist unless ``overwrite``.
+        dtype: Convert every floating tensor to this dtype (default: keep each tensor's dtype).
+        max_shard_size: Largest shard, in bytes or as ``"5GB"`` / ``"500MB"``.
+        overwrite: Replace an existing ``out`` (only once the new one is complete and verified).
+        verify: Run :func:`verify_checkpoint` on the result before publishing it; ``"model"`` also
+            loads base and result and runs the whole-model output check of :func:`~loramerge.verify`
+            (needs both models in memory).
+        tolerance: Settings of the tolerance rule.
+        progress: Show a progress bar (tensors and bytes).
+
+    Returns:
+        What was written, with the verification report.
+
+    Raises:
+        AdapterMismatchError: Adapter keys that match no tensor, or wrong shapes (all listed).
+        NonFiniteMergeError: A merged tensor would be non-finite or overflow (nothing is left on disk).
+        VerificationError: The result is out of tolerance (nothing is left on disk).
+
+    Example:
+        >>> report = merge_checkpoint("base/", "adapter/", "merged/", max_shard_size="2GB")  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    base_dir, out_dir = Path(base), Path(out)
+    loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    reader = CheckpointReader(base_dir)
+    mapping = map_adapter(reader, loaded)
+    _check_tied(base_dir, reader, set(mapping.modules) | set(mapping.replaced))
+    target = resolve_dtype(dtype)
+    norms: dict[str, torch.Tensor] = {}
+
+    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name in mapping.modules:
+            mod, kind = mapping.modules[name]
+            up = _updates_for(mod, kind)
+            work = tensor if target is None else tensor.to(target)
+            problems = check_updates([up], work)
+            if problems:
+                raise NonFiniteMergeError(
+                    f"merging {mod.name} would produce non-finite weights or overflow ({'; '.join(problems)}); "
+                    "nothing was written. Check the adapter for NaN/Inf, or merge into a wider dtype."
+                )
+            stats = merge_tensor_(work, [up])
+            if "dora_norms" in stats.extras:
+                norms[mod.name] = stats.extras["dora_norms"].cpu()
+            return work
+        if name in mapping.biases:
+            mod = mapping.biases[name]
+            assert mod.update.bias is not None
+            work = tensor if target is None else tensor.to(target)
+            total = work.float() + mod.scale * mod.update.bias.float()
+            return total.to(work.dtype)
+        if name in mapping.replaced:
+            return mapping.replaced[name].to(tensor.dtype if target is None else target)
+        return tensor
+
+    report_holder: list[VerificationReport] = []
+
+    def finalize(tmp: Path) -> None:
+        if not verify:
+            return
+        report = verify_checkpoint(base_dir, loaded, tmp, tolerance=tolerance, dtype=target, progress=progress)
+        if verify == "model" and report.passed:
+            from loramerge.loading import load_base
+            from loramerge.verification import verify as verify_models
+
+            full = verify_models(
+                load_base(base_dir, dtype=target), loaded, load_base(tmp), tolerance=tolerance, check_outputs=True
+            )
+            report = dataclasses.replace(
+                report,
+                passed=full.passed,
+                outputs=full.outputs,
+                notes=("whole-model output check on the loaded models",),
+            )
+        report_holder.append(report)
+        if not report.passed:
+            raise VerificationError(
+                "the merged checkpoint is out of tolerance; nothing was written:\n" + "\n".join(report.failures), report
+            )
+
+    files, written = _stream(
+        base_dir, out_dir, reader, transform, target, max_shard_size, overwrite, progress, finalize, "merge"
+    )
+    changed = tuple(sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)))
+    return CheckpointMergeReport(
+        out_dir,
+        "merge",
+        files,
+        len(reader.names),
+        changed,
+        written,
+        time.perf_counter() - started,
+        report_holder[0] if report_holder else None,
+        norms,
+    )
+
+
+def verify_checkpoint(
+    base: str | Path,
+    adapter: str | Path | Adapter,
+    merged: str | Path,
+    *,
+    tolerance: Tolerance | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> VerificationReport:
+    """Check, without loading any model, that ``merged`` is ``base`` with ``adapter`` merged in.
+
+    Per adapted tensor: ``W_merged`` against ``W_base + ΔW`` elementwise (in ulps of the merged
+    dtype) and a functional check on seeded random probe vectors (the merged tensor evaluated exactly
+    against ``x W_baseᵀ + s (x Aᵀ) Bᵀ`` computed in fp32/fp64). Every other tensor must be
+    byte-identical to the base (after ``dtype`` conversion, when one was asked for), every replaced
+    tensor equal to the adapter's copy, and both checkpoints must hold the same tensors.
+
+    Returns:
+        The report (``outputs`` is ``None``: no model is run); the worst layers first in its text.
+    """
+    tol = tolerance or Tolerance()
+    loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    base_reader, merged_reader = CheckpointReader(base), CheckpointReader(merged)
+    mapping = map_adapter(base_reader, loaded)
+    layers: list[LayerCheck] = []
+    changed: list[str] = []
+    missing = sorted(set(base_reader.names) ^ set(merged_reader.names))
+    bar = tqdm(total=len(base_reader.names), unit="tensor", desc="verify", disable=not progress)
+    checked = 0
+    for name in base_reader.names:
+        bar.update(1)
+        if name not in merged_reader.tensors:
+            continue
+        got = merged_reader.get(name)
+        original = base_reader.get(name)
+        if dtype is not None and original.is_floating_point():
+            original = original.to(dtype)
+        if name in mapping.modules:
+            mod, kind = mapping.modules[name]
+            up = _updates_for(mod, kind)
+            rel, max_ulp, reason = weight_space_check(kind, original, got, [up], tol)
+            probe = LayerProbe(mod.name, kind, original, None, [up], seed)
+            out = probe.outputs(got, None)
+            layers.append(probe.check(out, tol, rel, max_ulp, reason, probe.storage(got)))
+            continue
+        if name in mapping.biases:
+            mod = mapping.biases[name]
+            assert mod.update.bias is not None
+            expected = (original.float() + mod.scale * mod.update.bias.float()).to(original.dtype)
+            checked += 1
+            if got.shape != expected.shape or bool(
+                ((got.float() - expected.float()).abs() > ulp(expected, got.dtype)).any()
+            ):
+                changed.append(name)
+            continue
+        expected = mapping.replaced[name].to(got.dtype) if name in mapping.replaced else original
+        checked += 1
+        if got.dtype != expected.dtype or got.shape != expected.shape or not torch.equal(got, expected):
+            changed.append(name)
+    bar.close()
+    notes = [
+        "no model was run: per-tensor checks only (merge_checkpoint(..., verify=True) and verify() on loaded models add the whole-model check)"
+    ]
+    if missing:
+        notes.append(f"tensors present in only one checkpoint: {missing[:10]}")
+    passed = all(c.passed for c in layers) and not changed and not missing
+    return VerificationReport(
+        operation="verify",
+        passed=passed,
+        tolerance=tol,
+        layers=tuple(layers),
+        outputs=None,
+        unchanged_checked=checked,
+        unexpected_changes=tuple(sorted(changed + missing)),
+        notes=tuple(notes),
+    )
+
+
+def unmerge_checkpoint(
+    merged: str | Path,
+    adapter: str | Path | Adapter,
+    out: str | Path,
+    *,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    verify: bool = True,
+    tolerance: Tolerance | None = None,
+    dora_norms: Mapping[str, torch.Tensor] | None = None,
+    originals: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> CheckpointMergeReport:
+    """Remove a saved adapter from a merged checkpoint on disk, one tensor at a time.
+
+    Each adapted tensor becomes ``round(W_merged - ΔW)`` (the same code as :func:`~loramerge.unmerge`).
+    Verification, per tensor: re-merging the result lands on the merged tensor, and the recovered
+    tensor with the adapter applied reproduces the merged tensor's outputs on probe vectors within
+    the tolerance rule; every other tensor is copied byte for byte. The same limits as the
+    in-memory unmerge apply: DoRA needs ``dora_norms``, replaced tensors need ``originals``.
+
+    Raises:
+        UnmergeImpossibleError: DoRA norms or replaced originals are missing (nothing written).
+        VerificationError: The result is out of tolerance (nothing is left on disk).
+    """
+    started = time.perf_counter()
+    merged_dir, out_dir = Path(merged), Path(out)
+    loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    reader = CheckpointReader(merged_dir)
+    mapping = map_adapter(reader, loaded)
+    tol = tolerance or Tolerance()
+    norms = dict(dora_norms or {})
+    originals = dict(originals or {})
+    missing_norms = sorted(mod.name for mod, _ in mapping.modules.values() if mod.use_dora and mod.name not in norms)
+    missing_originals = sorted(
+        n for n, k in loaded.replaced_kinds.items() if k in ("modules_to_save", "trained_bias") and n not in originals
+    )
+    if missing_norms or missing_originals:
+        raise UnmergeImpossibleError(
+            "cannot unmerge exactly; nothing was written:\n"
+            + (f"  - DoRA modules {missing_norms} need dora_norms= (from the merge report)\n" if missing_norms else "")
+            + (
+                f"  - replaced tensors {missing_originals} need originals= (from the base checkpoint)\n"
+                if missing_originals
+                else ""
+            )
+        )
+    layers: list[LayerCheck] = []
+
+    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name in mapping.modules:
+            mod, kind = mapping.modules[name]
+            up = _updates_for(mod, kind)
+            merged_t = tensor.clone() if verify else tensor
+            stats = unmerge_tensor_(tensor, [up], norms.get(mod.name))
+            if verify:
+                probe = LayerProbe(mod.name, kind, tensor, None, [up], seed, MAX_PROBE_OUTPUTS)
+                reason = ""
+                if stats.remerge_gap > 1.0 + 1e-6:
+                    reason = f"re-merging misses the merged tensor by {stats.remerge_gap:.3g}x what rounding allows"
+                storage = math.hypot(probe.storage(merged_t), probe.storage(tensor))
+                layers.append(
+                    probe.check(probe.outputs(merged_t, None), tol, stats.relative_residual, math.nan, reason, storage)
+                )
+            return tensor
+        if name in mapping.biases:
+            mod = mapping.biases[name]
+            assert mod.update.bias is not None
+            return (tensor.float() - mod.scale * mod.update.bias.float()).to(tensor.dtype)
+        if name in mapping.replaced:
+            key = next(k for k in originals if name == k or name.endswith("." + k) or k.endswith("." + name))
+            return originals[key].to(tensor.dtype)
+        return tensor
+
+    report_holder: list[VerificationReport] = []
+
+    def finalize(tmp: Path) -> None:
+        if not verify:
+            return
+        report = VerificationReport(
+            "unmerge",
+            all(c.passed for c in layers),
+            tol,
+            tuple(layers),
+            None,
+            notes=("no model was run: per-tensor checks only",),
+        )
+        report_holder.append(report)
+        if not report.passed:
+            raise VerificationError(
+                "the unmerged checkpoint is out of tolerance; nothing was written:\n" + "\n".join(report.failures),
+                report,
+            )
+
+    files, written = _stream(
+        merged_dir, out_dir, reader, transform, None, max_shard_size, overwrite, progress, finalize, "unmerge"
+    )
+    changed = tuple(sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)))
+    return CheckpointMergeReport(
+        out_dir,
+        "unmerge",
+        files,
+        len(reader.names),
+        changed,
+        written,
+        time.perf_counter() - started,
+        report_holder[0] if report_holder else None,
+    )

@@ -1,0 +1,286 @@
+"""Streaming safetensors checkpoints: read one tensor at a time, write shards without holding them.
+
+A transformers checkpoint directory holds ``model.safetensors`` or shards named
+``model-00001-of-0000N.safetensors`` with a ``model.safetensors.index.json`` mapping tensor names to
+shards. :class:`CheckpointReader` opens them lazily (memory-mapped) and hands out one tensor at a
+time. :class:`ShardWriter` plans every shard's header from the tensors' shapes and dtypes *before*
+writing, then streams the tensor bytes in order, so writing a shard never needs the whole shard in
+memory (``safetensors.torch.save_file`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from loramerge.errors import AdapterConfigError, AdapterNotFoundError, LoraMergeError
+
+__all__ = ["CheckpointReader", "ShardWriter", "TensorInfo", "copy_side_files", "parse_size", "plan_shards"]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``5GB``, ``500MB``, ``2GiB`` or a plain integer.
+
+    Example:
+        >>> parse_size("2GB"), parse_size("1MiB"), parse_size(1000)
+        (2000000000, 1048576, 1000)
+    """
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    units = {
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "B": 1,
+    }
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, dtype and shape of a stored tensor, and the file it lives in."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: str
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (length,) = struct.unpack("<Q", raw)
+            if length > 100 * 2**20:
+                raise ValueError(f"header length {length} is implausible")
+            header = json.loads(f.read(length))
+        size = path.stat().st_size
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + length + end > size:
+            raise ValueError(f"the data ends at byte {8 + length + end} but the file has {size} bytes")
+        return dict(header)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise AdapterConfigError(
+            f"{str(path)!r} is not a readable safetensors file ({e}); it may be truncated or corrupt: re-download or re-save it."
+        ) from e
+
+
+class CheckpointReader:
+    """A transformers safetensors checkpoint directory, read one tensor at a time.
+
+    Raises:
+        AdapterNotFoundError: The directory, its weights or a shard named in the index is missing.
+        AdapterConfigError: The index or a shard is malformed or truncated.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise AdapterNotFoundError(f"checkpoint directory {str(self.root)!r} does not exist.")
+        index = self.root / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise AdapterConfigError(f"{str(index)!r} is not a valid safetensors index ({e}).") from e
+            files = sorted(set(weight_map.values()))
+        elif (self.root / SINGLE_NAME).is_file():
+            files = [SINGLE_NAME]
+        else:
+            found = sorted(p.name for p in self.root.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+            hint = f" (found pickle weights {found}: convert them to safetensors first)" if found else ""
+            raise AdapterNotFoundError(f"{str(self.root)!r} has no {SINGLE_NAME} nor {INDEX_NAME}{hint}.")
+        missing = [f for f in files if not (self.root / f).is_file()]
+        if missing:
+            raise AdapterNotFoundError(
+                f"shards named in {str(index)!r} are missing: {missing}; the download is incomplete."
+            )
+        self.files = files
+        self.metadata: dict[str, dict[str, str]] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            header = _read_header(self.root / file)
+            self.metadata[file] = dict(header.get("__metadata__") or {})
+            entries = sorted(
+                ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
+            )
+            for name, entry in entries:
+                dtype = _ST_DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise AdapterConfigError(
+                        f"{file}: tensor {name!r} has dtype {entry['dtype']}, which loramerge does not handle."
+                    )
+                self.tensors[name] = TensorInfo(name, dtype, tuple(int(s) for s in entry["shape"]), file)
+        self._open: dict[str, Any] = {}
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names in file order (shard by shard, by offset)."""
+        return list(self.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data in the checkpoint."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from its memory-mapped shard into its own (writable) memory."""
+        info = self.tensors[name]
+        handle = self._open.get(info.file)
+        if handle is None:
+            try:
+                handle = safe_open(str(self.root / info.file), framework="pt", device="cpu")
+            except SafetensorError as e:
+                raise AdapterConfigError(f"{str(self.root / info.file)!r} could not be opened ({e}).") from e
+            self._open[info.file] = handle
+        tensor: torch.Tensor = handle.get_tensor(name)
+        return tensor.clone()
+
+    def close(self) -> None:
+        """Forget the open file handles."""
+        self._open.clear()
+
+
+def plan_shards(infos: Sequence[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
+    """Split tensors, in order, into shards of at most ``max_shard_size`` bytes (a larger tensor gets its own)."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in infos:
+        if shards[-1] and size + info.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return [s for s in shards if s]
+
+
+def shard_names(count: int) -> list[str]:
+    """Transformers' shard file names: ``model.safetensors`` or ``model-0000i-of-0000N.safetensors``."""
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class ShardWriter:
+    """Writes planned shards into a directory, one tensor at a time, in plan order.
+
+    Call :meth:`write` once per tensor in the order of the plan, then :meth:`close` (which writes
+    the index for sharded output). Every header is final before its data is written.
+    """
+
+    def __init__(self, root: Path, plan: list[list[TensorInfo]], metadata: dict[str, str] | None = None):
+        self.root = root
+        self.plan = plan
+        self.names = shard_names(len(plan))
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._queue: Iterator[tuple[int, TensorInfo]] = ((i, t) for i, shard in enumerate(plan) for t in shard)
+        self._file: BinaryIO | None = None
+        self._current = -1
+        self.bytes_written = 0
+
+    def _open_shard(self, index: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        offsets: dict[str, Any] = {"__metadata__": self.metadata}
+        position = 0
+        for info in self.plan[index]:
+            offsets[info.name] = {
+                "dtype": _ST_NAMES[info.dtype],
+                "shape": list(info.shape),
+                "data_offsets": [position, position + info.nbytes],
+            }
+            position += info.nbytes
+        header = json.dumps(offsets, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        self._file = (self.root / self.names[index]).open("wb")
+        self._file.write(struct.pack("<Q", len(header)))
+        self._file.write(header)
+        self._current = index
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor of the plan (it must be the one the plan expects)."""
+        index, info = next(self._queue)
+        if info.name != name or tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise LoraMergeError(
+                f"internal error: writer expected {info.name} {info.shape} {info.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        if index != self._current:
+            self._open_shard(index)
+        assert self._file is not None
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+        self._file.write(data.numpy().tobytes() if data.numel() < 1 else memoryview(data.numpy()))  # type: ignore[arg-type]
+        self.bytes_written += info.nbytes
+
+    def close(self) -> None:
+        """Finish the last shard, flush to disk, and write the index (for several shards)."""
+        if self._file is not None:
+            self._file.flush()
+            self._file.close()
+            self._file = None
+        left = list(self._queue)
+        if left:
+            raise LoraMergeError(f"internal error: {len(left)} planned tensors were not written")
+        if len(self.plan) > 1:
+            weight_map = {t.name: self.names[i] for i, shard in enumerate(self.plan) for t in shard}
+            total = sum(t.nbytes for shard in self.plan for t in shard)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.root / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy everything but the weights (config, generation config, tokenizer files, ...) from ``src`` to ``dst``."""
+    copied = []
+    for path in sorted(src.iterdir()):
+        if path.name == INDEX_NAME or path.name.endswith(".index.json") or path.suffix in _WEIGHT_SUFFIXES:
+            continue
+        if path.is_file():
+            shutil.copy2(path, dst / path.name)
+            copied.append(path.name)
+        elif path.is_dir() and not path.name.startswith("."):
+            shutil.copytree(path, dst / path.name)
+            copied.append(path.name + "/")
+    return copied
