@@ -293,8 +293,9 @@ def _set_config_dtype(root: Path, dtype: torch.dtype) -> None:
 
 
 def _updates_for(mod: AdapterModule, kind: Kind) -> LoraUpdate:
+    """The module's weight update with the resolved kind (a LoRA bias is a separate tensor here)."""
     up = mod.update
-    return LoraUpdate(kind, up.lora_A, up.lora_B, mod.scale, up.magnitude, up.bias)
+    return LoraUpdate(kind, up.lora_A, up.lora_B, mod.scale, up.magnitude, None)
 
 
 def merge_checkpoint(
