@@ -37,7 +37,14 @@ from loramerge.loading import resolve_dtype
 from loramerge.reports import LayerCheck, VerificationReport
 from loramerge.shards import CheckpointReader, ShardWriter, TensorInfo, copy_side_files, parse_size, plan_shards
 from loramerge.tolerance import Tolerance, ulp
-from loramerge.verification import MAX_PROBE_OUTPUTS, LayerProbe, weight_space_check
+from loramerge.verification import (
+    MAX_PROBE_OUTPUTS,
+    LayerProbe,
+    output_subset,
+    restrict_update,
+    restrict_weight,
+    weight_space_check,
+)
 
 __all__ = ["CheckpointMergeReport", "map_adapter", "merge_checkpoint", "unmerge_checkpoint", "verify_checkpoint"]
 
@@ -380,7 +387,9 @@ def merge_checkpoint(
     def finalize(tmp: Path) -> None:
         if not verify:
             return
-        report = verify_checkpoint(base_dir, loaded, tmp, tolerance=tolerance, dtype=target, progress=progress)
+        report = verify_checkpoint(
+            base_dir, loaded, tmp, tolerance=tolerance, dtype=target, progress=progress, max_outputs=MAX_PROBE_OUTPUTS
+        )
         if verify == "model" and report.passed:
             from loramerge.loading import load_base
             from loramerge.verification import verify as verify_models
@@ -426,6 +435,7 @@ def verify_checkpoint(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     progress: bool = False,
+    max_outputs: int | None = None,
 ) -> VerificationReport:
     """Check, without loading any model, that ``merged`` is ``base`` with ``adapter`` merged in.
 
@@ -434,6 +444,10 @@ def verify_checkpoint(
     against ``x W_baseᵀ + s (x Aᵀ) Bᵀ`` computed in fp32/fp64). Every other tensor must be
     byte-identical to the base (after ``dtype`` conversion, when one was asked for), every replaced
     tensor equal to the adapter's copy, and both checkpoints must hold the same tensors.
+
+    ``max_outputs`` restricts the checks of each adapted tensor to a seeded sample of that many
+    output features (``merge_checkpoint`` uses 512 for its own verification); ``None`` checks every
+    element.
 
     Returns:
         The report (``outputs`` is ``None``: no model is run); the worst layers first in its text.
@@ -458,8 +472,12 @@ def verify_checkpoint(
         if name in mapping.modules:
             mod, kind = mapping.modules[name]
             up = _updates_for(mod, kind)
-            rel, max_ulp, reason = weight_space_check(kind, original, got, [up], tol)
-            probe = LayerProbe(mod.name, kind, original, None, [up], seed)
+            idx = output_subset(mod.name, kind, original, seed, max_outputs)
+            sub = [restrict_update(up, idx)]
+            rel, max_ulp, reason = weight_space_check(
+                kind, restrict_weight(kind, original, idx), restrict_weight(kind, got, idx), sub, tol
+            )
+            probe = LayerProbe(mod.name, kind, original, None, [up], seed, max_outputs)
             out = probe.outputs(got, None)
             layers.append(probe.check(out, tol, rel, max_ulp, reason, probe.storage(got)))
             continue

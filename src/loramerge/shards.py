@@ -11,6 +11,7 @@ memory (``safetensors.torch.save_file`` does).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from loramerge.errors import AdapterConfigError, AdapterNotFoundError, LoraMergeError
 
@@ -142,20 +142,28 @@ class CheckpointReader:
         self.files = files
         self.metadata: dict[str, dict[str, str]] = {}
         self.tensors: dict[str, TensorInfo] = {}
+        self._offsets: dict[str, int] = {}
         for file in files:
             header = _read_header(self.root / file)
             self.metadata[file] = dict(header.get("__metadata__") or {})
             entries = sorted(
                 ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
             )
+            with (self.root / file).open("rb") as f:
+                data_start = 8 + struct.unpack("<Q", f.read(8))[0]
             for name, entry in entries:
                 dtype = _ST_DTYPES.get(entry["dtype"])
                 if dtype is None:
                     raise AdapterConfigError(
                         f"{file}: tensor {name!r} has dtype {entry['dtype']}, which loramerge does not handle."
                     )
-                self.tensors[name] = TensorInfo(name, dtype, tuple(int(s) for s in entry["shape"]), file)
-        self._open: dict[str, Any] = {}
+                info = TensorInfo(name, dtype, tuple(int(s) for s in entry["shape"]), file)
+                begin, end = (int(o) for o in entry["data_offsets"])
+                if end - begin != info.nbytes:
+                    raise AdapterConfigError(f"{file}: tensor {name!r} has {end - begin} bytes for shape {info.shape}.")
+                self.tensors[name] = info
+                self._offsets[name] = data_start + begin
+        self._fds: dict[str, int] = {}
 
     @property
     def names(self) -> list[str]:
@@ -168,21 +176,33 @@ class CheckpointReader:
         return sum(t.nbytes for t in self.tensors.values())
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from its memory-mapped shard into its own (writable) memory."""
+        """One tensor, read into its own memory with ``pread`` (no memory map, so the pages of the
+        files do not stay in this process's resident memory)."""
         info = self.tensors[name]
-        handle = self._open.get(info.file)
-        if handle is None:
-            try:
-                handle = safe_open(str(self.root / info.file), framework="pt", device="cpu")
-            except SafetensorError as e:
-                raise AdapterConfigError(f"{str(self.root / info.file)!r} could not be opened ({e}).") from e
-            self._open[info.file] = handle
-        tensor: torch.Tensor = handle.get_tensor(name)
-        return tensor.clone()
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = os.open(self.root / info.file, os.O_RDONLY)
+            self._fds[info.file] = fd
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())  # type: ignore[arg-type]
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], self._offsets[name] + done)
+            if n <= 0:
+                raise AdapterConfigError(
+                    f"{str(self.root / info.file)!r} ended early while reading {name!r}: truncated?"
+                )
+            done += n
+        return buffer.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
-        """Forget the open file handles."""
-        self._open.clear()
+        """Close the open files."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def plan_shards(infos: Sequence[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
@@ -252,7 +272,7 @@ class ShardWriter:
             self._open_shard(index)
         assert self._file is not None
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-        self._file.write(data.numpy().tobytes() if data.numel() < 1 else memoryview(data.numpy()))  # type: ignore[arg-type]
+        self._file.write(memoryview(data.numpy()))  # type: ignore[arg-type]
         self.bytes_written += info.nbytes
 
     def close(self) -> None:
