@@ -180,3 +180,21 @@ def test_cli_merge_verify_unmerge(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert json.loads(capsys.readouterr().out)["passed"] is True
     assert main(["unmerge", str(out), str(adapter_dir), "-o", str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "model.safetensors").is_file()
+
+
+def test_corruption_on_the_way_to_disk_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, base_dir, adapter_dir = _prepare(tmp_path, "llama-linear-patterns", torch.bfloat16)
+    real = ShardWriter.write
+    victim = "model.layers.1.post_attention_layernorm.weight"  # a tensor the adapter does not touch
+
+    def flipping(self: ShardWriter, name: str, tensor: torch.Tensor) -> None:
+        if name == victim:
+            tensor = tensor.clone()
+            tensor.view(torch.int16)[0] ^= 1  # one bit of one element
+        real(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "write", flipping)
+    with pytest.raises(lm.VerificationError, match="post_attention_layernorm") as info:
+        lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
+    assert info.value.report.unexpected_changes == (victim,)
+    assert not (tmp_path / "out").exists()

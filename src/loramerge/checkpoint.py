@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,15 @@ from loramerge.errors import (
 from loramerge.io import atomic_directory
 from loramerge.loading import resolve_dtype
 from loramerge.reports import LayerCheck, VerificationReport
-from loramerge.shards import CheckpointReader, ShardWriter, TensorInfo, copy_side_files, parse_size, plan_shards
+from loramerge.shards import (
+    CheckpointReader,
+    ShardWriter,
+    TensorInfo,
+    copy_side_files,
+    parse_size,
+    plan_shards,
+    tensor_digest,
+)
 from loramerge.tolerance import Tolerance, ulp
 from loramerge.verification import (
     MAX_PROBE_OUTPUTS,
@@ -214,44 +222,124 @@ def _check_tied(root: Path, reader: CheckpointReader, touched: set[str]) -> None
 
 
 class _Pipeline:
-    """Read-ahead of the next tensor and write-behind of the previous one, around the caller's compute."""
+    """Read-ahead (with SHA-256) of the next tensor and write-behind of the previous one, around the caller's compute."""
 
     def __init__(self, reader: CheckpointReader, names: list[str], writer: ShardWriter):
         self.reader, self.names, self.writer = reader, names, writer
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramerge-io")
-        self.pending_write: Future[None] | None = None
+        self.pending_write: Future[str | None] | None = None
+        self.written: dict[str, str] = {}
 
-    def __iter__(self) -> Any:
-        ahead: Future[torch.Tensor] | None = self.pool.submit(self.reader.get, self.names[0]) if self.names else None
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor, str]]:
+        ahead = self.pool.submit(self.reader.get_with_digest, self.names[0]) if self.names else None
         for i, name in enumerate(self.names):
             assert ahead is not None
-            tensor = ahead.result()
-            ahead = self.pool.submit(self.reader.get, self.names[i + 1]) if i + 1 < len(self.names) else None
-            yield name, tensor
+            tensor, digest = ahead.result()
+            ahead = (
+                self.pool.submit(self.reader.get_with_digest, self.names[i + 1]) if i + 1 < len(self.names) else None
+            )
+            yield name, tensor, digest
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _write(self, name: str, tensor: torch.Tensor, digest: bool) -> str | None:
+        self.writer.write(name, tensor)
+        return tensor_digest(tensor) if digest else None
+
+    def write(self, name: str, tensor: torch.Tensor, digest: bool) -> None:
+        """Queue ``tensor`` for writing (after the previous one); with ``digest``, record its SHA-256."""
+        self._collect()
+        self.pending_write = self.pool.submit(self._write, name, tensor, digest)
+        self._pending_name = name
+
+    def _collect(self) -> None:
         if self.pending_write is not None:
-            self.pending_write.result()  # one write in flight at a time, in order
-        self.pending_write = self.pool.submit(self.writer.write, name, tensor)
+            value = self.pending_write.result()
+            if value is not None:
+                self.written[self._pending_name] = value
+            self.pending_write = None
 
     def finish(self) -> None:
-        if self.pending_write is not None:
-            self.pending_write.result()
+        self._collect()
         self.pool.shutdown(wait=True)
         self.writer.close()
+
+
+@dataclass
+class _Expectations:
+    """What the written checkpoint must hold, gathered while streaming: digests and layer probes."""
+
+    digests: dict[str, str] = field(default_factory=dict)
+    unchanged: set[str] = field(default_factory=set)
+    checks: dict[str, Callable[[torch.Tensor], LayerCheck]] = field(default_factory=dict)
+
+
+def _probe_check(
+    probe: LayerProbe, tol: Tolerance, rel: float, max_ulp: float, reason: str
+) -> Callable[[torch.Tensor], LayerCheck]:
+    """A check of a merged tensor as read back from disk against the probe made from its base."""
+
+    def check(tensor: torch.Tensor) -> LayerCheck:
+        return probe.check(probe.outputs(tensor, None), tol, rel, max_ulp, reason, probe.storage(tensor))
+
+    return check
+
+
+def _fixed_check(layer: LayerCheck) -> Callable[[torch.Tensor], LayerCheck]:
+    """A check already made while streaming (an unmerge compares with the merged input there)."""
+
+    def check(tensor: torch.Tensor) -> LayerCheck:
+        return layer
+
+    return check
+
+
+def _check_written(
+    root: Path, names: list[str], expect: _Expectations, tol: Tolerance, operation: str
+) -> VerificationReport:
+    """Re-read the written checkpoint once: every tensor's SHA-256 must be the intended one (the base's
+    for untouched tensors), and every adapted tensor, as read back, must pass its layer probe."""
+    reader = CheckpointReader(root)
+    layers: list[LayerCheck] = []
+    wrong: list[str] = sorted(set(names) ^ set(reader.names))
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramerge-verify") as pool:
+        queue = [pool.submit(reader.get_with_digest, n) for n in names[:2] if n in reader.tensors]
+        present = [n for n in names if n in reader.tensors]
+        for i, name in enumerate(present):
+            tensor, digest = queue.pop(0).result()
+            if i + 2 < len(present):
+                queue.append(pool.submit(reader.get_with_digest, present[i + 2]))
+            if digest != expect.digests.get(name):
+                wrong.append(name)
+            if name in expect.checks:
+                layers.append(expect.checks[name](tensor))
+    notes = (
+        "re-read from disk: every tensor's SHA-256 checked, adapted tensors probed as read back "
+        f"(a seeded sample of up to {MAX_PROBE_OUTPUTS} output features each); no model was run",
+    )
+    passed = all(c.passed for c in layers) and not wrong
+    return VerificationReport(
+        operation,  # type: ignore[arg-type]
+        passed,
+        tol,
+        tuple(layers),
+        None,
+        unchanged_checked=len(expect.unchanged),
+        unexpected_changes=tuple(sorted(set(wrong))),
+        notes=notes,
+    )
 
 
 def _stream(
     base: Path,
     out: Path,
     reader: CheckpointReader,
-    transform: Callable[[str, torch.Tensor], torch.Tensor],
+    transform: Callable[[str, torch.Tensor, str], torch.Tensor],
     dtype: torch.dtype | None,
     max_shard_size: int | str,
     overwrite: bool,
     progress: bool,
-    finalize: Callable[[Path], None],
+    finalize: Callable[[Path, dict[str, str]], None],
     desc: str,
+    unchanged: set[str],
 ) -> tuple[tuple[str, ...], int]:
     infos = [
         TensorInfo(t.name, dtype if (dtype is not None and t.dtype.is_floating_point) else t.dtype, t.shape, t.file)
@@ -268,18 +356,18 @@ def _stream(
         pipe = _Pipeline(reader, order, writer)
         bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc=desc, disable=not progress)
         try:
-            for count, (name, tensor) in enumerate(pipe, start=1):
+            for count, (name, tensor, digest) in enumerate(pipe, start=1):
                 info = reader.tensors[name]
-                result = transform(name, tensor)
+                result = transform(name, tensor, digest)
                 if dtype is not None and result.is_floating_point():
                     result = result.to(dtype)
-                pipe.write(name, result)
+                pipe.write(name, result, digest=name not in unchanged)
                 bar.update(info.nbytes)
                 bar.set_postfix_str(f"{count}/{len(order)} tensors", refresh=False)
         finally:
             bar.close()
             pipe.finish()
-        finalize(tmp)
+        finalize(tmp, pipe.written)
         files = tuple(
             sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json"))
         )
@@ -355,9 +443,11 @@ def merge_checkpoint(
     mapping = map_adapter(reader, loaded)
     _check_tied(base_dir, reader, set(mapping.modules) | set(mapping.replaced))
     target = resolve_dtype(dtype)
+    tol = tolerance or Tolerance()
     norms: dict[str, torch.Tensor] = {}
+    expect = _Expectations()
 
-    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def transform(name: str, tensor: torch.Tensor, digest: str) -> torch.Tensor:
         if name in mapping.modules:
             mod, kind = mapping.modules[name]
             up = _updates_for(mod, kind)
@@ -368,7 +458,15 @@ def merge_checkpoint(
                     f"merging {mod.name} would produce non-finite weights or overflow ({'; '.join(problems)}); "
                     "nothing was written. Check the adapter for NaN/Inf, or merge into a wider dtype."
                 )
+            if verify:
+                idx = output_subset(mod.name, kind, work, 0, MAX_PROBE_OUTPUTS)
+                base_rows = restrict_weight(kind, work, idx).clone()
+                probe = LayerProbe(mod.name, kind, work, None, [up], 0, MAX_PROBE_OUTPUTS)
             stats = merge_tensor_(work, [up])
+            if verify:
+                merged_rows = restrict_weight(kind, work, idx)
+                rel, max_ulp, reason = weight_space_check(kind, base_rows, merged_rows, [restrict_update(up, idx)], tol)
+                expect.checks[name] = _probe_check(probe, tol, rel, max_ulp, reason)
             if "dora_norms" in stats.extras:
                 norms[mod.name] = stats.extras["dora_norms"].cpu()
             return work
@@ -376,33 +474,29 @@ def merge_checkpoint(
             mod = mapping.biases[name]
             assert mod.update.bias is not None
             work = tensor if target is None else tensor.to(target)
-            total = work.float() + mod.scale * mod.update.bias.float()
-            return total.to(work.dtype)
+            return (work.float() + mod.scale * mod.update.bias.float()).to(work.dtype)
         if name in mapping.replaced:
             return mapping.replaced[name].to(tensor.dtype if target is None else target)
+        if target is None or not tensor.is_floating_point():
+            expect.digests[name] = digest  # untouched: must be byte-identical to the base
+            expect.unchanged.add(name)
         return tensor
 
     report_holder: list[VerificationReport] = []
 
-    def finalize(tmp: Path) -> None:
+    def finalize(tmp: Path, written: dict[str, str]) -> None:
         if not verify:
             return
-        report = verify_checkpoint(
-            base_dir, loaded, tmp, tolerance=tolerance, dtype=target, progress=progress, max_outputs=MAX_PROBE_OUTPUTS
-        )
+        expect.digests.update(written)
+        report = _check_written(tmp, reader.names, expect, tol, "merge")
         if verify == "model" and report.passed:
             from loramerge.loading import load_base
             from loramerge.verification import verify as verify_models
 
             full = verify_models(
-                load_base(base_dir, dtype=target), loaded, load_base(tmp), tolerance=tolerance, check_outputs=True
+                load_base(base_dir, dtype=target), loaded, load_base(tmp), tolerance=tol, check_outputs=True
             )
-            report = dataclasses.replace(
-                report,
-                passed=full.passed,
-                outputs=full.outputs,
-                notes=("whole-model output check on the loaded models",),
-            )
+            report = dataclasses.replace(report, passed=full.passed, outputs=full.outputs)
         report_holder.append(report)
         if not report.passed:
             raise VerificationError(
@@ -410,7 +504,17 @@ def merge_checkpoint(
             )
 
     files, written = _stream(
-        base_dir, out_dir, reader, transform, target, max_shard_size, overwrite, progress, finalize, "merge"
+        base_dir,
+        out_dir,
+        reader,
+        transform,
+        target,
+        max_shard_size,
+        overwrite,
+        progress,
+        finalize,
+        "merge",
+        expect.unchanged,
     )
     changed = tuple(sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)))
     return CheckpointMergeReport(
@@ -562,24 +666,25 @@ def unmerge_checkpoint(
                 else ""
             )
         )
-    layers: list[LayerCheck] = []
+    expect = _Expectations()
 
-    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def transform(name: str, tensor: torch.Tensor, digest: str) -> torch.Tensor:
         if name in mapping.modules:
             mod, kind = mapping.modules[name]
             up = _updates_for(mod, kind)
-            merged_t = tensor.clone() if verify else tensor
-            stats = unmerge_tensor_(tensor, [up], norms.get(mod.name))
+            work = tensor.clone()
+            stats = unmerge_tensor_(work, [up], norms.get(mod.name))
             if verify:
-                probe = LayerProbe(mod.name, kind, tensor, None, [up], seed, MAX_PROBE_OUTPUTS)
+                probe = LayerProbe(mod.name, kind, work, None, [up], seed, MAX_PROBE_OUTPUTS)
                 reason = ""
                 if stats.remerge_gap > 1.0 + 1e-6:
                     reason = f"re-merging misses the merged tensor by {stats.remerge_gap:.3g}x what rounding allows"
-                storage = math.hypot(probe.storage(merged_t), probe.storage(tensor))
-                layers.append(
-                    probe.check(probe.outputs(merged_t, None), tol, stats.relative_residual, math.nan, reason, storage)
+                storage = math.hypot(probe.storage(tensor), probe.storage(work))
+                layer = probe.check(
+                    probe.outputs(tensor, None), tol, stats.relative_residual, math.nan, reason, storage
                 )
-            return tensor
+                expect.checks[name] = _fixed_check(layer)
+            return work
         if name in mapping.biases:
             mod = mapping.biases[name]
             assert mod.update.bias is not None
@@ -587,21 +692,17 @@ def unmerge_checkpoint(
         if name in mapping.replaced:
             key = next(k for k in originals if name == k or name.endswith("." + k) or k.endswith("." + name))
             return originals[key].to(tensor.dtype)
+        expect.digests[name] = digest
+        expect.unchanged.add(name)
         return tensor
 
     report_holder: list[VerificationReport] = []
 
-    def finalize(tmp: Path) -> None:
+    def finalize(tmp: Path, written: dict[str, str]) -> None:
         if not verify:
             return
-        report = VerificationReport(
-            "unmerge",
-            all(c.passed for c in layers),
-            tol,
-            tuple(layers),
-            None,
-            notes=("no model was run: per-tensor checks only",),
-        )
+        expect.digests.update(written)
+        report = _check_written(tmp, reader.names, expect, tol, "unmerge")
         report_holder.append(report)
         if not report.passed:
             raise VerificationError(
@@ -610,7 +711,17 @@ def unmerge_checkpoint(
             )
 
     files, written = _stream(
-        merged_dir, out_dir, reader, transform, None, max_shard_size, overwrite, progress, finalize, "unmerge"
+        merged_dir,
+        out_dir,
+        reader,
+        transform,
+        None,
+        max_shard_size,
+        overwrite,
+        progress,
+        finalize,
+        "unmerge",
+        expect.unchanged,
     )
     changed = tuple(sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)))
     return CheckpointMergeReport(

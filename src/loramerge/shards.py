@@ -10,8 +10,8 @@ memory (``safetensors.torch.save_file`` does).
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shutil
 import struct
 from collections.abc import Iterator, Sequence
@@ -20,10 +20,19 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from loramerge.errors import AdapterConfigError, AdapterNotFoundError, LoraMergeError
 
-__all__ = ["CheckpointReader", "ShardWriter", "TensorInfo", "copy_side_files", "parse_size", "plan_shards"]
+__all__ = [
+    "CheckpointReader",
+    "ShardWriter",
+    "TensorInfo",
+    "copy_side_files",
+    "parse_size",
+    "plan_shards",
+    "tensor_digest",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -142,15 +151,12 @@ class CheckpointReader:
         self.files = files
         self.metadata: dict[str, dict[str, str]] = {}
         self.tensors: dict[str, TensorInfo] = {}
-        self._offsets: dict[str, int] = {}
         for file in files:
             header = _read_header(self.root / file)
             self.metadata[file] = dict(header.get("__metadata__") or {})
             entries = sorted(
                 ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
             )
-            with (self.root / file).open("rb") as f:
-                data_start = 8 + struct.unpack("<Q", f.read(8))[0]
             for name, entry in entries:
                 dtype = _ST_DTYPES.get(entry["dtype"])
                 if dtype is None:
@@ -162,8 +168,6 @@ class CheckpointReader:
                 if end - begin != info.nbytes:
                     raise AdapterConfigError(f"{file}: tensor {name!r} has {end - begin} bytes for shape {info.shape}.")
                 self.tensors[name] = info
-                self._offsets[name] = data_start + begin
-        self._fds: dict[str, int] = {}
 
     @property
     def names(self) -> list[str]:
@@ -176,33 +180,34 @@ class CheckpointReader:
         return sum(t.nbytes for t in self.tensors.values())
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read into its own memory with ``pread`` (no memory map, so the pages of the
-        files do not stay in this process's resident memory)."""
+        """One tensor, copied into its own memory.
+
+        The file is mapped only for the copy and unmapped right after, so the checkpoint's pages do
+        not accumulate in this process's resident memory.
+        """
         info = self.tensors[name]
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = os.open(self.root / info.file, os.O_RDONLY)
-            self._fds[info.file] = fd
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())  # type: ignore[arg-type]
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], self._offsets[name] + done)
-            if n <= 0:
-                raise AdapterConfigError(
-                    f"{str(self.root / info.file)!r} ended early while reading {name!r}: truncated?"
-                )
-            done += n
-        return buffer.view(info.dtype).reshape(info.shape)
+        try:
+            with safe_open(str(self.root / info.file), framework="pt", device="cpu") as handle:
+                tensor: torch.Tensor = handle.get_tensor(name).clone()
+        except SafetensorError as e:
+            raise AdapterConfigError(
+                f"{str(self.root / info.file)!r} could not be read ({e}): truncated or corrupt?"
+            ) from e
+        return tensor
+
+    def get_with_digest(self, name: str) -> tuple[torch.Tensor, str]:
+        """:meth:`get` and the SHA-256 of the tensor's bytes."""
+        tensor = self.get(name)
+        return tensor, tensor_digest(tensor)
 
     def close(self) -> None:
-        """Close the open files."""
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        """Nothing to release (files are opened per tensor); kept for symmetry."""
 
-    def __del__(self) -> None:
-        self.close()
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes in its stored layout (dtype and shape not included)."""
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(memoryview(data.numpy())).hexdigest()  # type: ignore[arg-type]
 
 
 def plan_shards(infos: Sequence[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:

@@ -1,0 +1,187 @@
+"""Benchmark: merging a LoRA adapter into a checkpoint on disk, three ways, each in its own process.
+
+Creates a random Qwen2-1.5B-shaped bf16 checkpoint saved in 1 GB shards and an r=16 adapter on all
+seven projections, then runs, alternating the order between repetitions:
+
+* ``copy``: a plain safetensors read + write copy of the shards (the I/O floor)
+* ``peft``: from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained
+* ``loramerge``: ``merge_checkpoint`` (streaming, default verification included)
+
+and reports wall time and peak resident memory of each child process (from ``wait4``). ``--layers``
+overrides the depth (e.g. double it to see that loramerge's peak memory does not grow).
+
+Usage::
+
+    python bench/merge_checkpoint.py [--layers 56] [--repeats 2] [--modes copy,loramerge]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+QWEN2_15B = {"hidden": 1536, "inter": 8960, "layers": 28, "heads": 12, "kv": 2, "vocab": 151936}
+
+
+def make_checkpoint(root: Path, layers: int) -> tuple[Path, Path]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    c = QWEN2_15B
+    config = Qwen2Config(
+        hidden_size=c["hidden"],
+        intermediate_size=c["inter"],
+        num_hidden_layers=layers,
+        num_attention_heads=c["heads"],
+        num_key_value_heads=c["kv"],
+        vocab_size=c["vocab"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(root / "base", max_shard_size="1GB")
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_peft_model(model, lora).save_pretrained(root / "adapter")
+    return root / "base", root / "adapter"
+
+
+def _peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM; a fresh count since exec, unlike wait4's ru_maxrss,
+    which includes the forked parent's memory)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
+
+
+def child(mode: str, base: Path, adapter: Path, out: Path) -> None:
+    try:
+        _child(mode, base, adapter, out)
+    finally:
+        print(json.dumps({"peak_rss_gb": _peak_rss_gb()}))
+
+
+def _child(mode: str, base: Path, adapter: Path, out: Path) -> None:
+    warnings.simplefilter("ignore")
+    if mode == "copy":
+        from safetensors.torch import load_file, save_file
+
+        out.mkdir()
+        for shard in sorted(base.glob("*.safetensors")):
+            save_file(load_file(str(shard)), str(out / shard.name), metadata={"format": "pt"})
+        return
+    if mode == "peft":
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        merged.save_pretrained(str(out), max_shard_size="1GB")
+        return
+    import loramerge as lm
+
+    report = lm.merge_checkpoint(base, adapter, out, max_shard_size="1GB", progress=False)
+    assert report.passed, str(report)
+
+
+def run(mode: str, base: Path, adapter: Path, out: Path) -> dict[str, float]:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, __file__, "--_child", mode, str(base), str(adapter), str(out)], capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} failed:\n{proc.stderr[-2000:]}")
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_gb"]
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    return {"seconds": seconds, "peak_rss_gb": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=QWEN2_15B["layers"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--modes", default="copy,peft,loramerge")
+    parser.add_argument("--workdir", type=Path, help="where to build the checkpoint (default: a temporary folder)")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/merge_checkpoint.json"))
+    parser.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        mode, base, adapter, out = args._child
+        child(mode, Path(base), Path(adapter), Path(out))
+        return
+
+    modes = args.modes.split(",")
+    with tempfile.TemporaryDirectory(prefix="loramerge-ckpt-bench-", dir=args.workdir) as tmp:
+        root = Path(tmp)
+        print(f"building a random Qwen2-1.5B-shaped bf16 checkpoint with {args.layers} layers ...", flush=True)
+        base, adapter = make_checkpoint(root, args.layers)
+        size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+        print(f"  {size / 1e9:.2f} GB in {len(list(base.glob('*.safetensors')))} shards", flush=True)
+        runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+        for i in range(args.repeats):
+            for mode in modes if i % 2 == 0 else list(reversed(modes)):
+                runs[mode].append(run(mode, base, adapter, root / f"out-{mode}"))
+                print(
+                    f"  run {i + 1} {mode:<10} {runs[mode][-1]['seconds']:.1f} s, {runs[mode][-1]['peak_rss_gb']:.2f} GB",
+                    flush=True,
+                )
+
+    rows = []
+    for mode in modes:
+        secs = [r["seconds"] for r in runs[mode]]
+        rss = [r["peak_rss_gb"] for r in runs[mode]]
+        rows.append(
+            {
+                "mode": mode,
+                "median_s": statistics.median(secs),
+                "min_s": min(secs),
+                "max_s": max(secs),
+                "peak_rss_gb": max(rss),
+            }
+        )
+    by = {r["mode"]: r for r in rows}
+    print(
+        f"\nQwen2-1.5B-shaped, {args.layers} layers, bf16, {size / 1e9:.2f} GB, r=16 on 7 projections, {args.repeats} runs each"
+    )
+    print(f"{'mode':<10} {'median s':>9} {'min-max s':>12} {'peak RSS GB':>12} {'vs copy':>8} {'vs peft':>8}")
+    for r in rows:
+        vs_copy = r["median_s"] / by["copy"]["median_s"] if "copy" in by else float("nan")
+        vs_peft = by["peft"]["median_s"] / r["median_s"] if "peft" in by else float("nan")
+        print(
+            f"{r['mode']:<10} {r['median_s']:>9.1f} {r['min_s']:>5.1f}-{r['max_s']:<6.1f} {r['peak_rss_gb']:>12.2f} {vs_copy:>7.2f}x {vs_peft:>7.2f}x"
+        )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    setup = {"layers": args.layers, "bytes": size, "repeats": args.repeats, "cpus": os.cpu_count()}
+    args.json.write_text(json.dumps({"setup": setup, "rows": rows, "runs": runs}, indent=2))
+    print(f"(vs peft: how many times faster than PEFT)\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
