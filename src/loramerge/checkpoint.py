@@ -224,20 +224,23 @@ def _check_tied(root: Path, reader: CheckpointReader, touched: set[str]) -> None
 class _Pipeline:
     """Read-ahead (with SHA-256) of the next tensor and write-behind of the previous one, around the caller's compute."""
 
-    def __init__(self, reader: CheckpointReader, names: list[str], writer: ShardWriter):
-        self.reader, self.names, self.writer = reader, names, writer
+    def __init__(self, reader: CheckpointReader, names: list[str], writer: ShardWriter, hash_on_read: set[str]):
+        self.reader, self.names, self.writer, self.hash_on_read = reader, names, writer, hash_on_read
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramerge-io")
         self.pending_write: Future[str | None] | None = None
         self.written: dict[str, str] = {}
 
+    def _read(self, name: str) -> tuple[torch.Tensor, str]:
+        if name in self.hash_on_read:
+            return self.reader.get_with_digest(name)
+        return self.reader.get(name), ""
+
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor, str]]:
-        ahead = self.pool.submit(self.reader.get_with_digest, self.names[0]) if self.names else None
+        ahead = self.pool.submit(self._read, self.names[0]) if self.names else None
         for i, name in enumerate(self.names):
             assert ahead is not None
             tensor, digest = ahead.result()
-            ahead = (
-                self.pool.submit(self.reader.get_with_digest, self.names[i + 1]) if i + 1 < len(self.names) else None
-            )
+            ahead = self.pool.submit(self._read, self.names[i + 1]) if i + 1 < len(self.names) else None
             yield name, tensor, digest
 
     def _write(self, name: str, tensor: torch.Tensor, digest: bool) -> str | None:
@@ -340,6 +343,7 @@ def _stream(
     finalize: Callable[[Path, dict[str, str]], None],
     desc: str,
     unchanged: set[str],
+    hash_on_read: set[str],
 ) -> tuple[tuple[str, ...], int]:
     infos = [
         TensorInfo(t.name, dtype if (dtype is not None and t.dtype.is_floating_point) else t.dtype, t.shape, t.file)
@@ -353,7 +357,7 @@ def _stream(
             _set_config_dtype(tmp, dtype)
         order = [t.name for shard in plan for t in shard]
         writer = ShardWriter(tmp, plan, metadata)
-        pipe = _Pipeline(reader, order, writer)
+        pipe = _Pipeline(reader, order, writer, hash_on_read)
         bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc=desc, disable=not progress)
         try:
             for count, (name, tensor, digest) in enumerate(pipe, start=1):
@@ -446,27 +450,26 @@ def merge_checkpoint(
     tol = tolerance or Tolerance()
     norms: dict[str, torch.Tensor] = {}
     expect = _Expectations()
+    untouched = set(reader.names) - set(mapping.modules) - set(mapping.biases) - set(mapping.replaced)
 
     def transform(name: str, tensor: torch.Tensor, digest: str) -> torch.Tensor:
         if name in mapping.modules:
             mod, kind = mapping.modules[name]
             up = _updates_for(mod, kind)
             work = tensor if target is None else tensor.to(target)
-            problems = check_updates([up], work)
-            if problems:
+            if verify:  # the probe's reference comes from the base tensor, before it is changed
+                probe = LayerProbe(mod.name, kind, work, None, [up], 0, MAX_PROBE_OUTPUTS)
+            # The output is atomic, so non-finite results need not be found before computing them: the
+            # rounding residual is NaN or infinite exactly when a result is non-finite or overflowed.
+            stats = merge_tensor_(work, [up])
+            if not math.isfinite(stats.residual_norm) or not math.isfinite(stats.delta_norm):
+                problems = check_updates([up], tensor if target is None else tensor.to(target)) or ["non-finite result"]
                 raise NonFiniteMergeError(
                     f"merging {mod.name} would produce non-finite weights or overflow ({'; '.join(problems)}); "
                     "nothing was written. Check the adapter for NaN/Inf, or merge into a wider dtype."
                 )
             if verify:
-                idx = output_subset(mod.name, kind, work, 0, MAX_PROBE_OUTPUTS)
-                base_rows = restrict_weight(kind, work, idx).clone()
-                probe = LayerProbe(mod.name, kind, work, None, [up], 0, MAX_PROBE_OUTPUTS)
-            stats = merge_tensor_(work, [up])
-            if verify:
-                merged_rows = restrict_weight(kind, work, idx)
-                rel, max_ulp, reason = weight_space_check(kind, base_rows, merged_rows, [restrict_update(up, idx)], tol)
-                expect.checks[name] = _probe_check(probe, tol, rel, max_ulp, reason)
+                expect.checks[name] = _probe_check(probe, tol, stats.relative_residual, math.nan, "")
             if "dora_norms" in stats.extras:
                 norms[mod.name] = stats.extras["dora_norms"].cpu()
             return work
@@ -515,6 +518,7 @@ def merge_checkpoint(
         finalize,
         "merge",
         expect.unchanged,
+        untouched if verify else set(),
     )
     changed = tuple(sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)))
     return CheckpointMergeReport(
@@ -667,6 +671,7 @@ def unmerge_checkpoint(
             )
         )
     expect = _Expectations()
+    untouched = set(reader.names) - set(mapping.modules) - set(mapping.biases) - set(mapping.replaced)
 
     def transform(name: str, tensor: torch.Tensor, digest: str) -> torch.Tensor:
         if name in mapping.modules:
@@ -722,6 +727,7 @@ def unmerge_checkpoint(
         finalize,
         "unmerge",
         expect.unchanged,
+        untouched if verify else set(),
     )
     changed = tuple(sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)))
     return CheckpointMergeReport(

@@ -183,7 +183,7 @@ class CheckpointReader:
         """One tensor, copied into its own memory.
 
         The file is mapped only for the copy and unmapped right after, so the checkpoint's pages do
-        not accumulate in this process's resident memory.
+        not accumulate in this process's resident memory (one tensor's pages count while it is copied).
         """
         info = self.tensors[name]
         try:
