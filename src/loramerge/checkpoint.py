@@ -304,12 +304,12 @@ def _check_written(
     layers: list[LayerCheck] = []
     wrong: list[str] = sorted(set(names) ^ set(reader.names))
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramerge-verify") as pool:
-        queue = [pool.submit(reader.get_with_digest, n) for n in names[:2] if n in reader.tensors]
         present = [n for n in names if n in reader.tensors]
+        queue = [pool.submit(reader.get_with_digest, n) for n in present[:1]]
         for i, name in enumerate(present):
             tensor, digest = queue.pop(0).result()
-            if i + 2 < len(present):
-                queue.append(pool.submit(reader.get_with_digest, present[i + 2]))
+            if i + 1 < len(present):
+                queue.append(pool.submit(reader.get_with_digest, present[i + 1]))
             if digest != expect.digests.get(name):
                 wrong.append(name)
             if name in expect.checks:
@@ -366,6 +366,7 @@ def _stream(
                 if dtype is not None and result.is_floating_point():
                     result = result.to(dtype)
                 pipe.write(name, result, digest=name not in unchanged)
+                del tensor, result  # the writer holds it now; do not keep it alive through the next read
                 bar.update(info.nbytes)
                 bar.set_postfix_str(f"{count}/{len(order)} tensors", refresh=False)
         finally:
