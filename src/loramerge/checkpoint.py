@@ -42,6 +42,7 @@ from loramerge.shards import (
     copy_side_files,
     parse_size,
     plan_shards,
+    return_freed_memory_to_os,
     tensor_digest,
 )
 from loramerge.tolerance import Tolerance, ulp
@@ -350,6 +351,7 @@ def _stream(
         for t in reader.tensors.values()
     ]
     plan = plan_shards(infos, parse_size(max_shard_size))
+    return_freed_memory_to_os()
     metadata = dict(reader.metadata.get(reader.files[0], {}))
     with atomic_directory(out, overwrite=overwrite) as tmp:
         copy_side_files(base, tmp)

@@ -10,10 +10,12 @@ memory (``safetensors.torch.save_file`` does).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import shutil
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,7 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
 
@@ -208,6 +211,23 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes in its stored layout (dtype and shape not included)."""
     data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
     return hashlib.sha256(memoryview(data.numpy())).hexdigest()  # type: ignore[arg-type]
+
+
+def return_freed_memory_to_os() -> None:
+    """Make glibc serve allocations of 4 MiB and more with ``mmap``, so freed tensors go back to the OS.
+
+    By default glibc raises its mmap threshold (up to 32 MiB) after large blocks are freed; tensors
+    below it then come from heap arenas that fragment and are not returned, so a streaming merge's
+    resident memory would grow with the number of tensors (measured: 1.8 GB at 28 layers, 3.2 GB
+    at 56). A fixed threshold keeps it flat. Process-wide, harmless elsewhere; a no-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 4 * 2**20)
+    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+        pass
 
 
 def plan_shards(infos: Sequence[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
