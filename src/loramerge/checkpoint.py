@@ -400,6 +400,70 @@ def _updates_for(mod: AdapterModule, kind: Kind) -> LoraUpdate:
     return LoraUpdate(kind, up.lora_A, up.lora_B, mod.scale, up.magnitude, None)
 
 
+def _publish(
+    operation: Literal["merge", "unmerge"],
+    src: Path,
+    out: Path,
+    reader: CheckpointReader,
+    mapping: AdapterMapping,
+    expect: _Expectations,
+    transform: Callable[[str, torch.Tensor, str], torch.Tensor],
+    dtype: torch.dtype | None,
+    max_shard_size: int | str,
+    overwrite: bool,
+    progress: bool,
+    verify: bool,
+    tol: Tolerance,
+    started: float,
+    extra_check: Callable[[Path, VerificationReport], VerificationReport] | None = None,
+    norms: Mapping[str, torch.Tensor] | None = None,
+) -> CheckpointMergeReport:
+    """Stream ``src`` through ``transform`` into ``out``, verify what was written, publish it atomically."""
+    untouched = set(reader.names) - set(mapping.modules) - set(mapping.biases) - set(mapping.replaced)
+    reports: list[VerificationReport] = []
+
+    def finalize(tmp: Path, written: dict[str, str]) -> None:
+        if not verify:
+            return
+        expect.digests.update(written)
+        report = _check_written(tmp, reader.names, expect, tol, operation)
+        if extra_check is not None and report.passed:
+            report = extra_check(tmp, report)
+        reports.append(report)
+        if not report.passed:
+            raise VerificationError(
+                f"the {operation}d checkpoint is out of tolerance; nothing was written:\n" + "\n".join(report.failures),
+                report,
+            )
+
+    files, written = _stream(
+        src,
+        out,
+        reader,
+        transform,
+        dtype,
+        max_shard_size,
+        overwrite,
+        progress,
+        finalize,
+        operation,
+        expect.unchanged,
+        untouched if verify else set(),
+    )
+    changed = tuple(sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)))
+    return CheckpointMergeReport(
+        out,
+        operation,
+        files,
+        len(reader.names),
+        changed,
+        written,
+        time.perf_counter() - started,
+        reports[0] if reports else None,
+        dict(norms or {}),
+    )
+
+
 def merge_checkpoint(
     base: str | Path,
     adapter: str | Path | Adapter,
@@ -453,7 +517,6 @@ def merge_checkpoint(
     tol = tolerance or Tolerance()
     norms: dict[str, torch.Tensor] = {}
     expect = _Expectations()
-    untouched = set(reader.names) - set(mapping.modules) - set(mapping.biases) - set(mapping.replaced)
 
     def transform(name: str, tensor: torch.Tensor, digest: str) -> torch.Tensor:
         if name in mapping.modules:
@@ -488,51 +551,33 @@ def merge_checkpoint(
             expect.unchanged.add(name)
         return tensor
 
-    report_holder: list[VerificationReport] = []
+    def model_check(tmp: Path, report: VerificationReport) -> VerificationReport:
+        if verify != "model":
+            return report
+        from loramerge.loading import load_base
+        from loramerge.verification import verify as verify_models
 
-    def finalize(tmp: Path, written: dict[str, str]) -> None:
-        if not verify:
-            return
-        expect.digests.update(written)
-        report = _check_written(tmp, reader.names, expect, tol, "merge")
-        if verify == "model" and report.passed:
-            from loramerge.loading import load_base
-            from loramerge.verification import verify as verify_models
+        full = verify_models(
+            load_base(base_dir, dtype=target), loaded, load_base(tmp), tolerance=tol, check_outputs=True
+        )
+        return dataclasses.replace(report, passed=full.passed, outputs=full.outputs)
 
-            full = verify_models(
-                load_base(base_dir, dtype=target), loaded, load_base(tmp), tolerance=tol, check_outputs=True
-            )
-            report = dataclasses.replace(report, passed=full.passed, outputs=full.outputs)
-        report_holder.append(report)
-        if not report.passed:
-            raise VerificationError(
-                "the merged checkpoint is out of tolerance; nothing was written:\n" + "\n".join(report.failures), report
-            )
-
-    files, written = _stream(
+    return _publish(
+        "merge",
         base_dir,
         out_dir,
         reader,
+        mapping,
+        expect,
         transform,
         target,
         max_shard_size,
         overwrite,
         progress,
-        finalize,
-        "merge",
-        expect.unchanged,
-        untouched if verify else set(),
-    )
-    changed = tuple(sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)))
-    return CheckpointMergeReport(
-        out_dir,
-        "merge",
-        files,
-        len(reader.names),
-        changed,
-        written,
-        time.perf_counter() - started,
-        report_holder[0] if report_holder else None,
+        bool(verify),
+        tol,
+        started,
+        model_check,
         norms,
     )
 
@@ -674,7 +719,6 @@ def unmerge_checkpoint(
             )
         )
     expect = _Expectations()
-    untouched = set(reader.names) - set(mapping.modules) - set(mapping.biases) - set(mapping.replaced)
 
     def transform(name: str, tensor: torch.Tensor, digest: str) -> torch.Tensor:
         if name in mapping.modules:
@@ -704,42 +748,19 @@ def unmerge_checkpoint(
         expect.unchanged.add(name)
         return tensor
 
-    report_holder: list[VerificationReport] = []
-
-    def finalize(tmp: Path, written: dict[str, str]) -> None:
-        if not verify:
-            return
-        expect.digests.update(written)
-        report = _check_written(tmp, reader.names, expect, tol, "unmerge")
-        report_holder.append(report)
-        if not report.passed:
-            raise VerificationError(
-                "the unmerged checkpoint is out of tolerance; nothing was written:\n" + "\n".join(report.failures),
-                report,
-            )
-
-    files, written = _stream(
+    return _publish(
+        "unmerge",
         merged_dir,
         out_dir,
         reader,
+        mapping,
+        expect,
         transform,
         None,
         max_shard_size,
         overwrite,
         progress,
-        finalize,
-        "unmerge",
-        expect.unchanged,
-        untouched if verify else set(),
-    )
-    changed = tuple(sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)))
-    return CheckpointMergeReport(
-        out_dir,
-        "unmerge",
-        files,
-        len(reader.names),
-        changed,
-        written,
-        time.perf_counter() - started,
-        report_holder[0] if report_holder else None,
+        verify,
+        tol,
+        started,
     )
