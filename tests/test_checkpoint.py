@@ -18,7 +18,7 @@ from loramerge.cli import main
 from loramerge.shards import ShardWriter
 from loramerge.tolerance import ulp
 
-STREAM_CASES = [c for c in CASES if c.id not in ("llama-tied-embedding", "llama-two-adapters")]
+STREAM_CASES = [c for c in CASES if c.id != "llama-two-adapters"]
 DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -155,10 +155,21 @@ def test_failed_verification_publishes_nothing(tmp_path: Path, monkeypatch: pyte
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
 
 
-def test_tied_embeddings_refused_with_a_way_out(tmp_path: Path) -> None:
-    _, base_dir, adapter_dir = _prepare(tmp_path, "llama-tied-embedding", torch.bfloat16)
-    with pytest.raises(lm.UnsupportedAdapterError, match="loramerge.merge"):
-        lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
+def test_tied_embeddings_untied_like_the_in_memory_merge(tmp_path: Path) -> None:
+    base, base_dir, adapter_dir = _prepare(tmp_path, "llama-tied-embedding", torch.bfloat16)
+    assert "lm_head.weight" not in json.loads((base_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    with pytest.warns(lm.LoraMergeWarning, match="lm_head"):
+        report = lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", max_shard_size="30KB", progress=False)
+    assert report.passed
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    with pytest.warns(lm.LoraMergeWarning):
+        in_memory = lm.merge(copy.deepcopy(base), lm.load_adapter(adapter_dir)).model.state_dict()
+    loaded = lm.load_base(tmp_path / "merged").state_dict()
+    for name, tensor in in_memory.items():
+        assert torch.equal(loaded[name], tensor), name
+    assert torch.equal(loaded["lm_head.weight"], base.state_dict()["lm_head.weight"])
+    assert lm.verify_checkpoint(base_dir, adapter_dir, tmp_path / "merged").passed
 
 
 def test_dtype_conversion_and_model_check(tmp_path: Path) -> None:
@@ -198,3 +209,23 @@ def test_corruption_on_the_way_to_disk_is_caught(tmp_path: Path, monkeypatch: py
         lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
     assert info.value.report.unexpected_changes == (victim,)
     assert not (tmp_path / "out").exists()
+
+
+def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    _, base_dir, adapter_dir = _prepare(tmp_path, "llama-linear-patterns", torch.bfloat16)
+    real = ShardWriter.write
+    calls = {"n": 0}
+
+    def full(self: ShardWriter, name: str, tensor: torch.Tensor) -> None:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "write", full)
+    with pytest.raises(lm.LoraMergeError, match="disk is full") as info:
+        lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
+    assert isinstance(info.value, OSError) and "another output directory" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]

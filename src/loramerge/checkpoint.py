@@ -10,10 +10,12 @@ written into a temporary directory beside ``out`` and renamed only once complete
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +29,9 @@ from loramerge.adapter import Adapter, AdapterModule, load_adapter
 from loramerge.delta import Kind, LoraUpdate, check_updates, merge_tensor_, unmerge_tensor_
 from loramerge.errors import (
     AdapterMismatchError,
+    LoraMergeWarning,
     NonFiniteMergeError,
+    OutputWriteError,
     UnmergeImpossibleError,
     UnsupportedAdapterError,
     VerificationError,
@@ -205,21 +209,49 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
     return AdapterMapping(modules, biases, replaced)
 
 
-def _check_tied(root: Path, reader: CheckpointReader, touched: set[str]) -> None:
+_INPUT_EMBEDDING_KEYS = ("embed_tokens", "wte.", "word_embeddings", "embed_in")
+
+
+def _read_config(root: Path) -> dict[str, Any]:
     try:
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return
-    text = config.get("text_config") or {}
-    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-    embeddings = [
-        n for n in touched if any(k in n for k in ("embed_tokens", "wte.", "word_embeddings", "embed_in", "lm_head"))
-    ]
-    if tied and embeddings:
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _untie_plan(root: Path, reader: CheckpointReader, touched: set[str]) -> dict[str, str]:
+    """``{"lm_head.weight": <input embedding>}`` when the checkpoint ties its embeddings (stores one
+    tensor) and the adapter changes the input embedding: the output must then keep the original
+    values for the output embedding, as adapter mode does, and say so in its config."""
+    config = _read_config(root)
+    tied = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings", False))
+    changed = sorted(n for n in touched if any(k in n for k in _INPUT_EMBEDDING_KEYS))
+    if not tied or not changed or "lm_head.weight" in reader.tensors:
+        return {}
+    if len(changed) != 1:
         raise UnsupportedAdapterError(
-            f"the checkpoint ties its input and output embeddings and the adapter changes {sorted(embeddings)}: the "
-            "checkpoint merge does not untie them yet. Merge in memory (loramerge.merge), which unties them correctly."
+            f"the checkpoint ties its embeddings and the adapter changes {changed}; which one is the tied input "
+            "embedding is ambiguous. Merge in memory (loramerge.merge), which unties from the model's own ties."
         )
+    warnings.warn(
+        f"the checkpoint ties lm_head to {changed[0]}, which the adapter changes: the output stores lm_head.weight "
+        "with the original values (as adapter mode computes) and says tie_word_embeddings=false in config.json.",
+        LoraMergeWarning,
+        stacklevel=3,
+    )
+    return {"lm_head.weight": changed[0]}
+
+
+def _untie_config(root: Path) -> None:
+    path = root / "config.json"
+    config = _read_config(root)
+    if not config:
+        return
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 class _Pipeline:
@@ -245,7 +277,17 @@ class _Pipeline:
             yield name, tensor, digest
 
     def _write(self, name: str, tensor: torch.Tensor, digest: bool) -> str | None:
-        self.writer.write(name, tensor)
+        try:
+            self.writer.write(name, tensor)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                planned = sum(t.nbytes for shard in self.writer.plan for t in shard)
+                raise OutputWriteError(
+                    e.errno,
+                    f"the disk is full while writing {name} into {self.writer.root} (the output needs about "
+                    f"{planned / 1e9:.2f} GB). Free space or choose another output directory; nothing was left behind.",
+                ) from e
+            raise
         return tensor_digest(tensor) if digest else None
 
     def write(self, name: str, tensor: torch.Tensor, digest: bool) -> None:
@@ -357,6 +399,8 @@ def _stream(
         copy_side_files(base, tmp)
         if dtype is not None:
             _set_config_dtype(tmp, dtype)
+        if any(name not in reader.stored for name in reader.names):
+            _untie_config(tmp)
         order = [t.name for shard in plan for t in shard]
         writer = ShardWriter(tmp, plan, metadata)
         pipe = _Pipeline(reader, order, writer, hash_on_read)
@@ -512,7 +556,9 @@ def merge_checkpoint(
     loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     reader = CheckpointReader(base_dir)
     mapping = map_adapter(reader, loaded)
-    _check_tied(base_dir, reader, set(mapping.modules) | set(mapping.replaced))
+    untie = _untie_plan(base_dir, reader, set(mapping.modules) | set(mapping.replaced))
+    for name, source in untie.items():
+        reader.add_alias(name, source)
     target = resolve_dtype(dtype)
     tol = tolerance or Tolerance()
     norms: dict[str, torch.Tensor] = {}
@@ -522,6 +568,8 @@ def merge_checkpoint(
         if name in mapping.modules:
             mod, kind = mapping.modules[name]
             up = _updates_for(mod, kind)
+            if name in mapping.replaced:  # a saved embedding base: adapter mode applies the delta to it
+                tensor = mapping.replaced[name].to(tensor.dtype)
             work = tensor if target is None else tensor.to(target)
             if verify:  # the probe's reference comes from the base tensor, before it is changed
                 probe = LayerProbe(mod.name, kind, work, None, [up], 0, MAX_PROBE_OUTPUTS)
@@ -612,6 +660,12 @@ def verify_checkpoint(
     loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     base_reader, merged_reader = CheckpointReader(base), CheckpointReader(merged)
     mapping = map_adapter(base_reader, loaded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LoraMergeWarning)
+        untie = _untie_plan(Path(base), base_reader, set(mapping.modules) | set(mapping.replaced))
+    for name, source in untie.items():
+        if name in merged_reader.tensors:
+            base_reader.add_alias(name, source)
     layers: list[LayerCheck] = []
     changed: list[str] = []
     missing = sorted(set(base_reader.names) ^ set(merged_reader.names))

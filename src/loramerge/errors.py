@@ -19,6 +19,7 @@ __all__ = [
     "LoraMergeError",
     "LoraMergeWarning",
     "NonFiniteMergeError",
+    "OutputWriteError",
     "UnmergeImpossibleError",
     "UnsafeFormatError",
     "UnsupportedAdapterError",
@@ -75,6 +76,10 @@ class VerificationError(LoraMergeError, AssertionError):
         super().__init__(message)
         self.report = report
         self.result = result
+
+
+class OutputWriteError(LoraMergeError, OSError):
+    """Writing the output failed (for example the disk is full); nothing is left behind."""
 
 
 class LoraMergeWarning(UserWarning):

@@ -154,6 +154,7 @@ class CheckpointReader:
         self.files = files
         self.metadata: dict[str, dict[str, str]] = {}
         self.tensors: dict[str, TensorInfo] = {}
+        self._aliases: dict[str, str] = {}
         for file in files:
             header = _read_header(self.root / file)
             self.metadata[file] = dict(header.get("__metadata__") or {})
@@ -172,6 +173,17 @@ class CheckpointReader:
                     raise AdapterConfigError(f"{file}: tensor {name!r} has {end - begin} bytes for shape {info.shape}.")
                 self.tensors[name] = info
 
+    def add_alias(self, name: str, source: str) -> None:
+        """Make ``name`` readable as a copy of the stored tensor ``source`` (for example an untied ``lm_head``)."""
+        info = self.tensors[source]
+        self.tensors[name] = TensorInfo(name, info.dtype, info.shape, info.file)
+        self._aliases[name] = source
+
+    @property
+    def stored(self) -> set[str]:
+        """Names of the tensors actually stored in the files (no aliases)."""
+        return set(self.tensors) - set(self._aliases)
+
     @property
     def names(self) -> list[str]:
         """Tensor names in file order (shard by shard, by offset)."""
@@ -189,9 +201,10 @@ class CheckpointReader:
         not accumulate in this process's resident memory (one tensor's pages count while it is copied).
         """
         info = self.tensors[name]
+        stored = self._aliases.get(name, name)
         try:
             with safe_open(str(self.root / info.file), framework="pt", device="cpu") as handle:
-                tensor: torch.Tensor = handle.get_tensor(name).clone()
+                tensor: torch.Tensor = handle.get_tensor(stored).clone()
         except SafetensorError as e:
             raise AdapterConfigError(
                 f"{str(self.root / info.file)!r} could not be read ({e}): truncated or corrupt?"
