@@ -34,6 +34,7 @@ from loramerge.verification import (
     LayerProbe,
     ModelReference,
     Probes,
+    bias_of,
     exact_layer_output,
     output_check,
     output_subset,
@@ -158,7 +159,7 @@ def merge(
         tuner.set_adapter(previous)
         for plan in plans:
             ups = [u for _, u in plan.updates]
-            bias = _bias_of(plan.layer)
+            bias = bias_of(plan.layer)
             layer_probes.append(LayerProbe(plan.name, plan.kind, plan.weight, bias, ups, seed, MAX_PROBE_OUTPUTS))
 
     untied = untie_shared(inner, plans)
@@ -184,7 +185,7 @@ def merge(
     if verify:
         for plan, probe in zip(plans, layer_probes, strict=True):
             st = stats[plan.name]
-            bias = _bias_of(plan.layer)
+            bias = bias_of(plan.layer)
             merged_w = plan.weight.detach()
             out = probe.outputs(merged_w, bias)
             layers.append(probe.check(out, tol, st.relative_residual, st.max_ulp, "", probe.storage(merged_w)))
@@ -224,11 +225,6 @@ def merge(
             result,
         )
     return result
-
-
-def _bias_of(layer: nn.Module) -> torch.Tensor | None:
-    bias = getattr(layer, "bias", None)
-    return bias.detach() if isinstance(bias, torch.Tensor) else None
 
 
 def unmerge(
@@ -336,7 +332,7 @@ def unmerge(
             x = probe_inputs(plan.name, plan.kind, plan.weight, seed)
             idx = output_subset(plan.name, plan.kind, plan.weight, seed, MAX_PROBE_OUTPUTS)
             w_sub = restrict_weight(plan.kind, plan.weight, idx)
-            target_out[plan.name] = exact_layer_output(plan.kind, w_sub, restrict_vector(_bias_of(plan.layer), idx), x)
+            target_out[plan.name] = exact_layer_output(plan.kind, w_sub, restrict_vector(bias_of(plan.layer), idx), x)
             storage[plan.name] = storage_rms(plan.kind, w_sub, x)
 
     stats = {}
@@ -373,7 +369,7 @@ def unmerge(
         for plan in plans:
             up = plan.updates[0][1]
             st = stats[plan.name]
-            probe_bias = _bias_of(plan.layer)
+            probe_bias = bias_of(plan.layer)
             trained_bias = adapter.replaced.get(f"{plan.name}.bias")
             if trained_bias is not None and probe_bias is not None:  # adapter mode runs with the adapter's bias
                 probe_bias = trained_bias.to(probe_bias.dtype).to(probe_bias.device)

@@ -374,7 +374,8 @@ def _input_features(kind: Kind, weight: torch.Tensor) -> int:
     return int(w.shape[0]) if kind in ("conv1d", "embedding") else int(w.shape[1])
 
 
-def _bias(layer: nn.Module) -> torch.Tensor | None:
+def bias_of(layer: nn.Module) -> torch.Tensor | None:
+    """A layer's bias (detached), or ``None``."""
     b = getattr(layer, "bias", None)
     return b.detach() if isinstance(b, torch.Tensor) else None
 
