@@ -56,7 +56,9 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
     """
     final = Path(target)
     if final.exists() and not overwrite:
-        raise LoraMergeError(f"{str(final)!r} already exists; choose another output path or pass overwrite=True.")
+        raise LoraMergeError(
+            f"{str(final)!r} already exists; choose another output path or pass overwrite=True (--overwrite on the command line)."
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
