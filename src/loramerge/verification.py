@@ -178,11 +178,17 @@ def run_widened(
         for p, original in stash.pop(id(module), []):
             p.data = original
 
+    def widen_output(module: nn.Module, args: Any, output: Any) -> Any:
+        return output.to(dtype) if isinstance(output, torch.Tensor) and output.is_floating_point() else output
+
     handles = []
     buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         for module in model.modules():
-            if any(True for _ in module.parameters(recurse=False)):
+            if type(module) is nn.Embedding and perturb is None:
+                # a lookup returns stored values exactly: widening its output equals widening the table
+                handles.append(module.register_forward_hook(widen_output))
+            elif any(True for _ in module.parameters(recurse=False)):
                 handles.append(module.register_forward_pre_hook(before))
                 handles.append(module.register_forward_hook(after, always_call=True))
         for b in model.buffers():
