@@ -179,6 +179,25 @@ def test_dtype_conversion_and_model_check(tmp_path: Path) -> None:
     assert report.passed and report.verification is not None and report.verification.outputs is not None
     loaded = lm.load_base(tmp_path / "out")
     assert loaded.dtype == torch.bfloat16
+    # verifying the converted output against the fp32 base detects the conversion and says so
+    check = lm.verify_checkpoint(base_dir, adapter_dir, tmp_path / "out")
+    assert check.passed and any("compared after converting the base to torch.bfloat16" in n for n in check.notes)
+
+
+def test_dtype_mismatch_is_named(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _, base_dir, adapter_dir = _prepare(tmp_path, "llama-linear-patterns", torch.bfloat16)
+    lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
+    state = load_file(str(tmp_path / "out" / "model.safetensors"))
+    state["model.norm.weight"] = state["model.norm.weight"].float()  # one tensor in another dtype
+    save_file(state, str(tmp_path / "out" / "model.safetensors"), metadata={"format": "pt"})
+    report = lm.verify_checkpoint(base_dir, adapter_dir, tmp_path / "out")
+    assert not report.passed and "model.norm.weight" in report.unexpected_changes
+    assert any(
+        "dtype mismatch" in n and "model.norm.weight (torch.bfloat16 expected, torch.float32 found)" in n
+        for n in report.notes
+    )
 
 
 def test_cli_merge_verify_unmerge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

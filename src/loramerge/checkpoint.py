@@ -668,6 +668,20 @@ def verify_checkpoint(
             base_reader.add_alias(name, source)
     layers: list[LayerCheck] = []
     changed: list[str] = []
+    wrong_dtype: list[str] = []
+    notes = [
+        "no model was run: per-tensor checks only (verify() on loaded models, or merge_checkpoint(verify='model'), "
+        "adds the whole-model check)"
+    ]
+    if dtype is None:
+        base_floats = {t.dtype for t in base_reader.tensors.values() if t.dtype.is_floating_point}
+        merged_floats = {t.dtype for t in merged_reader.tensors.values() if t.dtype.is_floating_point}
+        if len(merged_floats) == 1 and merged_floats != base_floats:
+            dtype = next(iter(merged_floats))
+            notes.append(
+                f"every floating tensor of the merged checkpoint is {dtype}, the base's are "
+                f"{sorted(str(d) for d in base_floats)}: compared after converting the base to {dtype}"
+            )
     missing = sorted(set(base_reader.names) ^ set(merged_reader.names))
     bar = tqdm(total=len(base_reader.names), unit="tensor", desc="verify", disable=not progress)
     checked = 0
@@ -679,6 +693,10 @@ def verify_checkpoint(
         original = base_reader.get(name)
         if dtype is not None and original.is_floating_point():
             original = original.to(dtype)
+        if got.dtype != original.dtype and name not in mapping.replaced:
+            wrong_dtype.append(f"{name} ({original.dtype} expected, {got.dtype} found)")
+            changed.append(name)
+            continue
         if name in mapping.modules:
             mod, kind = mapping.modules[name]
             up = _updates_for(mod, kind)
@@ -706,9 +724,11 @@ def verify_checkpoint(
         if got.dtype != expected.dtype or got.shape != expected.shape or not torch.equal(got, expected):
             changed.append(name)
     bar.close()
-    notes = [
-        "no model was run: per-tensor checks only (merge_checkpoint(..., verify=True) and verify() on loaded models add the whole-model check)"
-    ]
+    if wrong_dtype:
+        notes.append(
+            f"dtype mismatch in {len(wrong_dtype)} tensor(s), e.g. {wrong_dtype[:3]}: if the merge converted dtypes, "
+            "pass dtype= (the CLI: compare checkpoints of the same dtype)"
+        )
     if missing:
         notes.append(f"tensors present in only one checkpoint: {missing[:10]}")
     passed = all(c.passed for c in layers) and not changed and not missing
