@@ -28,42 +28,24 @@ import time
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _random_checkpoint import random_qwen2_checkpoint
+
 QWEN2_15B = {"hidden": 1536, "inter": 8960, "layers": 28, "heads": 12, "kv": 2, "vocab": 151936}
 
 
 def make_checkpoint(root: Path, layers: int) -> tuple[Path, Path]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     c = QWEN2_15B
-    config = Qwen2Config(
-        hidden_size=c["hidden"],
-        intermediate_size=c["inter"],
-        num_hidden_layers=layers,
-        num_attention_heads=c["heads"],
-        num_key_value_heads=c["kv"],
-        vocab_size=c["vocab"],
-        tie_word_embeddings=True,
+    return random_qwen2_checkpoint(
+        root,
+        hidden=c["hidden"],
+        intermediate=c["inter"],
+        layers=layers,
+        heads=c["heads"],
+        kv_heads=c["kv"],
+        vocab=c["vocab"],
+        max_shard_size="1GB",
     )
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.save_pretrained(root / "base", max_shard_size="1GB")
-    lora = LoraConfig(
-        r=16,
-        lora_alpha=32,
-        init_lora_weights=False,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        get_peft_model(model, lora).save_pretrained(root / "adapter")
-    return root / "base", root / "adapter"
 
 
 def _peak_rss_gb() -> float:

@@ -31,6 +31,9 @@ import time
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _random_checkpoint import random_qwen2_checkpoint
+
 PRESETS = {
     # hidden, intermediate, layers, heads, kv heads, vocab
     "qwen2-0.5b": (896, 4864, 24, 14, 2, 151936),
@@ -96,39 +99,10 @@ class PeakSampler:
 
 
 def make_checkpoint(root: Path, preset: str, layers: int | None) -> tuple[Path, Path]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     hidden, inter, n_layers, heads, kv, vocab = PRESETS[preset]
-    config = Qwen2Config(
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers or n_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        vocab_size=vocab,
-        tie_word_embeddings=True,
-        max_position_embeddings=4096,
+    return random_qwen2_checkpoint(
+        root, hidden=hidden, intermediate=inter, layers=layers or n_layers, heads=heads, kv_heads=kv, vocab=vocab
     )
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.save_pretrained(root / "base")
-    lora = LoraConfig(
-        r=16,
-        lora_alpha=32,
-        init_lora_weights=False,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        get_peft_model(model, lora).save_pretrained(root / "adapter")
-    return root / "base", root / "adapter"
 
 
 def run_one(mode: str, base: Path, adapter: Path) -> dict[str, float]:
