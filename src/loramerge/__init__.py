@@ -28,6 +28,7 @@ from loramerge.errors import (
     UnmergeImpossibleError,
     UnsafeFormatError,
     UnsupportedAdapterError,
+    UnsupportedQuantizationError,
     VerificationError,
 )
 from loramerge.inmemory import merge, unmerge
@@ -63,6 +64,7 @@ __all__ = [
     "UnmergeResult",
     "UnsafeFormatError",
     "UnsupportedAdapterError",
+    "UnsupportedQuantizationError",
     "VerificationError",
     "VerificationReport",
     "__version__",

@@ -330,10 +330,16 @@ class TensorStats:
 
 
 def merge_tensor_(
-    weight: torch.Tensor, updates: Sequence[LoraUpdate], norms: torch.Tensor | None = None
+    weight: torch.Tensor,
+    updates: Sequence[LoraUpdate],
+    norms: torch.Tensor | None = None,
+    source: torch.Tensor | None = None,
 ) -> TensorStats:
     """Merge ``updates`` into ``weight`` in place: ``W ← round(W + Σ ΔW)``, computed in fp32
     (fp64 for fp32 weights) and rounded once.
+
+    With ``source`` (same shape, any dtype exactly representable in the compute dtype, e.g. a
+    dequantized weight), ``weight ← round(source + Σ ΔW)``: ``weight`` is only written.
 
     For a DoRA update, ``W ← round(m / ‖W + ΔW‖ ⊙ (W + ΔW))``; the norms used are returned in
     ``stats.extras["dora_norms"]`` (they are what an exact unmerge needs). Call
@@ -349,8 +355,9 @@ def merge_tensor_(
     if not updates:
         return stats
     _, cdt, w, factors, dora, on_rows = _prepare(weight, updates)
+    base = w if source is None else view2d(source.detach())
     if dora is not None:
-        norms = dora_norms(dora, weight) if norms is None else norms.to(cdt).to(w.device)
+        norms = dora_norms(dora, weight if source is None else source) if norms is None else norms.to(cdt).to(w.device)
         stats.extras["dora_norms"] = norms
     else:
         stats.delta_norm = _low_rank_norm(factors)
@@ -359,11 +366,11 @@ def merge_tensor_(
     for start, stop in _row_ranges(w.shape[0], w.shape[1]):
         chunk = w[start:stop]
         exact = _delta_rows(updates, factors, start, stop)
-        exact.add_(chunk)  # W + ΔW in the compute dtype
+        exact.add_(base[start:stop])  # W + ΔW in the compute dtype
         if dora is not None:
             assert norms is not None
             exact.mul_(_dora_factor(dora, norms, on_rows, start, stop))
-            change_sq += float(torch.linalg.vector_norm(exact - chunk.to(cdt)) ** 2)
+            change_sq += float(torch.linalg.vector_norm(exact - base[start:stop].to(cdt)) ** 2)
         chunk.copy_(exact)  # the one rounding, straight into the weight
         exact.sub_(chunk)  # the rounding residual (negated)
         residual_sq += float(torch.linalg.vector_norm(exact) ** 2)

@@ -51,6 +51,10 @@ class UnsafeFormatError(LoraMergeError, ValueError):
     """A pickle-based weight file (``.bin``/``.pt``) was found but pickle was not allowed."""
 
 
+class UnsupportedQuantizationError(LoraMergeError, NotImplementedError):
+    """The base model is quantized with a method loramerge cannot dequantize exactly (GPTQ, AWQ, ...)."""
+
+
 class NonFiniteMergeError(LoraMergeError, ArithmeticError):
     """The merged weights would contain NaN or Inf, or overflow the weight's dtype.
 

@@ -8,10 +8,11 @@ finiteness, overflow, recoverability), and both verify the result against adapte
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from peft import PeftModel
@@ -23,11 +24,24 @@ from loramerge.errors import (
     AdapterMismatchError,
     NonFiniteMergeError,
     UnmergeImpossibleError,
+    UnsupportedAdapterError,
     VerificationError,
 )
+from loramerge.loading import resolve_dtype
 from loramerge.peft_glue import LayerPlan, adapter_mode, attach, check_compatible, collect_plans, untie_shared, unwrap
-from loramerge.reports import LayerCheck, MergeResult, UnmergeResult, VerificationReport
-from loramerge.tolerance import Tolerance, ulp
+from loramerge.quantized import (
+    check_supported,
+    checked_dequantize,
+    dequantize,
+    dequantized_linear,
+    forget_quantization,
+    keep_layout,
+    quant_format,
+    quantized_layers,
+    requantize,
+)
+from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
+from loramerge.tolerance import Tolerance, relative_errors, ulp
 from loramerge.verification import (
     MAX_PROBE_OUTPUTS,
     CheckOutputs,
@@ -36,6 +50,7 @@ from loramerge.verification import (
     Probes,
     bias_of,
     exact_layer_output,
+    loses_precision,
     output_check,
     output_subset,
     probe_batch,
@@ -77,6 +92,98 @@ def _raise_problems(problems: list[str], what: str) -> None:
         )
 
 
+QuantizedMode = Literal["dequantize", "requantize"]
+
+
+@dataclasses.dataclass
+class _QuantPlan:
+    """How a merge treats a bitsandbytes base: the target dtype, or re-quantization."""
+
+    mode: QuantizedMode
+    target: torch.dtype  # dtype of merged weights before (re-)quantization
+    describe: str
+    layers: int
+
+    def store_dtype(self, layer: nn.Module) -> torch.dtype:
+        """The dtype a merged weight is rounded to: the target, or the layer's own when re-quantizing."""
+        if self.mode == "dequantize":
+            return self.target
+        state = getattr(cast(Any, layer.weight), "quant_state", None)
+        if state is None:
+            return torch.float16  # LLM.int8 quantizes from fp16
+        return cast(torch.dtype, getattr(state, "original_dtype", state.dtype))
+
+
+def _quant_plan(inner: nn.Module, dtype: str | torch.dtype | None, mode: str) -> _QuantPlan | None:
+    check_supported(inner)
+    layers = quantized_layers(inner)
+    wanted = resolve_dtype(dtype)
+    if mode not in ("dequantize", "requantize"):
+        raise ValueError(f"quantized={mode!r}: use 'dequantize' (default) or 'requantize'")
+    if not layers:
+        if wanted is not None:
+            raise ValueError(
+                "dtype= sets the dtype of a dequantized (bitsandbytes) base; this model is not quantized. "
+                "Convert it with model.to(dtype) before merging instead."
+            )
+        return None
+    if mode == "requantize" and wanted is not None:
+        raise ValueError("dtype= does not apply with quantized='requantize' (the base's own format is kept)")
+    formats = sorted({quant_format(m).describe() for m in layers.values()})
+    target = wanted or torch.bfloat16
+    return _QuantPlan(cast(QuantizedMode, mode), target, "; ".join(formats), len(layers))
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def _merge_quantized(plan: LayerPlan, qplan: _QuantPlan, seed: int) -> tuple[nn.Module, Any, float]:
+    """Merge into a bitsandbytes layer: dequantize (exactly, checked), add ΔW in fp32, round once to
+    the store dtype; re-quantize when asked. Returns the new layer, the merge stats and, when
+    re-quantizing, ‖dequant(Q(W')) − (W + ΔW)‖ / ‖ΔW‖ (NaN otherwise)."""
+    ups = [u for _, u in plan.updates]
+    source = checked_dequantize(plan.layer, plan.name, seed=seed)
+    merged = torch.empty(source.shape, dtype=qplan.store_dtype(plan.layer), device=source.device)
+    new_bias = _merged_bias(plan.layer, ups)
+    with torch.no_grad():
+        stats = merge_tensor_(merged, ups, source=source)
+    new: nn.Module = dequantized_linear(plan.layer, merged)
+    if new_bias is not None:
+        cast(torch.Tensor, new.bias).data = new_bias.to(merged.dtype)
+    lost = math.nan
+    if qplan.mode == "requantize":
+        new = requantize(plan.layer, merged, cast(torch.Tensor | None, getattr(new, "bias", None)))
+        exact = source.double() + sum((u.delta(source.shape, torch.float64) for u in ups), torch.zeros(()))
+        lost = float(torch.linalg.vector_norm(dequantize(new).double() - exact)) / max(stats.delta_norm, 1e-300)
+    return new, stats, lost
+
+
+def _requantized_output_check(merged: torch.Tensor, ref: ModelReference, base_out: torch.Tensor) -> OutputCheck:
+    """Whole-model check of a re-quantized merge: no tolerance rule can hold (re-quantization
+    rounds to a 4/8-bit grid), so the merged model passes when it is closer to adapter mode than
+    the base without the adapter is, i.e. re-quantizing did not erase the adapter."""
+    m_rms, m_max = relative_errors(merged, ref.reference)
+    a_rms, a_max = relative_errors(ref.adapter, ref.reference)
+    b_rms, _ = relative_errors(base_out, ref.reference)
+    return OutputCheck(
+        dtype=str(ref.dtype).replace("torch.", ""),
+        reference_dtype=str(ref.reference_dtype).replace("torch.", ""),
+        probe_shape=tuple(int(s) for s in ref.reference.shape[:2]),
+        merged_error=m_rms,
+        adapter_error=a_rms,
+        storage_error=math.nan,
+        limit=b_rms,
+        merged_max_error=m_max,
+        adapter_max_error=a_max,
+        storage_max_error=math.nan,
+        max_abs_diff=float((merged.double() - ref.adapter.double()).abs().max()),
+        output_scale=float(ref.reference.abs().max()),
+        passed=math.isfinite(m_rms) and m_rms < b_rms,
+    )
+
+
 def merge(
     model: nn.Module,
     adapters: Adapter | Sequence[Adapter] | None = None,
@@ -87,6 +194,8 @@ def merge(
     probes: Probes | None = None,
     check_outputs: CheckOutputs = "auto",
     seed: int = 0,
+    dtype: str | torch.dtype | None = None,
+    quantized: QuantizedMode = "dequantize",
 ) -> MergeResult:
     """Merge LoRA adapters into the base weights, in place, and verify the result.
 
@@ -94,6 +203,13 @@ def merge(
     fp32 and rounded once to the weight's dtype (DoRA: ``round(m ⊙ (W + ΔW) / ‖W + ΔW‖)``). Large
     weights are processed in row chunks, so no second copy of the model is made. Non-finite results
     and overflow of the dtype are detected for every layer before any weight is changed.
+
+    A bitsandbytes 4-bit (nf4/fp4, with or without double quantization) or 8-bit base (QLoRA) is
+    dequantized exactly (each layer's dequantized weight is checked against the layer's own
+    forward) and the result is a plain ``dtype`` model (default bfloat16) whose outputs match the
+    QLoRA model's adapter mode under the tolerance rule. ``quantized="requantize"`` instead puts
+    each merged weight back into its layer's bitsandbytes format and reports what that cost; see
+    :doc:`/qlora`.
 
     Args:
         model: A ``PeftModel`` (from :func:`~loramerge.attach`, PEFT's ``get_peft_model`` or
@@ -107,6 +223,8 @@ def merge(
             the largest module fits in a quarter of RAM (the reference widens one module at a time);
             per-layer checks always run when ``verify``.
         seed: Seed of the random probes.
+        dtype: Quantized bases only: the dtype of the dequantized merged model (default bfloat16).
+        quantized: Quantized bases only: ``"dequantize"`` (default) or ``"requantize"``.
 
     Returns:
         The plain merged model (the same object, PEFT wrappers removed) and the report.
@@ -115,6 +233,7 @@ def merge(
         NonFiniteMergeError: Some merged weight would be non-finite or overflow (nothing changed).
         AdapterMismatchError: ``adapters`` do not fit ``model``.
         UnsupportedAdapterError: An adapter uses a feature that cannot be merged exactly.
+        UnsupportedQuantizationError: The base is quantized with a method other than bitsandbytes.
         VerificationError: The merged model is out of tolerance. The model has been changed;
             ``error.result`` holds it with the report.
 
@@ -123,7 +242,6 @@ def merge(
         >>> result.report.passed  # doctest: +SKIP
         True
     """
-    tol = tolerance or Tolerance()
     if adapters is not None:
         for i, adapter in enumerate([adapters] if isinstance(adapters, Adapter) else list(adapters)):
             taken = set(model.peft_config) if isinstance(model, PeftModel) else set()
@@ -135,40 +253,90 @@ def merge(
         raise AdapterMismatchError(
             f"merge() needs a PeftModel or adapters to attach; got a plain {type(model).__name__} and no adapters."
         )
-    peft_model = model
+    with keep_layout(model):
+        return _merge(
+            model, adapter_names, verify, tolerance or Tolerance(), probes, check_outputs, seed, dtype, quantized
+        )
+
+
+def _merge(
+    peft_model: PeftModel,
+    adapter_names: Sequence[str] | None,
+    verify: bool,
+    tol: Tolerance,
+    probes: Probes | None,
+    check_outputs: CheckOutputs,
+    seed: int,
+    dtype: str | torch.dtype | None,
+    quantized: QuantizedMode,
+) -> MergeResult:
     tuner = cast(Any, peft_model.base_model)
     names = list(adapter_names) if adapter_names is not None else list(peft_model.active_adapters)
     unknown = [n for n in names if n not in peft_model.peft_config]
     if unknown:
         raise AdapterMismatchError(f"no adapter named {unknown} is attached; attached: {list(peft_model.peft_config)}")
-    plans, saved = collect_plans(peft_model, names)
-    problems = [f"{p.name}: {msg}" for p in plans for msg in check_updates([u for _, u in p.updates], p.weight)]
-    _raise_problems(problems, "merging")
-
     inner = cast(nn.Module, peft_model.base_model.model)
+    qplan = _quant_plan(inner, dtype, quantized)
+    plans, saved = collect_plans(peft_model, names)
+    dora_quantized = sorted(p.name for p in plans if p.quantized and any(u.magnitude is not None for _, u in p.updates))
+    if dora_quantized:
+        raise UnsupportedAdapterError(
+            f"DoRA on quantized layers is not supported yet: {dora_quantized}. Merge into the 16-bit base "
+            "(loramerge.merge_checkpoint with qlora_base='original' or 'simulated')."
+        )
+
     notes: list[str] = []
     layer_probes: list[LayerProbe] = []
-    model_ref: ModelReference | None = None
-    batch: dict[str, torch.Tensor] | None = None
+    base_errors: dict[str, float] = {}
+    problems: list[str] = []
     if verify:
         previous = list(peft_model.active_adapters)
         tuner.set_adapter(names)
+    for plan in plans:
+        ups = [u for _, u in plan.updates]
+        weight = plan.weight
+        if plan.quantized:
+            assert qplan is not None
+            exact = checked_dequantize(plan.layer, plan.name, seed=seed)
+            weight = exact.to(quant_format(plan.layer).dtype)  # exact: the values are in that dtype
+            problems += [f"{plan.name}: {m}" for m in check_updates(ups, exact.to(qplan.store_dtype(plan.layer)))]
+        else:
+            problems += [f"{plan.name}: {m}" for m in check_updates(ups, weight)]
+        if verify and not problems:
+            probe = LayerProbe(plan.name, plan.kind, weight, bias_of(plan.layer), ups, seed, MAX_PROBE_OUTPUTS)
+            layer_probes.append(probe)
+            if plan.quantized and qplan is not None and qplan.mode == "requantize":
+                base_errors[plan.name] = relative_errors(probe.outputs(weight, bias_of(plan.layer)), probe.reference)[0]
+    _raise_problems(problems, "merging")
+
+    model_ref: ModelReference | None = None
+    batch: dict[str, torch.Tensor] | None = None
+    base_out: torch.Tensor | None = None
+    if verify:
         batch = probe_batch(inner, check_outputs, probes, seed, notes)
         if batch is not None:
             model_ref = reference_outputs(peft_model, batch)
+            if qplan is not None and qplan.mode == "requantize":
+                with peft_model.disable_adapter():
+                    base_out = run_model(peft_model, batch)
+            elif qplan is not None:
+                model_ref = dataclasses.replace(model_ref, dtype=qplan.target)
         tuner.set_adapter(previous)
-        for plan in plans:
-            ups = [u for _, u in plan.updates]
-            bias = bias_of(plan.layer)
-            layer_probes.append(LayerProbe(plan.name, plan.kind, plan.weight, bias, ups, seed, MAX_PROBE_OUTPUTS))
 
     untied = untie_shared(inner, plans)
     if untied:
         notes.append(f"untied {untied} (they shared a merged weight; adapter mode does not change them)")
     stats = {}
+    lost: dict[str, float] = {}
     dora_norms: dict[str, torch.Tensor] = {}
-    for plan in plans:
+    for i, plan in enumerate(plans):
         ups = [u for _, u in plan.updates]
+        if plan.quantized:
+            assert qplan is not None
+            new_layer, stats[plan.name], lost[plan.name] = _merge_quantized(plan, qplan, seed)
+            cast(Any, inner.get_submodule(plan.name)).base_layer = new_layer
+            plans[i] = dataclasses.replace(plan, layer=new_layer, quantized=qplan.mode == "requantize")
+            continue
         new_bias = _merged_bias(plan.layer, ups)
         with torch.no_grad():
             stats[plan.name] = merge_tensor_(plan.weight, ups)
@@ -178,6 +346,33 @@ def merge(
         if "dora_norms" in stats[plan.name].extras:
             dora_norms[plan.name] = stats[plan.name].extras["dora_norms"].detach().cpu()
     plain = unwrap(peft_model, saved)
+    narrowed: list[torch.Tensor] = []
+    base_format = ""
+    if qplan is not None and qplan.mode == "dequantize":
+        for name, layer in quantized_layers(plain).items():  # the layers no adapter touched
+            exact = checked_dequantize(layer, name, seed=seed)
+            new_layer = dequantized_linear(layer, exact.to(qplan.target))
+            _replace_module(plain, name, new_layer)
+            if loses_precision(exact, qplan.target):
+                narrowed.append(new_layer.weight)
+        for p in plain.parameters():
+            if p.is_floating_point() and p.dtype != qplan.target:
+                if loses_precision(p.data, qplan.target):
+                    narrowed.append(p)
+                p.data = p.data.to(qplan.target)
+        forget_quantization(plain, qplan.target)
+        base_format = (
+            f"{qplan.describe} ({qplan.layers} layers) -> dequantized to {str(qplan.target).replace('torch.', '')}"
+        )
+    elif qplan is not None:
+        base_format = f"{qplan.describe} ({qplan.layers} layers) -> re-quantized"
+        notes.append(
+            "re-quantized: rounding to the 4/8-bit grid again cannot meet the tolerance rule; each layer and the model "
+            "pass when closer to adapter mode than the base without the adapter (that error is the 'limit'); "
+            "'residual' is the fraction of ΔW that re-quantization lost, ‖Q(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖"
+        )
+    if qplan is not None:
+        notes.append(f"quantized base: {base_format}")
     logger.info("merged %s into %d weights", names, len(plans))
 
     layers: list[LayerCheck] = []
@@ -185,16 +380,51 @@ def merge(
     if verify:
         for plan, probe in zip(plans, layer_probes, strict=True):
             st = stats[plan.name]
-            bias = bias_of(plan.layer)
+            if plan.quantized:  # re-quantized: judged against the base without the adapter
+                merged_w = dequantize(plan.layer).to(probe.dtype)
+                out = probe.outputs(merged_w, bias_of(plan.layer))
+                err, _ = relative_errors(out, probe.reference)
+                a_err, _ = relative_errors(probe.adapter, probe.reference)
+                limit = base_errors[plan.name]
+                ok = math.isfinite(err) and err < limit
+                reason = (
+                    ""
+                    if ok
+                    else (
+                        f"re-quantized output error {err:.3g} is not below the base's without the adapter ({limit:.3g}): "
+                        "re-quantizing erased the adapter in this layer"
+                    )
+                )
+                layers.append(
+                    LayerCheck(
+                        plan.name,
+                        plan.kind,
+                        quant_format(plan.layer).quant_type,
+                        lost[plan.name],
+                        math.nan,
+                        err,
+                        a_err,
+                        math.nan,
+                        limit,
+                        ok,
+                        reason,
+                    )
+                )
+                continue
             merged_w = plan.weight.detach()
-            out = probe.outputs(merged_w, bias)
-            layers.append(probe.check(out, tol, st.relative_residual, st.max_ulp, "", probe.storage(merged_w)))
+            out = probe.outputs(merged_w, bias_of(plan.layer))
+            check = probe.check(out, tol, st.relative_residual, st.max_ulp, "", probe.storage(merged_w))
+            layers.append(dataclasses.replace(check, dtype=str(merged_w.dtype).replace("torch.", "")))
         if model_ref is not None and batch is not None:
-            merged_out = run_model(plain, batch)
-            weights = [p.weight for p in plans]
-            outputs = output_check(
-                merged_out, model_ref, tol, batch, lambda: storage_baseline(plain, batch, weights, seed)
-            )
+            with keep_layout(plain):  # re-quantized layers too
+                merged_out = run_model(plain, batch)
+            if base_out is not None:
+                outputs = _requantized_output_check(merged_out, model_ref, base_out)
+            else:
+                weights = [p.weight for p in plans] + narrowed
+                outputs = output_check(
+                    merged_out, model_ref, tol, batch, lambda: storage_baseline(plain, batch, weights, seed)
+                )
     else:
         notes.append("verification off (verify=False)")
         for plan in plans:
@@ -204,7 +434,7 @@ def merge(
                     plan.name,
                     plan.kind,
                     str(plan.weight.dtype).replace("torch.", ""),
-                    st.relative_residual,
+                    lost.get(plan.name, st.relative_residual) if plan.quantized else st.relative_residual,
                     st.max_ulp,
                     math.nan,
                     math.nan,
@@ -216,7 +446,9 @@ def merge(
             )
     passed = all(c.passed for c in layers) and (outputs is None or outputs.passed)
     report = VerificationReport("merge", passed, tol, tuple(layers), outputs, notes=tuple(notes))
-    result = MergeResult(plain, report, tuple(names), dora_norms, tuple(untied), verified=verify)
+    result = MergeResult(
+        plain, report, tuple(names), dora_norms, tuple(untied), verified=verify, base_format=base_format
+    )
     if not passed:
         raise VerificationError(
             "the merged model is out of tolerance (the model HAS been changed in place; error.result holds it):\n"

@@ -24,6 +24,7 @@ from torch import nn
 from loramerge.adapter import Adapter
 from loramerge.delta import Kind, LoraUpdate
 from loramerge.errors import AdapterMismatchError, LoraMergeWarning, UnsupportedAdapterError
+from loramerge.quantized import is_quantized_layer
 
 __all__ = ["LayerPlan", "adapter_mode", "attach", "check_compatible", "collect_plans", "unwrap"]
 
@@ -64,7 +65,10 @@ def _expected_shapes(kind: Kind, base: nn.Module, rank: int) -> tuple[tuple[int,
         n_in, n_out = weight.shape
         return (rank, n_in), (n_out, rank), n_out
     if kind == "linear":
-        n_out, n_in = weight.shape
+        if is_quantized_layer(base):  # a packed weight: the layer knows its shape
+            n_out, n_in = int(cast(Any, base).out_features), int(cast(Any, base).in_features)
+        else:
+            n_out, n_in = weight.shape
         return (rank, n_in), (n_out, rank), n_out
     conv = cast(nn.Conv2d, base)
     kernel = tuple(weight.shape[2:])
@@ -257,6 +261,7 @@ class LayerPlan:
     kind: Kind
     layer: nn.Module  # the base layer (owns .weight / .bias)
     updates: list[tuple[str, LoraUpdate]]
+    quantized: bool = False  # a bitsandbytes base layer: .weight is packed, see loramerge.quantized
 
     @property
     def weight(self) -> torch.Tensor:
@@ -327,10 +332,14 @@ def collect_plans(peft_model: PeftModel, adapter_names: Sequence[str]) -> tuple[
             kind = "conv"
         elif type(module) is lora_layer.Linear:
             kind = "conv1d" if module.fan_in_fan_out else "linear"
+        elif is_quantized_layer(base_layer_of(module)):
+            updates = [(a, _lora_update(module, a, "linear", name)) for a in active]
+            plans.append(LayerPlan(name, "linear", base_layer_of(module), updates, quantized=True))
+            continue
         else:
             raise UnsupportedAdapterError(
                 f"{name}: LoRA layer type {type(module).__module__}.{type(module).__name__} is not supported "
-                "(quantized or special layers are not merged by this version)."
+                "(of quantized layers, loramerge merges bitsandbytes 4-bit and 8-bit ones)."
             )
         updates = [(a, _lora_update(module, a, kind, name)) for a in active]
         plans.append(LayerPlan(name, kind, base_layer_of(module), updates))

@@ -239,6 +239,9 @@ class MergeResult:
             :func:`~loramerge.unmerge` to undo a DoRA merge.
         untied: Parameters given their own copy because they shared a merged weight.
         verified: Whether verification ran.
+        base_format: For a quantized base, its format and what the merge made of it, e.g.
+            ``"bnb-4bit nf4, double quantization, blocks of 64, bfloat16 (14 layers) -> dequantized to bfloat16"``;
+            empty otherwise.
     """
 
     model: nn.Module
@@ -247,6 +250,7 @@ class MergeResult:
     dora_norms: Mapping[str, torch.Tensor] = field(default_factory=dict)
     untied: tuple[str, ...] = ()
     verified: bool = True
+    base_format: str = ""
 
     @property
     def passed(self) -> bool:
@@ -260,11 +264,13 @@ class MergeResult:
             "dora_modules": sorted(self.dora_norms),
             "untied": list(self.untied),
             "verified": self.verified,
+            "base_format": self.base_format,
             "report": self.report.to_dict(),
         }
 
     def __str__(self) -> str:
-        return f"merged adapters {list(self.adapters)}\n{self.report}"
+        base = f" (base: {self.base_format})" if self.base_format else ""
+        return f"merged adapters {list(self.adapters)}{base}\n{self.report}"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ Two kinds of evidence are gathered (see :mod:`loramerge.tolerance` for the rule)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -31,6 +32,7 @@ from loramerge.adapter import Adapter
 from loramerge.delta import Kind, LoraUpdate, apply_weight, dora_norms, view2d
 from loramerge.errors import LoraMergeError
 from loramerge.peft_glue import adapter_mode, check_compatible
+from loramerge.quantized import check_supported, checked_dequantize, exact_forward, keep_layout, quantized_layers
 from loramerge.reports import LayerCheck, OutputCheck, VerificationReport
 from loramerge.tolerance import Tolerance, reference_dtype, relative_errors, ulp, unit_roundoff
 
@@ -279,19 +281,24 @@ class ModelReference:
 
 
 def reference_outputs(model: nn.Module, probes: Probes) -> ModelReference:
-    """Run ``model`` (in adapter mode) on ``probes`` in its own dtype and, widened, in the reference dtype."""
+    """Run ``model`` (in adapter mode) on ``probes`` in its own dtype and, widened, in the reference dtype.
+
+    bitsandbytes layers compute with their dequantized weight, exactly, in the widened run
+    (:func:`loramerge.quantized.exact_forward`).
+    """
     dtype = model_dtype(model)
     ref_dtype = reference_dtype(dtype)
     adapter_out = run_model(model, probes)
-    try:
-        ref = run_widened(model, probes, ref_dtype)
-    except RuntimeError as e:
-        if ref_dtype != torch.float64:
-            raise
-        # Some architectures hard-code fp32 somewhere; fall back to an fp32 reference (then the floor decides).
-        logger.info("fp64 reference failed (%s); using fp32", e)
-        ref_dtype = torch.float32
-        ref = run_model(model, probes)
+    with exact_forward(model):
+        try:
+            ref = run_widened(model, probes, ref_dtype)
+        except RuntimeError as e:
+            if ref_dtype != torch.float64:
+                raise
+            # Some architectures hard-code fp32 somewhere; fall back to an fp32 reference (then the floor decides).
+            logger.info("fp64 reference failed (%s); using fp32", e)
+            ref_dtype = torch.float32
+            ref = run_model(model, probes)
     return ModelReference(adapter_out, ref.to(ref_dtype), dtype, ref_dtype)
 
 
@@ -604,6 +611,26 @@ def weight_space_check(
     return rel, max_ulp, reason
 
 
+def loses_precision(value: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether converting ``value`` to ``dtype`` rounds any element."""
+    if not value.is_floating_point() or value.dtype == dtype:
+        return False
+    return not torch.equal(value.to(dtype).to(value.dtype), value)
+
+
+def _dequantized_params(base: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """A quantized base's parameters, bitsandbytes weights dequantized exactly (as fp32)."""
+    out: dict[str, torch.Tensor] = {}
+    qlayers = quantized_layers(base)
+    for pname, p in base.named_parameters(remove_duplicate=False):
+        module_name = pname.rpartition(".")[0]
+        value = p.detach()
+        if pname.endswith(".weight") and module_name in qlayers:
+            value = checked_dequantize(qlayers[module_name], module_name, seed=seed)
+        out[pname] = value
+    return out
+
+
 def verify(
     base: nn.Module,
     adapter: Adapter,
@@ -643,10 +670,30 @@ def verify(
         >>> report.passed  # doctest: +SKIP
         True
     """
-    tol = tolerance or Tolerance()
+    with keep_layout(base):
+        return _verify(base, adapter, merged, probes, tolerance or Tolerance(), check_outputs, seed)
+
+
+def _verify(
+    base: nn.Module,
+    adapter: Adapter,
+    merged: nn.Module,
+    probes: Probes | None,
+    tol: Tolerance,
+    check_outputs: CheckOutputs,
+    seed: int,
+) -> VerificationReport:
     kinds = check_compatible(base, adapter)
     check_compatible(merged, adapter)
-    base_params = dict(base.named_parameters(remove_duplicate=False))
+    check_supported(base)
+    quantized = bool(quantized_layers(base))
+    if quantized:
+        # attaching the adapter below takes a state dict, which makes bitsandbytes convert CPU-layout
+        # weights back (changing them slightly): let that happen before anything is measured
+        base.state_dict()
+    base_params: dict[str, torch.Tensor] = (
+        _dequantized_params(base, seed) if quantized else dict(base.named_parameters(remove_duplicate=False))
+    )
     merged_params = dict(merged.named_parameters(remove_duplicate=False))
     layers: list[LayerCheck] = []
     touched: set[str] = set()
@@ -670,11 +717,15 @@ def verify(
     changed: list[str] = []
     checked = 0
     merged_state = merged.state_dict()
-    for pname, tensor in base.state_dict().items():
+    # a dequantizing merge converts every tensor of a quantized base to the merged dtype
+    base_state = base.state_dict() if not quantized else base_params
+    for pname, tensor in base_state.items():
         if pname in touched:
             continue
         other = merged_state.get(pname)
         expected = adapter.replaced[pname].to(tensor.dtype) if pname in adapter.replaced else tensor
+        if quantized and other is not None and expected.is_floating_point():
+            expected = expected.to(other.dtype)
         checked += 1
         if other is None or other.shape != expected.shape or not torch.equal(other.to(expected.device), expected):
             changed.append(pname)
@@ -686,6 +737,13 @@ def verify(
         adapted = [merged_params[f"{name}.weight"] for name in adapter.modules]
         with adapter_mode(base, [adapter]) as peft_model:
             ref = reference_outputs(peft_model, batch)
+        if quantized:  # judged in the merged dtype; tensors rounded by the conversion count as storage
+            ref = dataclasses.replace(ref, dtype=model_dtype(merged))
+            adapted += [
+                merged_params[n]
+                for n, v in base_params.items()
+                if n in merged_params and loses_precision(v, merged_params[n].dtype)
+            ]
         outputs = output_check(merged_out, ref, tol, batch, lambda: storage_baseline(merged, batch, adapted, seed))
     passed = all(c.passed for c in layers) and not changed and (outputs is None or outputs.passed)
     return VerificationReport(
