@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -34,10 +34,12 @@ from loramerge.errors import (
     OutputWriteError,
     UnmergeImpossibleError,
     UnsupportedAdapterError,
+    UnsupportedQuantizationError,
     VerificationError,
 )
 from loramerge.io import atomic_directory
 from loramerge.loading import resolve_dtype
+from loramerge.quantized import QuantSpec, bnb_config, checkpoint_quantization, quantizable, simulate
 from loramerge.reports import LayerCheck, VerificationReport
 from loramerge.shards import (
     CheckpointReader,
@@ -78,6 +80,11 @@ class CheckpointMergeReport:
         seconds: Wall time of the whole operation (verification included).
         verification: The verification report (``None`` with ``verify=False``).
         dora_norms: For DoRA modules merged, the norms an unmerge needs (by module name).
+        qlora_base: With ``qlora_base=``: which base the adapter was merged into and the
+            quantization simulated, e.g. ``"simulated nf4, double quantization, blocks of 64"``.
+        qlora_gap: With ``qlora_base=``: per adapted module, how far the two choices of base are
+            apart, ``‖W_simulated − W_original‖ / ‖ΔW‖`` (the quantization error the adapter was
+            trained against, as a fraction of the adapter's own update).
     """
 
     output: Path
@@ -89,6 +96,8 @@ class CheckpointMergeReport:
     seconds: float
     verification: VerificationReport | None
     dora_norms: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    qlora_base: str = ""
+    qlora_gap: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -106,6 +115,8 @@ class CheckpointMergeReport:
             "bytes_written": self.bytes_written,
             "seconds": self.seconds,
             "verification": self.verification.to_dict() if self.verification is not None else None,
+            "qlora_base": self.qlora_base,
+            "qlora_gap": dict(self.qlora_gap),
         }
 
     def __str__(self) -> str:
@@ -114,6 +125,15 @@ class CheckpointMergeReport:
             f"{self.operation}d checkpoint written to {self.output}: {self.tensors} tensors ({len(self.changed)} changed), "
             f"{gb:.2f} GB in {len(self.files)} file(s), {self.seconds:.1f} s ({gb / max(self.seconds, 1e-9):.2f} GB/s)"
         ]
+        if self.qlora_base:
+            lines.append(f"QLoRA base: {self.qlora_base}")
+        if self.qlora_gap:
+            gaps = sorted(self.qlora_gap.items(), key=lambda kv: kv[1])
+            median = gaps[len(gaps) // 2][1]
+            lines.append(
+                f"  simulated vs original base, ‖W_sim − W_orig‖ / ‖ΔW‖ per layer: median {median:.3g}, "
+                f"worst {gaps[-1][1]:.3g} ({gaps[-1][0]})"
+            )
         lines.append(str(self.verification) if self.verification is not None else "verification off")
         return "\n".join(lines)
 
@@ -519,6 +539,8 @@ def merge_checkpoint(
     verify: bool | Literal["model"] = True,
     tolerance: Tolerance | None = None,
     progress: bool = True,
+    qlora_base: Literal["original", "simulated"] | None = None,
+    quantization: QuantSpec | str | Mapping[str, Any] | Any = None,
 ) -> CheckpointMergeReport:
     """Merge a PEFT adapter into a safetensors checkpoint on disk, one tensor at a time.
 
@@ -539,11 +561,27 @@ def merge_checkpoint(
             (needs both models in memory).
         tolerance: Settings of the tolerance rule.
         progress: Show a progress bar (tensors and bytes).
+        qlora_base: For an adapter trained as QLoRA on a quantized copy of this 16-bit base:
+            ``"simulated"`` quantizes and dequantizes every linear weight exactly as bitsandbytes
+            does with ``quantization`` and merges into that (what the adapter was trained against);
+            ``"original"`` merges into the 16-bit weights. Either way the report gives, per layer,
+            how far the two choices are apart (:attr:`CheckpointMergeReport.qlora_gap`). With
+            ``verify="model"`` and ``"simulated"``, the output is checked against the real QLoRA
+            model (the base loaded with bitsandbytes). See :doc:`/qlora`.
+        quantization: The quantization the adapter was trained with: a
+            :class:`~loramerge.QuantSpec`, ``"nf4"``/``"fp4"``/``"int8"``, a dict of
+            :class:`~loramerge.QuantSpec` fields or a transformers ``BitsAndBytesConfig``
+            (default: nf4 with double quantization, blocks of 64).
+
+    A base checkpoint saved pre-quantized by bitsandbytes (``quantization_config`` in its
+    ``config.json``) is loaded with transformers, merged in memory (:func:`~loramerge.merge`,
+    dequantizing) and saved as a 16-bit checkpoint (``dtype``, default bfloat16).
 
     Returns:
         What was written, with the verification report.
 
     Raises:
+        UnsupportedQuantizationError: The base checkpoint is quantized with another method than bitsandbytes.
         AdapterMismatchError: Adapter keys that match no tensor, or wrong shapes (all listed).
         NonFiniteMergeError: A merged tensor would be non-finite or overflow (nothing is left on disk).
         VerificationError: The result is out of tolerance (nothing is left on disk).
@@ -554,6 +592,26 @@ def merge_checkpoint(
     started = time.perf_counter()
     base_dir, out_dir = Path(base), Path(out)
     loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    if qlora_base not in (None, "original", "simulated"):
+        raise ValueError(f"qlora_base={qlora_base!r}: use 'simulated' or 'original'")
+    if quantization is not None and qlora_base is None:
+        raise ValueError("quantization= describes a QLoRA base; pass qlora_base='simulated' or 'original' with it")
+    spec = QuantSpec.of(quantization) if qlora_base is not None else None
+    method = checkpoint_quantization(_read_config(base_dir))
+    if method is not None:
+        if method != "bitsandbytes":
+            raise UnsupportedQuantizationError(
+                f"{str(base_dir)!r} is quantized with {method!r}, which loramerge cannot dequantize exactly. "
+                "Merge into the unquantized base checkpoint instead (qlora_base='original' or 'simulated')."
+            )
+        if qlora_base is not None:
+            raise ValueError(
+                f"{str(base_dir)!r} is already quantized with bitsandbytes: qlora_base= chooses between the 16-bit "
+                "weights and a simulation of them, which a pre-quantized checkpoint does not have. Leave it out."
+            )
+        return _merge_prequantized(
+            base_dir, loaded, out_dir, dtype, max_shard_size, overwrite, bool(verify), tolerance, started
+        )
     reader = CheckpointReader(base_dir)
     mapping = map_adapter(reader, loaded)
     untie = _untie_plan(base_dir, reader, set(mapping.modules) | set(mapping.replaced))
@@ -564,18 +622,30 @@ def merge_checkpoint(
     norms: dict[str, torch.Tensor] = {}
     expect = _Expectations()
 
+    gaps: dict[str, float] = {}
+
     def transform(name: str, tensor: torch.Tensor, digest: str) -> torch.Tensor:
+        quantized = spec is not None and quantizable(name, tuple(tensor.shape)) and tensor.is_floating_point()
         if name in mapping.modules:
             mod, kind = mapping.modules[name]
             up = _updates_for(mod, kind)
             if name in mapping.replaced:  # a saved embedding base: adapter mode applies the delta to it
                 tensor = mapping.replaced[name].to(tensor.dtype)
             work = tensor if target is None else tensor.to(target)
+            source: torch.Tensor | None = None
+            if spec is not None and quantized and kind == "linear":
+                simulated = simulate(tensor, spec)
+                gap = float(torch.linalg.vector_norm(simulated - tensor.float()))  # before work (maybe tensor) changes
+                if qlora_base == "simulated":
+                    source = simulated
             if verify:  # the probe's reference comes from the base tensor, before it is changed
-                probe = LayerProbe(mod.name, kind, work, None, [up], 0, MAX_PROBE_OUTPUTS)
+                base_w = work if source is None else source.to(tensor.dtype)  # exact: bitsandbytes' values
+                probe = LayerProbe(mod.name, kind, base_w, None, [up], 0, MAX_PROBE_OUTPUTS)
             # The output is atomic, so non-finite results need not be found before computing them: the
             # rounding residual is NaN or infinite exactly when a result is non-finite or overflowed.
-            stats = merge_tensor_(work, [up])
+            stats = merge_tensor_(work, [up], source=source)
+            if spec is not None and quantized and kind == "linear":
+                gaps[mod.name] = gap / stats.delta_norm if stats.delta_norm > 0 else math.inf
             if not math.isfinite(stats.residual_norm) or not math.isfinite(stats.delta_norm):
                 problems = check_updates([up], tensor if target is None else tensor.to(target)) or ["non-finite result"]
                 raise NonFiniteMergeError(
@@ -594,6 +664,9 @@ def merge_checkpoint(
             return (work.float() + mod.scale * mod.update.bias.float()).to(work.dtype)
         if name in mapping.replaced:
             return mapping.replaced[name].to(tensor.dtype if target is None else target)
+        if quantized and qlora_base == "simulated":
+            assert spec is not None
+            return simulate(tensor, spec).to(tensor.dtype if target is None else target)
         if target is None or not tensor.is_floating_point():
             expect.digests[name] = digest  # untouched: must be byte-identical to the base
             expect.unchanged.add(name)
@@ -605,12 +678,15 @@ def merge_checkpoint(
         from loramerge.loading import load_base
         from loramerge.verification import verify as verify_models
 
-        full = verify_models(
-            load_base(base_dir, dtype=target), loaded, load_base(tmp), tolerance=tol, check_outputs=True
-        )
+        if qlora_base == "simulated":  # the real QLoRA model: the base loaded with bitsandbytes
+            assert spec is not None
+            reference = load_base(base_dir, dtype=target, quantization_config=bnb_config(spec), device_map="cpu")
+        else:
+            reference = load_base(base_dir, dtype=target)
+        full = verify_models(reference, loaded, load_base(tmp), tolerance=tol, check_outputs=True)
         return dataclasses.replace(report, passed=full.passed, outputs=full.outputs)
 
-    return _publish(
+    report = _publish(
         "merge",
         base_dir,
         out_dir,
@@ -627,6 +703,53 @@ def merge_checkpoint(
         started,
         model_check,
         norms,
+    )
+    if spec is None:
+        return report
+    what = f"{qlora_base} ({spec.describe()})"
+    if qlora_base == "simulated":
+        what += ": every linear weight quantized and dequantized as bitsandbytes does, then merged"
+    return dataclasses.replace(report, qlora_base=what, qlora_gap=gaps)
+
+
+def _merge_prequantized(
+    base_dir: Path,
+    adapter: Adapter,
+    out_dir: Path,
+    dtype: str | torch.dtype | None,
+    max_shard_size: int | str,
+    overwrite: bool,
+    verify: bool,
+    tolerance: Tolerance | None,
+    started: float,
+) -> CheckpointMergeReport:
+    """A checkpoint saved quantized by bitsandbytes: load it, merge in memory (dequantizing), save it atomically."""
+    from loramerge.inmemory import merge
+    from loramerge.loading import load_base
+
+    model = load_base(base_dir, device_map="cpu")
+    result = merge(model, adapter, verify=verify, tolerance=tolerance, dtype=dtype)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        for side in copy_side_files(base_dir, tmp):
+            if side in ("config.json", "generation_config.json"):
+                (tmp / side).unlink()  # written again below, without the quantization config
+        cast(Any, result.model).save_pretrained(tmp, max_shard_size=max_shard_size)
+        files = tuple(
+            sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json"))
+        )
+        written = sum((tmp / f).stat().st_size for f in files if f.endswith(".safetensors"))
+    changed = tuple(sorted(f"{c.name}.weight" for c in result.report.layers))
+    return CheckpointMergeReport(
+        out_dir,
+        "merge",
+        files,
+        len(result.model.state_dict()),
+        changed,
+        written,
+        time.perf_counter() - started,
+        result.report if verify else None,
+        result.dora_norms,
+        qlora_base=f"pre-quantized base: {result.base_format}",
     )
 
 
