@@ -289,3 +289,111 @@ def test_cuda_dequantizing_merge(checkpoints: dict[str, Path], fmt: str) -> None
     assert result.passed
     merged_out = run_model(result.model, probes).double()
     assert float((merged_out - adapter_out).norm() / adapter_out.norm()) < 0.02
+
+
+# --- from files: the 16-bit base checkpoint, simulated or original, and pre-quantized checkpoints ---
+
+
+@pytest.fixture(scope="module")
+def qlora_files(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A sharded 16-bit base, a QLoRA adapter trained (made) on its nf4 copy, and the nf4 copy saved pre-quantized."""
+    root = tmp_path_factory.mktemp("qlora-files")
+    model = loramerge.load_base(checkpoints["llama"])
+    model.save_pretrained(root / "base", max_shard_size="60KB")
+    pm = qlora(load_quantized(root / "base", "nf4-dq-bf16"))
+    pm.save_pretrained(root / "adapter")
+    load_quantized(root / "base", "nf4-dq-bf16").save_pretrained(root / "prequantized")
+    return {"base": root / "base", "adapter": root / "adapter", "prequantized": root / "prequantized", "root": root}
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+def test_simulated_base_reproduces_the_qlora_model(qlora_files: dict[str, Path], tmp_path: Path) -> None:
+    report = loramerge.merge_checkpoint(
+        qlora_files["base"],
+        qlora_files["adapter"],
+        tmp_path / "sim",
+        qlora_base="simulated",
+        quantization="nf4",
+        verify="model",  # checked against the base loaded with bitsandbytes, the real QLoRA model
+        progress=False,
+    )
+    assert report.passed and report.verification is not None and report.verification.outputs is not None
+    assert report.qlora_base.startswith("simulated (nf4, double quantization, blocks of 64)")
+    assert len(report.qlora_gap) == 14 and all(0 < g < 1 for g in report.qlora_gap.values())
+    # bit for bit what merging in memory into the QLoRA model gives, and what the pre-quantized checkpoint gives
+    in_memory = loramerge.merge(qlora(load_quantized(qlora_files["base"], "nf4-dq-bf16"))).model
+    from_file = _weights(tmp_path / "sim")
+    for name, tensor in in_memory.state_dict().items():
+        assert torch.equal(from_file[name], tensor), name
+    pre = loramerge.merge_checkpoint(
+        qlora_files["prequantized"], qlora_files["adapter"], tmp_path / "pre", progress=False
+    )
+    assert pre.passed and "pre-quantized" in pre.qlora_base
+    from_pre = _weights(tmp_path / "pre")
+    assert from_pre.keys() == from_file.keys()
+    for name, tensor in from_file.items():
+        assert torch.equal(from_pre[name], tensor), name
+    reloaded = loramerge.load_base(tmp_path / "pre")
+    assert getattr(reloaded.config, "quantization_config", None) is None and not quantized_layers(reloaded)
+
+
+def test_original_and_simulated_are_told_apart(qlora_files: dict[str, Path], tmp_path: Path) -> None:
+    original = loramerge.merge_checkpoint(
+        qlora_files["base"], qlora_files["adapter"], tmp_path / "orig", qlora_base="original", progress=False
+    )
+    simulated = loramerge.merge_checkpoint(
+        qlora_files["base"], qlora_files["adapter"], tmp_path / "sim", qlora_base="simulated", progress=False
+    )
+    assert original.qlora_gap == simulated.qlora_gap  # the same distance, measured from either side
+    assert "original" in original.qlora_base
+    # each output is right for its own reference and wrong for the other one
+    assert loramerge.verify_checkpoint(qlora_files["base"], qlora_files["adapter"], tmp_path / "orig").passed
+    wrong = loramerge.verify_checkpoint(qlora_files["base"], qlora_files["adapter"], tmp_path / "sim")
+    assert not wrong.passed
+    qlora_model = load_quantized(qlora_files["base"], "nf4-dq-bf16")
+    adapter = loramerge.load_adapter(qlora_files["adapter"])
+    assert not loramerge.verify(qlora_model, adapter, loramerge.load_base(tmp_path / "orig")).passed
+    assert loramerge.verify(qlora_model, adapter, loramerge.load_base(tmp_path / "sim")).passed
+
+
+def test_qlora_base_arguments_are_checked(qlora_files: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="qlora_base="):
+        loramerge.merge_checkpoint(qlora_files["base"], qlora_files["adapter"], tmp_path / "a", quantization="nf4")
+    with pytest.raises(ValueError, match="quant_type"):
+        loramerge.merge_checkpoint(
+            qlora_files["base"], qlora_files["adapter"], tmp_path / "b", qlora_base="simulated", quantization="nf3"
+        )
+    with pytest.raises(ValueError, match="already quantized"):
+        loramerge.merge_checkpoint(
+            qlora_files["prequantized"], qlora_files["adapter"], tmp_path / "c", qlora_base="simulated"
+        )
+    assert not any(p.name.startswith((".a", ".b", ".c", "a", "b", "c")) for p in tmp_path.iterdir())
+
+
+def test_quant_spec_from_bitsandbytes_config() -> None:
+    spec = loramerge.QuantSpec.of(BitsAndBytesConfig(**FORMATS["fp4-bf16"]))
+    assert (spec.quant_type, spec.double_quant) == ("fp4", False)
+    assert loramerge.QuantSpec.of(BitsAndBytesConfig(load_in_8bit=True)).quant_type == "int8"
+    assert loramerge.QuantSpec.of({"quant_type": "nf4", "blocksize": 128}).blocksize == 128
+
+
+def test_checkpoint_quantized_with_another_method_is_refused(qlora_files: dict[str, Path], tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    gptq = tmp_path / "gptq"
+    shutil.copytree(qlora_files["base"], gptq)
+    config = json.loads((gptq / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (gptq / "config.json").write_text(json.dumps(config))
+    with pytest.raises(loramerge.UnsupportedQuantizationError, match="'gptq'"):
+        loramerge.merge_checkpoint(gptq, qlora_files["adapter"], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

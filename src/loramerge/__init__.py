@@ -34,6 +34,7 @@ from loramerge.errors import (
 from loramerge.inmemory import merge, unmerge
 from loramerge.loading import load_base
 from loramerge.peft_glue import attach
+from loramerge.quantized import QuantSpec
 from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
 from loramerge.tolerance import Tolerance
 from loramerge.verification import make_probes, verify
@@ -59,6 +60,7 @@ __all__ = [
     "NonFiniteMergeError",
     "OutputCheck",
     "OutputWriteError",
+    "QuantSpec",
     "Tolerance",
     "UnmergeImpossibleError",
     "UnmergeResult",
