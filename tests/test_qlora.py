@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -397,3 +398,49 @@ def test_checkpoint_quantized_with_another_method_is_refused(qlora_files: dict[s
     with pytest.raises(loramerge.UnsupportedQuantizationError, match="'gptq'"):
         loramerge.merge_checkpoint(gptq, qlora_files["adapter"], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_merge_with_qlora_base_and_inspect(
+    qlora_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loramerge.cli import main
+
+    out = tmp_path / "cli-sim"
+    code = main(
+        [
+            "merge",
+            str(qlora_files["base"]),
+            str(qlora_files["adapter"]),
+            "-o",
+            str(out),
+            "--qlora-base",
+            "simulated",
+            "--quant-type",
+            "nf4",
+        ]
+    )
+    text = capsys.readouterr().out
+    assert code == 0 and out.is_dir()
+    assert "QLoRA base: simulated (nf4, double quantization, blocks of 64)" in text
+    assert "‖W_sim − W_orig‖ / ‖ΔW‖ per layer: median" in text
+    assert (
+        main(
+            [
+                "merge",
+                str(qlora_files["base"]),
+                str(qlora_files["adapter"]),
+                "-o",
+                str(tmp_path / "x"),
+                "--blocksize",
+                "128",
+            ]
+        )
+        == 2
+    )
+    assert "need --qlora-base" in capsys.readouterr().err
+
+    assert main(["inspect", str(qlora_files["prequantized"])]) == 0
+    assert "quantization: bitsandbytes 4-bit nf4, double quantization" in capsys.readouterr().out
+    assert main(["inspect", str(qlora_files["base"]), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["quantization"] == "not quantized" and data["dtypes"] == {"bfloat16": data["tensors"]}

@@ -19,6 +19,8 @@ from loramerge.adapter import load_adapter
 from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint, verify_checkpoint
 from loramerge.errors import LoraMergeError, VerificationError
 from loramerge.loading import load_base, resolve_dtype
+from loramerge.quantized import QuantSpec, describe_checkpoint_quantization
+from loramerge.shards import CheckpointReader
 from loramerge.tolerance import Tolerance
 from loramerge.verification import verify
 
@@ -37,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", default="bf16", help="dtype of the tiny model: fp32, bf16 or fp16 (default bf16)")
     demo.add_argument("--workdir", type=Path, help="keep the demo's files here instead of a temporary folder")
 
-    inspect = sub.add_parser("inspect", help="show an adapter's targets, ranks, scales and sizes")
-    inspect.add_argument("adapter", type=Path, help="PEFT adapter directory")
+    inspect = sub.add_parser(
+        "inspect", help="show an adapter's targets, ranks, scales and sizes, or a checkpoint's tensors and quantization"
+    )
+    inspect.add_argument("adapter", type=Path, help="PEFT adapter directory, or a model checkpoint directory")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     merge = sub.add_parser("merge", help="merge ADAPTER into the checkpoint BASE, streaming, into OUT")
@@ -50,6 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     merge.add_argument("--no-verify", action="store_true", help="skip verification")
     merge.add_argument("--verify-model", action="store_true", help="also load both models and check their outputs")
+    merge.add_argument(
+        "--qlora-base",
+        choices=["simulated", "original"],
+        help="a QLoRA adapter: merge into the base as bitsandbytes quantized it (simulated) or into the 16-bit "
+        "weights (original); the summary says how far the two are apart",
+    )
+    merge.add_argument(
+        "--quant-type", choices=["nf4", "fp4", "int8"], help="with --qlora-base: the quantization trained on (nf4)"
+    )
+    merge.add_argument("--no-double-quant", action="store_true", help="with --qlora-base: no double quantization")
+    merge.add_argument("--blocksize", type=int, help="with --qlora-base: 4-bit block size (default 64)")
 
     unmerge = sub.add_parser("unmerge", help="remove ADAPTER from the merged checkpoint MERGED, into OUT")
     unmerge.add_argument("merged", type=Path, help="merged checkpoint directory")
@@ -70,7 +85,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _inspect_checkpoint(root: Path, as_json: bool) -> int:
+    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    reader = CheckpointReader(root)
+    dtypes: dict[str, int] = {}
+    for info in reader.tensors.values():
+        key = str(info.dtype).replace("torch.", "")
+        dtypes[key] = dtypes.get(key, 0) + 1
+    data = {
+        "path": str(root),
+        "architectures": config.get("architectures") or [],
+        "tensors": len(reader.names),
+        "bytes": reader.total_bytes,
+        "files": list(reader.files),
+        "dtypes": dtypes,
+        "quantization": describe_checkpoint_quantization(config),
+        "quantization_config": config.get("quantization_config"),
+    }
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"checkpoint {root}: {', '.join(data['architectures']) or 'unknown architecture'}")
+    print(f"  {data['tensors']} tensors, {reader.total_bytes / 1e9:.3f} GB in {len(reader.files)} file(s)")
+    print("  dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(dtypes.items())))
+    print(f"  quantization: {data['quantization']}")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
+    root = Path(args.adapter)
+    if (root / "config.json").is_file() and not (root / "adapter_config.json").is_file():
+        return _inspect_checkpoint(root, args.json)
     adapter = load_adapter(args.adapter)
     if args.json:
         data = {
@@ -120,6 +165,17 @@ def _stream_command(args: argparse.Namespace) -> int:
     try:
         if args.command == "merge":
             mode: bool | Literal["model"] = False if args.no_verify else ("model" if args.verify_model else True)
+            quant = {
+                k: v
+                for k, v in (
+                    ("quant_type", args.quant_type),
+                    ("double_quant", False if args.no_double_quant else None),
+                    ("blocksize", args.blocksize),
+                )
+                if v is not None
+            }
+            if quant and args.qlora_base is None:
+                raise ValueError("--quant-type, --no-double-quant and --blocksize need --qlora-base")
             report = merge_checkpoint(
                 args.base,
                 args.adapter,
@@ -128,6 +184,8 @@ def _stream_command(args: argparse.Namespace) -> int:
                 max_shard_size=args.max_shard_size,
                 overwrite=args.overwrite,
                 verify=mode,
+                qlora_base=args.qlora_base,
+                quantization=QuantSpec.of(quant) if args.qlora_base is not None else None,
             )
         else:
             report = unmerge_checkpoint(
