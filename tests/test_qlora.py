@@ -59,6 +59,12 @@ FORMATS: dict[str, dict[str, Any]] = {
         bnb_4bit_compute_dtype=torch.float16,
     ),
     "fp4-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.bfloat16),
+    "nf4-storage-bf16": dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    ),
     "int8": dict(load_in_8bit=True),
 }
 
