@@ -245,7 +245,7 @@ def check_updates(updates: Sequence[LoraUpdate], weight: torch.Tensor) -> list[s
         norms = dora_norms(updates[0], weight)
         if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
             return ["DoRA weight norm ‖W + ΔW‖ is zero or non-finite for some output feature"]
-        if float(updates[0].magnitude.abs().max()) >= dtype_max:
+        if float(updates[0].magnitude.detach().abs().max()) >= dtype_max:
             return [f"DoRA magnitude exceeds the largest {weight.dtype} value"]
         return problems
     bound = max_w
