@@ -31,6 +31,7 @@ from loramerge.errors import (
     UnsupportedQuantizationError,
     VerificationError,
 )
+from loramerge.hub import HubError, HubVerification, push_to_hub, verify_hub
 from loramerge.inmemory import merge, unmerge
 from loramerge.loading import load_base
 from loramerge.peft_glue import attach
@@ -53,6 +54,8 @@ __all__ = [
     "AdapterModule",
     "AdapterNotFoundError",
     "CheckpointMergeReport",
+    "HubError",
+    "HubVerification",
     "LayerCheck",
     "LoraMergeError",
     "LoraMergeWarning",
@@ -76,8 +79,10 @@ __all__ = [
     "make_probes",
     "merge",
     "merge_checkpoint",
+    "push_to_hub",
     "unmerge",
     "unmerge_checkpoint",
     "verify",
     "verify_checkpoint",
+    "verify_hub",
 ]

@@ -23,6 +23,7 @@ import torch
 
 from loramerge.delta import Kind, LoraUpdate
 from loramerge.errors import AdapterConfigError, AdapterNotFoundError, UnsafeFormatError, UnsupportedAdapterError
+from loramerge.hub import hub_path
 from loramerge.io import read_tensors
 
 __all__ = ["Adapter", "AdapterModule", "load_adapter", "pattern_value"]
@@ -332,13 +333,24 @@ def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     )
 
 
-def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
-    """Read and validate a PEFT LoRA adapter directory.
+def load_adapter(
+    path: str | Path,
+    *,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> Adapter:
+    """Read and validate a PEFT LoRA adapter directory, or download one from the Hub.
 
     Args:
-        path: Directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        path: Directory with ``adapter_config.json`` and ``adapter_model.safetensors``, or a Hub
+            repo id (``namespace/name``) when no such directory exists.
         allow_pickle: Accept a legacy ``adapter_model.bin`` (read with ``weights_only=True``) when
             no safetensors file is present. Off by default: pickle files can run code.
+        revision: Hub only: branch, tag or commit (default ``main``).
+        token: Hub only: token (default ``HF_TOKEN`` or the stored login).
+        endpoint: Hub only: Hub URL (default ``HF_ENDPOINT`` or huggingface.co).
 
     Returns:
         The adapter, with per-module scales resolved and tensors checked against the config.
@@ -354,7 +366,7 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         >>> adapter.modules["model.layers.0.self_attn.q_proj"].scale  # doctest: +SKIP
         2.0
     """
-    root = Path(path)
+    root = hub_path(path, revision=revision, token=token, endpoint=endpoint)
     if not root.is_dir():
         raise AdapterNotFoundError(
             f"adapter directory {str(root)!r} does not exist (or is not a directory); pass the folder that PEFT's "

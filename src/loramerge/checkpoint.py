@@ -37,6 +37,7 @@ from loramerge.errors import (
     UnsupportedQuantizationError,
     VerificationError,
 )
+from loramerge.hub import hub_path
 from loramerge.io import atomic_directory
 from loramerge.loading import resolve_dtype
 from loramerge.quantized import QuantSpec, bnb_config, checkpoint_quantization, quantizable, simulate
@@ -541,6 +542,10 @@ def merge_checkpoint(
     progress: bool = True,
     qlora_base: Literal["original", "simulated"] | None = None,
     quantization: QuantSpec | str | Mapping[str, Any] | Any = None,
+    base_revision: str | None = None,
+    adapter_revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
 ) -> CheckpointMergeReport:
     """Merge a PEFT adapter into a safetensors checkpoint on disk, one tensor at a time.
 
@@ -572,6 +577,13 @@ def merge_checkpoint(
             :class:`~loramerge.QuantSpec`, ``"nf4"``/``"fp4"``/``"int8"``, a dict of
             :class:`~loramerge.QuantSpec` fields or a transformers ``BitsAndBytesConfig``
             (default: nf4 with double quantization, blocks of 64).
+        base_revision: When ``base`` is a Hub repo id: its branch, tag or commit.
+        adapter_revision: When ``adapter`` is a Hub repo id: its branch, tag or commit.
+        token: Hub token for downloads (default ``HF_TOKEN`` or the stored login).
+        endpoint: Hub URL (default ``HF_ENDPOINT`` or huggingface.co).
+
+    ``base`` and ``adapter`` may be Hub repo ids (``namespace/name``) when no such local directory
+    exists; only safetensors weights, configs and tokenizer files are downloaded, into the HF cache.
 
     A base checkpoint saved pre-quantized by bitsandbytes (``quantization_config`` in its
     ``config.json``) is loaded with transformers, merged in memory (:func:`~loramerge.merge`,
@@ -590,8 +602,13 @@ def merge_checkpoint(
         >>> report = merge_checkpoint("base/", "adapter/", "merged/", max_shard_size="2GB")  # doctest: +SKIP
     """
     started = time.perf_counter()
-    base_dir, out_dir = Path(base), Path(out)
-    loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    base_dir = hub_path(base, revision=base_revision, token=token, endpoint=endpoint)
+    out_dir = Path(out)
+    loaded = (
+        adapter
+        if isinstance(adapter, Adapter)
+        else load_adapter(adapter, revision=adapter_revision, token=token, endpoint=endpoint)
+    )
     if qlora_base not in (None, "original", "simulated"):
         raise ValueError(f"qlora_base={qlora_base!r}: use 'simulated' or 'original'")
     if quantization is not None and qlora_base is None:

@@ -1,4 +1,4 @@
-"""The ``loramerge`` command line: ``demo``, ``inspect``, ``merge``, ``unmerge``, ``verify``.
+"""The ``loramerge`` command line: ``demo``, ``inspect``, ``merge``, ``unmerge``, ``verify``, ``push``.
 
 Exit codes: 0 success, 1 a verification failed, 2 bad input (the message says what to fix).
 """
@@ -18,6 +18,7 @@ from loramerge import __version__
 from loramerge.adapter import load_adapter
 from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint, verify_checkpoint
 from loramerge.errors import LoraMergeError, VerificationError
+from loramerge.hub import push_to_hub, verify_hub
 from loramerge.loading import load_base, resolve_dtype
 from loramerge.quantized import QuantSpec, describe_checkpoint_quantization
 from loramerge.shards import CheckpointReader
@@ -65,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--no-double-quant", action="store_true", help="with --qlora-base: no double quantization")
     merge.add_argument("--blocksize", type=int, help="with --qlora-base: 4-bit block size (default 64)")
+    merge.add_argument("--base-revision", help="BASE is a Hub repo id: its branch, tag or commit")
+    merge.add_argument("--adapter-revision", help="ADAPTER is a Hub repo id: its branch, tag or commit")
+    merge.add_argument(
+        "--endpoint", help="Hub URL (default HF_ENDPOINT or huggingface.co); the token comes from HF_TOKEN"
+    )
 
     unmerge = sub.add_parser("unmerge", help="remove ADAPTER from the merged checkpoint MERGED, into OUT")
     unmerge.add_argument("merged", type=Path, help="merged checkpoint directory")
@@ -74,15 +80,51 @@ def _parser() -> argparse.ArgumentParser:
     unmerge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     unmerge.add_argument("--no-verify", action="store_true", help="skip verification")
 
-    ver = sub.add_parser("verify", help="verify that MERGED is BASE with ADAPTER merged in")
-    ver.add_argument("base", type=Path, help="base checkpoint directory")
-    ver.add_argument("adapter", type=Path, help="PEFT adapter directory")
-    ver.add_argument("merged", type=Path, help="merged checkpoint directory")
+    ver = sub.add_parser(
+        "verify",
+        help="verify that MERGED is BASE with ADAPTER merged in, or (--hub) that a pushed repo is what was verified",
+    )
+    ver.add_argument("base", type=Path, nargs="?", help="base checkpoint directory")
+    ver.add_argument("adapter", type=Path, nargs="?", help="PEFT adapter directory")
+    ver.add_argument("merged", type=Path, nargs="?", help="merged checkpoint directory")
+    ver.add_argument("--hub", metavar="REPO_ID", help="check a repo pushed by loramerge against its loramerge.json")
+    ver.add_argument("--revision", help="with --hub: branch, tag or commit")
+    ver.add_argument("--endpoint", help="with --hub: Hub URL (default HF_ENDPOINT or huggingface.co)")
     ver.add_argument("--model", action="store_true", help="also load both models and check their outputs")
     ver.add_argument("--dtype", help="with --model: load both models in this dtype (default: as stored)")
     ver.add_argument("--factor", type=float, default=Tolerance.factor, help="tolerance factor (default %(default)s)")
     ver.add_argument("--json", action="store_true", help="print the report as JSON")
+    push = sub.add_parser(
+        "push", help="push a merged checkpoint or an adapter to the Hub with its model card and proof"
+    )
+    push.add_argument("source", type=Path, help="merged checkpoint or PEFT adapter directory")
+    push.add_argument("repo_id", help="namespace/name on the Hub (created if needed)")
+    vis = push.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_true", default=True, help="create it private (default)")
+    vis.add_argument("--public", dest="private", action="store_false", help="create it public")
+    push.add_argument("--revision", help="branch to commit to (created from main if needed)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--commit-message", help="commit message")
+    push.add_argument("--base-model", help="the base model's repo id, for the model card")
+    push.add_argument(
+        "--endpoint", help="Hub URL (default HF_ENDPOINT or huggingface.co); the token comes from HF_TOKEN"
+    )
     return parser
+
+
+def _push(args: argparse.Namespace) -> int:
+    info = push_to_hub(
+        args.source,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        create_pr=args.create_pr,
+        endpoint=args.endpoint,
+        base_model=args.base_model,
+    )
+    print(f"pushed {args.source} to {args.repo_id}: {info.pr_url or info.commit_url}")
+    return 0
 
 
 def _inspect_checkpoint(root: Path, as_json: bool) -> int:
@@ -146,6 +188,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if args.hub:
+        if args.base or args.adapter or args.merged:
+            raise ValueError("--hub REPO_ID takes no BASE ADAPTER MERGED")
+        hub_report = verify_hub(args.hub, revision=args.revision, endpoint=args.endpoint)
+        print(json.dumps(hub_report.to_dict(), indent=2) if args.json else hub_report)
+        return 0 if hub_report.passed else 1
+    if not (args.base and args.adapter and args.merged):
+        raise ValueError("verify needs BASE ADAPTER MERGED, or --hub REPO_ID")
     tolerance = Tolerance(factor=args.factor)
     adapter = load_adapter(args.adapter)
     report = verify_checkpoint(args.base, adapter, args.merged, tolerance=tolerance, progress=not args.json)
@@ -186,6 +236,9 @@ def _stream_command(args: argparse.Namespace) -> int:
                 verify=mode,
                 qlora_base=args.qlora_base,
                 quantization=QuantSpec.of(quant) if args.qlora_base is not None else None,
+                base_revision=args.base_revision,
+                adapter_revision=args.adapter_revision,
+                endpoint=args.endpoint,
             )
         else:
             report = unmerge_checkpoint(
@@ -231,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _inspect(args)
         if args.command in ("merge", "unmerge"):
             return _stream_command(args)
+        if args.command == "push":
+            return _push(args)
         return _verify(args)
     except (LoraMergeError, ValueError) as e:
         print(f"loramerge {args.command}: error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ import transformers
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from loramerge.errors import AdapterConfigError, AdapterNotFoundError, UnsafeFormatError
+from loramerge.hub import hub_path
 
 __all__ = ["load_base", "resolve_dtype"]
 
@@ -53,18 +54,26 @@ def load_base(
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
     model_class: type[PreTrainedModel] | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
-    """Load a transformers model from a local checkpoint directory.
+    """Load a transformers model from a local checkpoint directory or a Hub repo.
 
     Args:
-        path: Directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
+        path: Directory with ``config.json`` and ``model.safetensors`` (or a sharded index), or a
+            Hub repo id (``namespace/name``) when no such directory exists: only safetensors
+            weights, configs and tokenizer files are downloaded (through the HF cache).
         dtype: Dtype to load in; default: the dtype stored in the checkpoint.
         device: Where to put the model.
         allow_pickle: Accept ``pytorch_model.bin`` checkpoints (loaded with ``weights_only=True``)
             when no safetensors weights exist. Off by default: pickle can run code.
         model_class: The transformers class to instantiate; default: the first of the config's
             ``architectures``, else ``AutoModelForCausalLM``.
+        revision: Hub only: branch, tag or commit (default ``main``).
+        token: Hub only: token (default ``HF_TOKEN`` or the stored login).
+        endpoint: Hub only: Hub URL (default ``HF_ENDPOINT`` or huggingface.co).
         **kwargs: Passed on to ``from_pretrained``.
 
     Returns:
@@ -77,7 +86,7 @@ def load_base(
     Example:
         >>> model = load_base("checkpoints/base", dtype="bf16")  # doctest: +SKIP
     """
-    root = Path(path)
+    root = hub_path(path, revision=revision, token=token, endpoint=endpoint)
     if not root.is_dir():
         raise AdapterNotFoundError(
             f"model directory {str(root)!r} does not exist; pass a folder written by save_pretrained()."

@@ -1,0 +1,231 @@
+"""The Hub: the real huggingface_hub client against a Hub-compatible server on 127.0.0.1 (tests/hub_server.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import loramerge as lm
+from conftest import save_adapter, tiny_llama
+from hub_server import READ, WRITE, HubServer
+from loramerge.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[HubServer]:
+    hub = HubServer().start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(autouse=True)
+def isolated_hub_client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server: HubServer) -> None:
+    """A fresh cache, no stored token, online, classic LFS uploads (no Xet), the test server as endpoint."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    server.state.regular_only = False
+    server.state.fail_lfs_oids.clear()
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hub-local")
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.bfloat16).eval()
+    base.save_pretrained(root / "base")
+    adapter_dir = save_adapter(
+        base, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}, root / "adapter"
+    )
+    lm.merge_checkpoint(root / "base", adapter_dir, root / "merged", max_shard_size="40KB", progress=False)
+    return {"base": root / "base", "adapter": adapter_dir, "merged": root / "merged", "root": root}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+def test_push_merged_checkpoint_then_download_into_a_fresh_cache(
+    server: HubServer, local: dict[str, Path], tmp_path: Path
+) -> None:
+    report = lm.verify_checkpoint(local["base"], local["adapter"], local["merged"], progress=False)
+    info = lm.push_to_hub(local["merged"], "alice/merged-llama", token=WRITE, report=report, base_model="org/base")
+    assert info.commit_url.startswith(server.endpoint + "/alice/merged-llama/commit/")
+    repo = server.state.repos["alice/merged-llama"]
+    assert repo.private
+    shards = sorted(p.name for p in local["merged"].glob("*.safetensors"))
+    assert len(shards) >= 2
+    assert len(server.state.lfs_puts) >= len(shards)  # the weights went through the LFS path
+
+    downloaded = lm.hub.hub_path("alice/merged-llama", token=WRITE)
+    assert str(downloaded).startswith(str(tmp_path / "hf-cache"))
+    got = _files(downloaded)
+    for name, data in _files(local["merged"]).items():
+        assert got[name] == data, name
+    card = got["README.md"].decode()
+    assert card.startswith("---\nbase_model: org/base\nbase_model_relation: merge\nlibrary_name: transformers\n")
+    assert "- loramerge\n- lora\n" in card and "Verification: **PASSED**" in card
+    receipt = json.loads(got["loramerge.json"])
+    assert receipt["report"]["passed"] is True and receipt["probe"]["width"] == 8
+    assert set(receipt["tensors"]) == set(lm.shards.CheckpointReader(local["merged"]).names)
+
+    # private: without a token the repo does not exist for the client
+    with pytest.raises(lm.HubError, match="not found.*private"):
+        lm.hub.hub_path("alice/merged-llama", cache_dir=tmp_path / "other-cache")
+
+
+def test_verify_hub_confirms_the_pushed_model_and_catches_a_changed_one(
+    server: HubServer, local: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = lm.load_base(local["merged"])
+    lm.push_to_hub(model, "alice/from-memory", token=WRITE, adapters=["alice/my-adapter"])
+    check = lm.verify_hub("alice/from-memory", token=WRITE)
+    assert check.passed and check.tensors_checked > 10 and check.probe_error <= check.probe_limit
+
+    monkeypatch.setenv("HF_TOKEN", WRITE)  # the CLI takes the token from the environment
+    assert main(["verify", "--hub", "alice/from-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "PASSED" in out and WRITE not in out
+
+    # someone replaces a shard with other weights: the hashes no longer match
+    from safetensors.torch import load_file, save_file
+
+    repo = server.state.repos["alice/from-memory"]
+    files = dict(repo.commits[repo.branches["main"]])
+    shard = next(p for p in files if p.endswith(".safetensors"))
+    tensors = load_file(local["merged"] / shard) if (local["merged"] / shard).exists() else None
+    tmp = local["root"] / "tampered.safetensors"
+    original = lm.hub.hub_path("alice/from-memory", token=WRITE) / shard
+    tensors = load_file(original)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    files[shard] = type(files[shard])(tmp.read_bytes(), True)
+    repo.commits["f" * 40] = files
+    repo.branches["main"] = "f" * 40
+    bad = lm.verify_hub("alice/from-memory", token=WRITE)
+    assert not bad.passed and name in bad.mismatched
+    assert main(["verify", "--hub", "alice/from-memory"]) == 1
+
+
+def test_push_adapter_over_the_regular_path_and_load_it_back(server: HubServer, local: dict[str, Path]) -> None:
+    server.state.regular_only = True  # every file travels base64 in the commit
+    lm.push_to_hub(local["adapter"], "alice/adapter", token=WRITE, private=False, base_model="org/tiny-llama")
+    assert not server.state.repos["alice/adapter"].private
+    assert (
+        server.files("alice/adapter")["adapter_model.safetensors"]
+        == (local["adapter"] / "adapter_model.safetensors").read_bytes()
+    )
+    card = server.files("alice/adapter")["README.md"].decode()
+    assert card.startswith("---\nbase_model: org/tiny-llama\nbase_model_relation: adapter\nlibrary_name: peft\n")
+    assert "not verified by loramerge" in card
+
+    remote = lm.load_adapter("alice/adapter")  # public: no token needed
+    mine = lm.load_adapter(local["adapter"])
+    assert remote.modules.keys() == mine.modules.keys()
+    for name, mod in mine.modules.items():
+        assert torch.equal(remote.modules[name].update.lora_B, mod.update.lora_B)
+
+
+def test_load_base_and_merge_checkpoint_straight_from_repo_ids(
+    server: HubServer, local: dict[str, Path], tmp_path: Path
+) -> None:
+    lm.push_to_hub(local["base"], "alice/base", token=WRITE, probe=False)
+    lm.push_to_hub(local["adapter"], "alice/adapter-2", token=WRITE)
+    base = lm.load_base("alice/base", token=WRITE)
+    assert torch.equal(base.model.embed_tokens.weight, lm.load_base(local["base"]).model.embed_tokens.weight)
+    report = lm.merge_checkpoint("alice/base", "alice/adapter-2", tmp_path / "merged", token=WRITE, progress=False)
+    assert report.passed
+    for name in _files(local["merged"]):
+        if name.endswith(".safetensors") or name.endswith(".index.json"):
+            continue
+        assert (tmp_path / "merged" / name).exists(), name
+    ours = lm.shards.CheckpointReader(tmp_path / "merged")
+    theirs = lm.shards.CheckpointReader(local["merged"])
+    for name in theirs.names:
+        assert torch.equal(ours.get(name), theirs.get(name)), name
+    # only what is needed was downloaded: no pickle weights even when the repo has them
+    assert not any(p.suffix == ".bin" for p in Path(tmp_path / "hf-cache").rglob("*"))
+
+    with pytest.raises(lm.HubError, match="no revision 'nope'"):
+        lm.load_base("alice/base", token=WRITE, revision="nope")
+    with pytest.raises(lm.HubError, match="not found"):
+        lm.load_adapter("alice/does-not-exist", token=WRITE)
+
+
+def test_push_to_a_branch_and_as_a_pull_request(server: HubServer, local: dict[str, Path]) -> None:
+    lm.push_to_hub(local["adapter"], "alice/branchy", token=WRITE)
+    main_sha = server.state.repos["alice/branchy"].branches["main"]
+    lm.push_to_hub(local["adapter"], "alice/branchy", token=WRITE, revision="dev", commit_message="to dev")
+    repo = server.state.repos["alice/branchy"]
+    assert "dev" in repo.branches and repo.branches["main"] == main_sha
+    assert lm.load_adapter("alice/branchy", token=WRITE, revision="dev").modules
+
+    info = lm.push_to_hub(local["merged"], "alice/branchy", token=WRITE, create_pr=True, probe=False)
+    assert info.pr_url is not None and "refs/pr/1" in repo.branches
+    assert repo.branches["main"] == main_sha  # the PR did not touch main
+    assert "model.safetensors.index.json" in server.files("alice/branchy", "refs/pr/1")
+
+
+def test_token_errors_and_the_token_never_leaks(
+    server: HubServer, local: dict[str, Path], caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(lm.HubError, match=r"rejected the token \(401\)") as bad:
+        lm.push_to_hub(local["adapter"], "alice/x", token="hf_wrong_token_000")
+    assert "hf_wrong_token_000" not in str(bad.value)
+    with pytest.raises(lm.HubError, match=r"no permission.*\(403\)") as forbidden:
+        lm.push_to_hub(local["adapter"], "bob/x", token=READ)
+    assert READ not in str(forbidden.value)
+    lm.push_to_hub(local["adapter"], "alice/secret", token=WRITE)
+    text = caplog.text + capsys.readouterr().out
+    for data in server.files("alice/secret").values():
+        assert WRITE.encode() not in data
+    assert WRITE not in text and READ not in text
+
+
+def test_interrupted_push_resumes_without_resending(server: HubServer, local: dict[str, Path]) -> None:
+    shards = sorted(local["merged"].glob("*.safetensors"))
+    victim = hashlib.sha256(shards[-1].read_bytes()).hexdigest()
+    server.state.fail_lfs_oids.add(victim)
+    before = len(server.state.lfs_puts)
+    with pytest.raises(lm.HubError, match=r"server failed \(500\).*run the same call again"):
+        lm.push_to_hub(local["merged"], "alice/resume", token=WRITE, probe=False)
+    assert server.files("alice/resume").keys() == {".gitattributes"}  # nothing was committed
+    first = server.state.lfs_puts[before:]
+    assert victim not in first and first  # the others arrived
+
+    server.state.fail_lfs_oids.clear()
+    lm.push_to_hub(local["merged"], "alice/resume", token=WRITE, probe=False)
+    second = server.state.lfs_puts[before + len(first) :]
+    assert second == [victim]  # only the missing object was sent again
+    for shard in shards:
+        assert server.files("alice/resume")[shard.name] == shard.read_bytes()
+
+
+def test_cli_push(
+    server: HubServer, local: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", WRITE)
+    assert main(["push", str(local["adapter"]), "alice/cli-adapter", "--public", "--revision", "v1"]) == 0
+    out = capsys.readouterr().out
+    assert "pushed" in out and WRITE not in out
+    repo = server.state.repos["alice/cli-adapter"]
+    assert not repo.private and "v1" in repo.branches
+    monkeypatch.setenv("HF_TOKEN", "hf_bad")
+    assert main(["push", str(local["adapter"]), "alice/cli-adapter"]) == 2
+    assert "401" in capsys.readouterr().err
+    assert main(["push", str(local["root"] / "nothing-here"), "alice/cli-adapter"]) == 2
