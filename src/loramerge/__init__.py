@@ -33,9 +33,11 @@ from loramerge.errors import (
 )
 from loramerge.hub import HubError, HubVerification, push_to_hub, verify_hub
 from loramerge.inmemory import merge, unmerge
+from loramerge.lineage import LineageError, lineage
 from loramerge.loading import load_base
 from loramerge.peft_glue import attach
 from loramerge.quantized import QuantSpec
+from loramerge.receipts import Receipt, ReceiptError, load_receipt
 from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
 from loramerge.tolerance import Tolerance
 from loramerge.verification import make_probes, verify
@@ -57,6 +59,7 @@ __all__ = [
     "HubError",
     "HubVerification",
     "LayerCheck",
+    "LineageError",
     "LoraMergeError",
     "LoraMergeWarning",
     "MergeResult",
@@ -64,6 +67,8 @@ __all__ = [
     "OutputCheck",
     "OutputWriteError",
     "QuantSpec",
+    "Receipt",
+    "ReceiptError",
     "Tolerance",
     "UnmergeImpossibleError",
     "UnmergeResult",
@@ -74,8 +79,10 @@ __all__ = [
     "VerificationReport",
     "__version__",
     "attach",
+    "lineage",
     "load_adapter",
     "load_base",
+    "load_receipt",
     "make_probes",
     "merge",
     "merge_checkpoint",

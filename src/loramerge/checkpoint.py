@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -39,8 +40,13 @@ from loramerge.errors import (
 )
 from loramerge.hub import hub_path
 from loramerge.io import atomic_directory
+from loramerge.lineage import METADATA_KEY, check_last, fingerprint_of, lineage, new_round, summary, write_record
 from loramerge.loading import resolve_dtype
 from loramerge.quantized import QuantSpec, bnb_config, checkpoint_quantization, quantizable, simulate
+from loramerge.receipts import FILENAME as RECEIPT_FILE
+from loramerge.receipts import Receipt, ReceiptError, as_receipt, load_receipt
+from loramerge.receipts import apply as apply_receipt
+from loramerge.receipts import encode as encode_receipt
 from loramerge.reports import LayerCheck, VerificationReport
 from loramerge.shards import (
     CheckpointReader,
@@ -408,6 +414,7 @@ def _stream(
     desc: str,
     unchanged: set[str],
     hash_on_read: set[str],
+    extra_metadata: Mapping[str, str],
 ) -> tuple[tuple[str, ...], int]:
     infos = [
         TensorInfo(t.name, dtype if (dtype is not None and t.dtype.is_floating_point) else t.dtype, t.shape, t.file)
@@ -415,7 +422,7 @@ def _stream(
     ]
     plan = plan_shards(infos, parse_size(max_shard_size))
     return_freed_memory_to_os()
-    metadata = dict(reader.metadata.get(reader.files[0], {}))
+    metadata = {**dict(reader.metadata.get(reader.files[0], {})), **extra_metadata}
     with atomic_directory(out, overwrite=overwrite) as tmp:
         copy_side_files(base, tmp)
         if dtype is not None:
@@ -482,13 +489,18 @@ def _publish(
     started: float,
     extra_check: Callable[[Path, VerificationReport], VerificationReport] | None = None,
     norms: Mapping[str, torch.Tensor] | None = None,
+    record: Callable[[Path, VerificationReport | None], None] | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
 ) -> CheckpointMergeReport:
-    """Stream ``src`` through ``transform`` into ``out``, verify what was written, publish it atomically."""
+    """Stream ``src`` through ``transform`` into ``out``, verify what was written, write the record
+    (lineage, receipt) and publish it all atomically."""
     untouched = set(reader.names) - set(mapping.modules) - set(mapping.biases) - set(mapping.replaced)
     reports: list[VerificationReport] = []
 
     def finalize(tmp: Path, written: dict[str, str]) -> None:
         if not verify:
+            if record is not None:
+                record(tmp, None)
             return
         expect.digests.update(written)
         report = _check_written(tmp, reader.names, expect, tol, operation)
@@ -500,6 +512,8 @@ def _publish(
                 f"the {operation}d checkpoint is out of tolerance; nothing was written:\n" + "\n".join(report.failures),
                 report,
             )
+        if record is not None:
+            record(tmp, report)
 
     files, written = _stream(
         src,
@@ -514,6 +528,7 @@ def _publish(
         operation,
         expect.unchanged,
         untouched if verify else set(),
+        extra_metadata or {},
     )
     changed = tuple(sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)))
     return CheckpointMergeReport(
@@ -546,6 +561,7 @@ def merge_checkpoint(
     adapter_revision: str | None = None,
     token: str | None = None,
     endpoint: str | None = None,
+    receipt: bool = False,
 ) -> CheckpointMergeReport:
     """Merge a PEFT adapter into a safetensors checkpoint on disk, one tensor at a time.
 
@@ -581,6 +597,11 @@ def merge_checkpoint(
         adapter_revision: When ``adapter`` is a Hub repo id: its branch, tag or commit.
         token: Hub token for downloads (default ``HF_TOKEN`` or the stored login).
         endpoint: Hub URL (default ``HF_ENDPOINT`` or huggingface.co).
+        receipt: Also write ``loramerge-receipt.safetensors`` into ``out``: what
+            :func:`unmerge_checkpoint` needs to restore the base byte for byte.
+
+    The merge is appended to the base's lineage and written to ``out/loramerge.json`` and every
+    shard's metadata (:func:`~loramerge.lineage`).
 
     ``base`` and ``adapter`` may be Hub repo ids (``namespace/name``) when no such local directory
     exists; only safetensors weights, configs and tokenizer files are downloaded, into the HF cache.
@@ -629,8 +650,26 @@ def merge_checkpoint(
         return _merge_prequantized(
             base_dir, loaded, out_dir, dtype, max_shard_size, overwrite, bool(verify), tolerance, started
         )
+    if receipt and qlora_base == "simulated":
+        raise ValueError(
+            "receipt=True restores the base merged into; with qlora_base='simulated' that is not the checkpoint"
+        )
     reader = CheckpointReader(base_dir)
     mapping = map_adapter(reader, loaded)
+    fingerprint = fingerprint_of(loaded)
+    rc = Receipt(fingerprint) if receipt else None
+    entry = new_round(
+        source=str(adapter) if not isinstance(adapter, Adapter) else str(loaded.path or "<in memory>"),
+        fingerprint=fingerprint,
+        config=loaded.config,
+        scales={m.name: m.scale for m in loaded.modules.values()},
+        dtype=str(resolve_dtype(dtype) or next(iter(reader.tensors.values())).dtype).replace("torch.", ""),
+        report=None,
+        receipt=None,
+    )
+    rounds = [*lineage(base_dir), entry]
+    if receipt:  # one file per round, so that every round can be undone exactly
+        entry["receipt"] = RECEIPT_FILE.replace(".safetensors", f"-{len(rounds):03d}.safetensors")
     untie = _untie_plan(base_dir, reader, set(mapping.modules) | set(mapping.replaced))
     for name, source in untie.items():
         reader.add_alias(name, source)
@@ -658,6 +697,7 @@ def merge_checkpoint(
             if verify:  # the probe's reference comes from the base tensor, before it is changed
                 base_w = work if source is None else source.to(tensor.dtype)  # exact: bitsandbytes' values
                 probe = LayerProbe(mod.name, kind, base_w, None, [up], 0, MAX_PROBE_OUTPUTS)
+            original = work.clone() if rc is not None else None
             # The output is atomic, so non-finite results need not be found before computing them: the
             # rounding residual is NaN or infinite exactly when a result is non-finite or overflowed.
             stats = merge_tensor_(work, [up], source=source)
@@ -673,13 +713,25 @@ def merge_checkpoint(
                 expect.checks[name] = _probe_check(probe, tol, stats.relative_residual, math.nan, "")
             if "dora_norms" in stats.extras:
                 norms[mod.name] = stats.extras["dora_norms"].cpu()
+            if rc is not None and original is not None:
+                recovered = work.clone()
+                unmerge_tensor_(recovered, [up], norms.get(mod.name))
+                rc.tensors[name] = encode_receipt(original, recovered)
+                if mod.name in norms:
+                    rc.dora_norms[mod.name] = norms[mod.name]
             return work
         if name in mapping.biases:
             mod = mapping.biases[name]
             assert mod.update.bias is not None
             work = tensor if target is None else tensor.to(target)
-            return (work.float() + mod.scale * mod.update.bias.float()).to(work.dtype)
+            merged_bias = (work.float() + mod.scale * mod.update.bias.float()).to(work.dtype)
+            if rc is not None:
+                recovered = (merged_bias.float() - mod.scale * mod.update.bias.float()).to(work.dtype)
+                rc.tensors[name] = encode_receipt(work, recovered)
+            return merged_bias
         if name in mapping.replaced:
+            if rc is not None:
+                rc.originals[name] = (tensor if target is None else tensor.to(target)).clone()
             return mapping.replaced[name].to(tensor.dtype if target is None else target)
         if quantized and qlora_base == "simulated":
             assert spec is not None
@@ -703,6 +755,13 @@ def merge_checkpoint(
         full = verify_models(reference, loaded, load_base(tmp), tolerance=tol, check_outputs=True)
         return dataclasses.replace(report, passed=full.passed, outputs=full.outputs)
 
+    def record(tmp: Path, verification: VerificationReport | None) -> None:
+        done = dict(entry, verification=summary(verification))
+        if rc is not None:
+            rc.save(tmp / str(entry["receipt"]))
+        _carry_receipts(base_dir, tmp, rounds[:-1])
+        write_record(tmp, [*rounds[:-1], done], verification)
+
     report = _publish(
         "merge",
         base_dir,
@@ -720,6 +779,8 @@ def merge_checkpoint(
         started,
         model_check,
         norms,
+        record,
+        {METADATA_KEY: json.dumps(rounds, default=str)},
     )
     if spec is None:
         return report
@@ -727,6 +788,14 @@ def merge_checkpoint(
     if qlora_base == "simulated":
         what += ": every linear weight quantized and dequantized as bitsandbytes does, then merged"
     return dataclasses.replace(report, qlora_base=what, qlora_gap=gaps)
+
+
+def _carry_receipts(src: Path, dst: Path, rounds: list[dict[str, Any]]) -> None:
+    """Copy the receipts of earlier rounds along, so that each of them can still be undone exactly."""
+    for r in rounds:
+        name = r.get("receipt")
+        if name and (src / str(name)).is_file():
+            shutil.copy2(src / str(name), dst / str(name))
 
 
 def _merge_prequantized(
@@ -897,6 +966,8 @@ def unmerge_checkpoint(
     originals: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
     progress: bool = True,
+    receipt: Receipt | str | Path | bool | None = None,
+    force: bool = False,
 ) -> CheckpointMergeReport:
     """Remove a saved adapter from a merged checkpoint on disk, one tensor at a time.
 
@@ -906,7 +977,15 @@ def unmerge_checkpoint(
     the tolerance rule; every other tensor is copied byte for byte. The same limits as the
     in-memory unmerge apply: DoRA needs ``dora_norms``, replaced tensors need ``originals``.
 
+    With a receipt (``receipt=`` a path or :class:`~loramerge.Receipt`; by default the
+    ``loramerge-receipt.safetensors`` the merge wrote into ``merged``, when the lineage says it
+    belongs to this adapter; ``receipt=False`` ignores it) every adapted tensor comes back
+    byte-identical to the base, and norms and originals come from it. The lineage must say this
+    adapter was the last one merged (``force=True`` overrides); the output's lineage drops it.
+
     Raises:
+        LineageError: The adapter is not the last one merged (nothing written).
+        ReceiptError: The receipt belongs to another merge or is corrupt (nothing written).
         UnmergeImpossibleError: DoRA norms or replaced originals are missing (nothing written).
         VerificationError: The result is out of tolerance (nothing is left on disk).
     """
@@ -916,8 +995,24 @@ def unmerge_checkpoint(
     reader = CheckpointReader(merged_dir)
     mapping = map_adapter(reader, loaded)
     tol = tolerance or Tolerance()
-    norms = dict(dora_norms or {})
-    originals = dict(originals or {})
+    fingerprint = fingerprint_of(loaded)
+    rounds = lineage(merged_dir)
+    lineage_notes = check_last(rounds, fingerprint, force)
+    rc: Receipt | None = None
+    if isinstance(receipt, (Receipt, str, Path)):
+        rc = as_receipt(receipt)
+    elif (
+        receipt is None and rounds and rounds[-1].get("receipt") and rounds[-1]["adapter"].get("sha256") == fingerprint
+    ):
+        found = merged_dir / str(rounds[-1]["receipt"])
+        rc = load_receipt(found) if found.is_file() else None
+    if rc is not None:
+        rc.check_adapter(fingerprint)
+        absent = sorted(n for n in [*mapping.modules, *mapping.biases] if n not in rc.tensors)
+        if absent:
+            raise ReceiptError(f"the receipt has no entry for {absent}; it was written for another checkpoint.")
+    norms = {**(rc.dora_norms if rc is not None else {}), **dict(dora_norms or {})}
+    originals = {**(rc.originals if rc is not None else {}), **dict(originals or {})}
     missing_norms = sorted(mod.name for mod, _ in mapping.modules.values() if mod.use_dora and mod.name not in norms)
     missing_originals = sorted(
         n for n, k in loaded.replaced_kinds.items() if k in ("modules_to_save", "trained_bias") and n not in originals
@@ -940,6 +1035,8 @@ def unmerge_checkpoint(
             up = _updates_for(mod, kind)
             work = tensor.clone()
             stats = unmerge_tensor_(work, [up], norms.get(mod.name))
+            if rc is not None:
+                work = apply_receipt(work, rc.tensors[name], name)
             if verify:
                 probe = LayerProbe(mod.name, kind, work, None, [up], seed, MAX_PROBE_OUTPUTS)
                 reason = ""
@@ -954,13 +1051,25 @@ def unmerge_checkpoint(
         if name in mapping.biases:
             mod = mapping.biases[name]
             assert mod.update.bias is not None
-            return (tensor.float() - mod.scale * mod.update.bias.float()).to(tensor.dtype)
+            bias = (tensor.float() - mod.scale * mod.update.bias.float()).to(tensor.dtype)
+            return apply_receipt(bias, rc.tensors[name], name) if rc is not None else bias
         if name in mapping.replaced:
             key = next(k for k in originals if name == k or name.endswith("." + k) or k.endswith("." + name))
             return originals[key].to(tensor.dtype)
         expect.digests[name] = digest
         expect.unchanged.add(name)
         return tensor
+
+    remaining = rounds[:-1] if rounds and (rounds[-1]["adapter"].get("sha256") == fingerprint or force) else rounds
+
+    def record(tmp: Path, verification: VerificationReport | None) -> None:
+        if verification is not None and (lineage_notes or rc is not None):
+            extra = [*lineage_notes] + (
+                ["receipt applied: adapted tensors restored byte for byte"] if rc is not None else []
+            )
+            verification = dataclasses.replace(verification, notes=(*verification.notes, *extra))
+        _carry_receipts(merged_dir, tmp, remaining)
+        write_record(tmp, remaining, verification)
 
     return _publish(
         "unmerge",
@@ -977,4 +1086,6 @@ def unmerge_checkpoint(
         verify,
         tol,
         started,
+        record=record,
+        extra_metadata={METADATA_KEY: json.dumps(remaining, default=str)},
     )

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
@@ -27,6 +28,7 @@ from loramerge.errors import (
     UnsupportedAdapterError,
     VerificationError,
 )
+from loramerge.lineage import adapter_fingerprint, check_last, fingerprint_of, lineage, new_round, set_model_lineage
 from loramerge.loading import resolve_dtype
 from loramerge.peft_glue import LayerPlan, adapter_mode, attach, check_compatible, collect_plans, untie_shared, unwrap
 from loramerge.quantized import (
@@ -40,6 +42,9 @@ from loramerge.quantized import (
     quantized_layers,
     requantize,
 )
+from loramerge.receipts import Receipt, ReceiptError, as_receipt
+from loramerge.receipts import apply as apply_receipt
+from loramerge.receipts import encode as encode_receipt
 from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
 from loramerge.tolerance import Tolerance, relative_errors, ulp
 from loramerge.verification import (
@@ -160,6 +165,32 @@ def _merge_quantized(plan: LayerPlan, qplan: _QuantPlan, seed: int) -> tuple[nn.
     return new, stats, lost
 
 
+def _receipt_originals(plan: LayerPlan, new_bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Copies of the tensors a merge is about to change (weight, and bias when a LoRA bias is merged)."""
+    out = {"weight": plan.weight.detach().clone()}
+    if new_bias is not None:
+        out["bias"] = cast(torch.Tensor, plan.layer.bias).detach().clone()
+    return out
+
+
+def _record_receipt(
+    receipt: Receipt, plan: LayerPlan, originals: Mapping[str, torch.Tensor], norms: torch.Tensor | None
+) -> None:
+    """Compute the plain unmerge of the merged tensors, as :func:`unmerge` will, and record the
+    correction back to ``originals``."""
+    ups = [u for _, u in plan.updates]
+    with torch.no_grad():
+        recovered = plan.weight.detach().clone()
+        unmerge_tensor_(recovered, ups, norms)
+        receipt.tensors[f"{plan.name}.weight"] = encode_receipt(originals["weight"], recovered)
+        if "bias" in originals:
+            merged_b = cast(torch.Tensor, plan.layer.bias).detach()
+            back = merged_b.float() - sum(u.scale * u.bias.detach().float() for u in ups if u.bias is not None)
+            receipt.tensors[f"{plan.name}.bias"] = encode_receipt(originals["bias"], back.to(merged_b.dtype))
+    if norms is not None:
+        receipt.dora_norms[plan.name] = norms
+
+
 def _requantized_output_check(merged: torch.Tensor, ref: ModelReference, base_out: torch.Tensor) -> OutputCheck:
     """Whole-model check of a re-quantized merge: no tolerance rule can hold (re-quantization
     rounds to a 4/8-bit grid), so the merged model passes when it is closer to adapter mode than
@@ -196,6 +227,7 @@ def merge(
     seed: int = 0,
     dtype: str | torch.dtype | None = None,
     quantized: QuantizedMode = "dequantize",
+    receipt: bool = False,
 ) -> MergeResult:
     """Merge LoRA adapters into the base weights, in place, and verify the result.
 
@@ -225,6 +257,11 @@ def merge(
         seed: Seed of the random probes.
         dtype: Quantized bases only: the dtype of the dequantized merged model (default bfloat16).
         quantized: Quantized bases only: ``"dequantize"`` (default) or ``"requantize"``.
+        receipt: Also return (``result.receipt``) what :func:`~loramerge.unmerge` needs to restore
+            the base bit for bit (one adapter at a time; costs one extra unmerge per tensor).
+
+    The merge is recorded in the model's lineage (``model.config.loramerge_lineage``, written to
+    ``config.json`` by ``save_pretrained``; read it with :func:`~loramerge.lineage`).
 
     Returns:
         The plain merged model (the same object, PEFT wrappers removed) and the report.
@@ -242,6 +279,7 @@ def merge(
         >>> result.report.passed  # doctest: +SKIP
         True
     """
+    attached: dict[str, Adapter] = {}
     if adapters is not None:
         for i, adapter in enumerate([adapters] if isinstance(adapters, Adapter) else list(adapters)):
             taken = set(model.peft_config) if isinstance(model, PeftModel) else set()
@@ -249,13 +287,25 @@ def merge(
             while name in taken:
                 name += "_"
             model = attach(model, adapter, name=name)
+            attached[name] = adapter
     if not isinstance(model, PeftModel):
         raise AdapterMismatchError(
             f"merge() needs a PeftModel or adapters to attach; got a plain {type(model).__name__} and no adapters."
         )
+    sources = {n: str(a.path) for n, a in attached.items() if a.path is not None}
     with keep_layout(model):
         return _merge(
-            model, adapter_names, verify, tolerance or Tolerance(), probes, check_outputs, seed, dtype, quantized
+            model,
+            adapter_names,
+            verify,
+            tolerance or Tolerance(),
+            probes,
+            check_outputs,
+            seed,
+            dtype,
+            quantized,
+            receipt,
+            sources,
         )
 
 
@@ -269,6 +319,8 @@ def _merge(
     seed: int,
     dtype: str | torch.dtype | None,
     quantized: QuantizedMode,
+    want_receipt: bool,
+    sources: Mapping[str, str],
 ) -> MergeResult:
     tuner = cast(Any, peft_model.base_model)
     names = list(adapter_names) if adapter_names is not None else list(peft_model.active_adapters)
@@ -285,6 +337,18 @@ def _merge(
             "(loramerge.merge_checkpoint with qlora_base='original' or 'simulated')."
         )
 
+    fingerprint = adapter_fingerprint({p.name: [u for _, u in p.updates] for p in plans})
+    receipt: Receipt | None = None
+    if want_receipt:
+        if len(names) != 1 or any(p.quantized for p in plans):
+            raise ValueError(
+                "receipt=True needs exactly one adapter merged into a non-quantized base (merge adapters one at a time)"
+            )
+        receipt = Receipt(fingerprint)
+        for module_name in saved:
+            wrapper = cast(Any, inner.get_submodule(module_name))
+            for pname, p in wrapper.original_module.named_parameters():
+                receipt.originals[f"{module_name}.{pname}"] = p.detach().cpu().clone()
     notes: list[str] = []
     layer_probes: list[LayerProbe] = []
     base_errors: dict[str, float] = {}
@@ -338,6 +402,7 @@ def _merge(
             plans[i] = dataclasses.replace(plan, layer=new_layer, quantized=qplan.mode == "requantize")
             continue
         new_bias = _merged_bias(plan.layer, ups)
+        originals = _receipt_originals(plan, new_bias) if receipt is not None else {}
         with torch.no_grad():
             stats[plan.name] = merge_tensor_(plan.weight, ups)
             if new_bias is not None:
@@ -345,6 +410,8 @@ def _merge(
                 bias.copy_(new_bias.to(bias.dtype))
         if "dora_norms" in stats[plan.name].extras:
             dora_norms[plan.name] = stats[plan.name].extras["dora_norms"].detach().cpu()
+        if receipt is not None:
+            _record_receipt(receipt, plan, originals, dora_norms.get(plan.name))
     plain = unwrap(peft_model, saved)
     narrowed: list[torch.Tensor] = []
     base_format = ""
@@ -446,8 +513,25 @@ def _merge(
             )
     passed = all(c.passed for c in layers) and (outputs is None or outputs.passed)
     report = VerificationReport("merge", passed, tol, tuple(layers), outputs, notes=tuple(notes))
+    config = peft_model.peft_config[names[0]] if len(names) == 1 else None
+    entry = new_round(
+        source=", ".join(sources.get(n, f"attached adapter {n!r}") for n in names),
+        fingerprint=fingerprint,
+        config=config.to_dict() if config is not None else {"adapters": names},
+        scales={p.name: u.scale for p in plans for _, u in p.updates},
+        dtype=str(next((p.weight.dtype for p in plans), "")).replace("torch.", ""),
+        report=report if verify else None,
+    )
+    set_model_lineage(plain, [*lineage(plain), entry])
     result = MergeResult(
-        plain, report, tuple(names), dora_norms, tuple(untied), verified=verify, base_format=base_format
+        plain,
+        report,
+        tuple(names),
+        dora_norms,
+        tuple(untied),
+        verified=verify,
+        base_format=base_format,
+        receipt=receipt,
     )
     if not passed:
         raise VerificationError(
@@ -470,6 +554,8 @@ def unmerge(
     dora_norms: Mapping[str, torch.Tensor] | None = None,
     originals: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
+    receipt: Receipt | str | Path | None = None,
+    force: bool = False,
 ) -> UnmergeResult:
     """Remove a saved adapter's updates from a merged model, in place, and verify the result.
 
@@ -494,8 +580,14 @@ def unmerge(
         originals: Original values of tensors the adapter *replaced* (``modules_to_save``
             modules, trained biases), by parameter name: the adapter does not contain them.
         seed: Seed of the random probes.
+        receipt: The receipt of the merge (:attr:`MergeResult.receipt` or a path to a saved one):
+            every adapted tensor then comes back byte-identical to the base (checked by SHA-256),
+            and DoRA norms and replaced originals come from it.
+        force: Unmerge even when the model's lineage says this adapter is not the last one merged.
 
     Raises:
+        LineageError: The lineage says another adapter was merged after this one (nothing changed).
+        ReceiptError: The receipt belongs to another merge, or is corrupt.
         UnmergeImpossibleError: Exact recovery is impossible without ``dora_norms`` or
             ``originals``; the message lists what is missing. Nothing was changed.
         AdapterMismatchError: The adapter does not fit the model.
@@ -512,8 +604,14 @@ def unmerge(
             "use PEFT's unmerge_adapter(), or merge() and then unmerge()."
         )
     kinds = check_compatible(model, adapter)
-    dora_norms = dict(dora_norms or {})
-    originals = dict(originals or {})
+    fingerprint = fingerprint_of(adapter)
+    rounds = lineage(model)
+    lineage_notes = check_last(rounds, fingerprint, force)
+    rc = as_receipt(receipt) if receipt is not None else None
+    if rc is not None:
+        rc.check_adapter(fingerprint)
+    dora_norms = {**(rc.dora_norms if rc is not None else {}), **dict(dora_norms or {})}
+    originals = {**(rc.originals if rc is not None else {}), **dict(originals or {})}
     missing_norms = sorted(n for n, m in adapter.modules.items() if m.use_dora and n not in dora_norms)
     missing_originals = sorted(
         n for n, k in adapter.replaced_kinds.items() if k in ("modules_to_save", "trained_bias") and n not in originals
@@ -569,6 +667,10 @@ def unmerge(
 
     stats = {}
     exact: list[str] = []
+    if rc is not None:  # every correction must fit before anything changes
+        missing = sorted(f"{p.name}.weight" for p in plans if f"{p.name}.weight" not in rc.tensors)
+        if missing:
+            raise ReceiptError(f"the receipt has no entry for {missing}; it was written for another model or merge.")
     for plan in plans:
         up = plan.updates[0][1]
         with torch.no_grad():
@@ -576,6 +678,15 @@ def unmerge(
             if up.bias is not None:
                 bias = cast(torch.Tensor, plan.layer.bias)
                 bias.copy_((bias.detach().float() - up.scale * up.bias.detach().float().to(bias.device)).to(bias.dtype))
+            if rc is not None:
+                for suffix in ("weight", "bias"):
+                    entry = rc.tensors.get(f"{plan.name}.{suffix}")
+                    target = cast(torch.Tensor | None, getattr(plan.layer, suffix, None))
+                    if entry is not None and target is not None:
+                        target.copy_(apply_receipt(target.detach(), entry, f"{plan.name}.{suffix}"))
+                        exact.append(f"{plan.name}.{suffix}")
+        if rc is not None:
+            continue
         saved_base = adapter.replaced.get(f"{plan.name}.weight")
         if saved_base is not None:
             candidate = saved_base.to(plan.weight.dtype).to(plan.weight.device)
@@ -589,6 +700,7 @@ def unmerge(
                     f"{plan.name}.weight: the adapter's saved base copy differs from the recovered weight; kept the recovered one"
                 )
     bound = max((st.error_bound for n, st in stats.items() if f"{n}.weight" not in exact), default=0.0)
+    notes_lineage = lineage_notes
     for pname, value in originals.items():
         target = params[pname]
         with torch.no_grad():
@@ -620,6 +732,11 @@ def unmerge(
             outputs = output_check(merged_model_out, ref, tol, batch, lambda: merged_storage)
     else:
         notes.append("verification off (verify=False)")
+    notes.extend(notes_lineage)
+    if rc is not None:
+        notes.append(f"receipt applied: {len(exact)} tensors restored byte-identical to the base (SHA-256 checked)")
+    if rounds and (rounds[-1]["adapter"].get("sha256") == fingerprint or force):
+        set_model_lineage(model, rounds[:-1])
     passed = all(c.passed for c in layers) and (outputs is None or outputs.passed)
     report = VerificationReport("unmerge", passed, tol, tuple(layers), outputs, notes=tuple(notes))
     result = UnmergeResult(model, report, tuple(sorted(exact)), bound, verified=verify)

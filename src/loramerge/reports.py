@@ -239,6 +239,8 @@ class MergeResult:
             :func:`~loramerge.unmerge` to undo a DoRA merge.
         untied: Parameters given their own copy because they shared a merged weight.
         verified: Whether verification ran.
+        receipt: With ``receipt=True``: what :func:`~loramerge.unmerge` needs to restore the base
+            bit for bit (:class:`~loramerge.Receipt`; save it with ``receipt.save(path)``).
         base_format: For a quantized base, its format and what the merge made of it, e.g.
             ``"bnb-4bit nf4, double quantization, blocks of 64, bfloat16 (14 layers) -> dequantized to bfloat16"``;
             empty otherwise.
@@ -251,6 +253,7 @@ class MergeResult:
     untied: tuple[str, ...] = ()
     verified: bool = True
     base_format: str = ""
+    receipt: Any = None
 
     @property
     def passed(self) -> bool:
@@ -265,6 +268,7 @@ class MergeResult:
             "untied": list(self.untied),
             "verified": self.verified,
             "base_format": self.base_format,
+            "receipt_bytes": self.receipt.nbytes if self.receipt is not None else None,
             "report": self.report.to_dict(),
         }
 

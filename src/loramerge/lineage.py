@@ -1,0 +1,177 @@
+"""Merge lineage: which adapters a model contains, in order, and how each merge was verified.
+
+A lineage is a list of rounds, oldest first. Each round records the adapter's source, a SHA-256
+fingerprint of its update (factors and scales), its config and per-module scales, the dtype, the
+loramerge version, the time, the verification summary and, when one was written, the receipt
+that restores the previous model bit for bit (:mod:`loramerge.receipts`).
+
+Where it lives: on an in-memory model as ``model.config.loramerge_lineage`` (so
+``save_pretrained`` writes it into ``config.json``); in a checkpoint written by loramerge, in
+``loramerge.json`` and in every shard's safetensors metadata (key ``loramerge_lineage``).
+:func:`lineage` reads any of them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loramerge.delta import LoraUpdate
+from loramerge.errors import LoraMergeError
+
+__all__ = ["LineageError", "adapter_fingerprint", "lineage", "new_round"]
+
+RECEIPT_JSON = "loramerge.json"
+METADATA_KEY = "loramerge_lineage"
+CONFIG_KEY = "loramerge_lineage"
+
+
+class LineageError(LoraMergeError, ValueError):
+    """An unmerge that does not follow the recorded lineage (not the last adapter merged)."""
+
+
+def adapter_fingerprint(updates: Mapping[str, Sequence[LoraUpdate]]) -> str:
+    """SHA-256 over every module's update: name, scale, and the fp32 bytes of A, B, the DoRA
+    magnitude and the LoRA bias. The same adapter gives the same fingerprint whether it is read
+    from disk or taken from an attached PEFT model."""
+    digest = hashlib.sha256()
+    for name in sorted(updates):
+        for up in updates[name]:
+            digest.update(f"{name}|{up.scale!r}|".encode())
+            for t in (up.lora_A, up.lora_B, up.magnitude, up.bias):
+                if t is None:
+                    digest.update(b"-")
+                    continue
+                data = t.detach().to("cpu", torch.float32).contiguous()
+                digest.update(str(tuple(data.shape)).encode())
+                digest.update(data.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint_of(adapter: Any) -> str:
+    """:func:`adapter_fingerprint` of a loaded :class:`~loramerge.Adapter`."""
+    return adapter_fingerprint(
+        {
+            name: [LoraUpdate(m.kind, m.update.lora_A, m.update.lora_B, m.scale, m.update.magnitude, m.update.bias)]
+            for name, m in adapter.modules.items()
+        }
+    )
+
+
+def write_record(root: Path, rounds: list[dict[str, Any]], report: Any = None) -> None:
+    """Write ``loramerge.json`` (the lineage, and the last operation's report) into ``root``."""
+    data: dict[str, Any] = {"lineage": rounds}
+    if report is not None:
+        data["report"] = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    (root / RECEIPT_JSON).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def summary(report: Any) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    outputs = data.get("outputs") or {}
+    layers = data.get("layers") or []
+    return {
+        "passed": data.get("passed"),
+        "output_error": outputs.get("merged_error"),
+        "output_limit": outputs.get("limit"),
+        "layers_checked": len(layers),
+        "layers_passed": sum(1 for layer in layers if layer.get("passed")),
+    }
+
+
+def new_round(
+    *,
+    source: str | None,
+    fingerprint: str,
+    config: Mapping[str, Any] | None,
+    scales: Mapping[str, float],
+    dtype: str,
+    report: Any,
+    receipt: str | None = None,
+) -> dict[str, Any]:
+    """One lineage entry (JSON-safe)."""
+    from loramerge import __version__
+
+    safe_config = json.loads(json.dumps(dict(config or {}), default=str))
+    return {
+        "adapter": {"source": source, "sha256": fingerprint, "config": safe_config, "scales": dict(scales)},
+        "dtype": dtype,
+        "loramerge_version": __version__,
+        "time": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "verification": summary(report),
+        "receipt": receipt,
+    }
+
+
+def _from_dir(root: Path) -> list[dict[str, Any]]:
+    record = root / RECEIPT_JSON
+    if record.is_file():
+        data = json.loads(record.read_text(encoding="utf-8"))
+        if isinstance(data.get("lineage"), list):
+            return list(data["lineage"])
+    for shard in sorted(root.glob("*.safetensors")):
+        from safetensors import safe_open
+
+        with safe_open(str(shard), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        if METADATA_KEY in meta:
+            return list(json.loads(meta[METADATA_KEY]))
+        break
+    config = root / "config.json"
+    if config.is_file():
+        value = json.loads(config.read_text(encoding="utf-8")).get(CONFIG_KEY)
+        if isinstance(value, list):
+            return list(value)
+    return []
+
+
+def lineage(source: str | Path | nn.Module) -> list[dict[str, Any]]:
+    """The merge lineage of a model or checkpoint directory, oldest round first (empty when none).
+
+    Example:
+        >>> [r["adapter"]["source"] for r in lineage("merged/")]  # doctest: +SKIP
+        ['adapters/round-1', 'adapters/round-2']
+    """
+    if isinstance(source, nn.Module):
+        config = getattr(source, "config", None)
+        value = getattr(config, CONFIG_KEY, None) if config is not None else None
+        return [dict(r) for r in value] if isinstance(value, list) else []
+    return _from_dir(Path(source))
+
+
+def set_model_lineage(model: nn.Module, rounds: list[dict[str, Any]]) -> None:
+    """Store ``rounds`` on ``model.config`` (written to config.json by ``save_pretrained``)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        setattr(config, CONFIG_KEY, rounds)
+
+
+def check_last(rounds: Sequence[Mapping[str, Any]], fingerprint: str, force: bool) -> list[str]:
+    """Refuse to unmerge an adapter that is not the last one merged (unless ``force``); notes otherwise."""
+    if not rounds:
+        return ["no lineage recorded: the adapter could not be checked against what was merged"]
+    last = rounds[-1]["adapter"]
+    if last.get("sha256") == fingerprint:
+        return []
+    merged_before = [i for i, r in enumerate(rounds) if r["adapter"].get("sha256") == fingerprint]
+    where = (
+        f"it was merged in round {merged_before[-1] + 1} of {len(rounds)}; unmerge the later rounds first"
+        if merged_before
+        else "it is not in the lineage at all"
+    )
+    if force:
+        return [f"forced: the adapter is not the last one merged ({where})"]
+    raise LineageError(
+        f"this adapter is not the last one merged into the model ({where}); the last was "
+        f"{last.get('source') or 'an adapter'} (sha256 {str(last.get('sha256'))[:12]}...). Unmerging it now would "
+        "not give back any model that existed. Pass force=True (--force) to do it anyway."
+    )
