@@ -188,6 +188,8 @@ def tensor_hashes(root: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     for path in sorted(root.glob("*.safetensors")):
+        if path.name.startswith("loramerge-receipt"):
+            continue  # receipts are not model tensors
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                 out[name] = tensor_digest(handle.get_tensor(name))
@@ -385,7 +387,14 @@ def push_to_hub(
 
                 model = load_base(staging)
             fp = fingerprint(model)
+        lineage_rounds = previous.get("lineage")
+        if model is not None and lineage_rounds is None:
+            from loramerge.lineage import lineage as model_lineage
+
+            lineage_rounds = model_lineage(model) or None
         receipt = {
+            **previous,
+            "lineage": lineage_rounds or [],
             "loramerge_version": __version__,
             "kind": kind,
             "base_model": _base_model(staging, kind, base_model or previous.get("base_model")),

@@ -513,16 +513,18 @@ def _merge(
             )
     passed = all(c.passed for c in layers) and (outputs is None or outputs.passed)
     report = VerificationReport("merge", passed, tol, tuple(layers), outputs, notes=tuple(notes))
-    config = peft_model.peft_config[names[0]] if len(names) == 1 else None
-    entry = new_round(
-        source=", ".join(sources.get(n, f"attached adapter {n!r}") for n in names),
-        fingerprint=fingerprint,
-        config=config.to_dict() if config is not None else {"adapters": names},
-        scales={p.name: u.scale for p in plans for _, u in p.updates},
-        dtype=str(next((p.weight.dtype for p in plans), "")).replace("torch.", ""),
-        report=report if verify else None,
-    )
-    set_model_lineage(plain, [*lineage(plain), entry])
+    entries = [  # one round per adapter, in merge order (they can be unmerged one at a time, in reverse)
+        new_round(
+            source=sources.get(n, f"attached adapter {n!r}"),
+            fingerprint=adapter_fingerprint({p.name: [u for a, u in p.updates if a == n] for p in plans}),
+            config=peft_model.peft_config[n].to_dict(),
+            scales={p.name: u.scale for p in plans for a, u in p.updates if a == n},
+            dtype=str(next((p.weight.dtype for p in plans), "")).replace("torch.", ""),
+            report=report if verify else None,
+        )
+        for n in names
+    ]
+    set_model_lineage(plain, [*lineage(plain), *entries])
     result = MergeResult(
         plain,
         report,
@@ -667,10 +669,14 @@ def unmerge(
 
     stats = {}
     exact: list[str] = []
-    if rc is not None:  # every correction must fit before anything changes
+    if rc is not None:  # every correction must fit before anything changes: try each on a copy first
         missing = sorted(f"{p.name}.weight" for p in plans if f"{p.name}.weight" not in rc.tensors)
         if missing:
             raise ReceiptError(f"the receipt has no entry for {missing}; it was written for another model or merge.")
+        for plan in plans:
+            trial = plan.weight.detach().clone()
+            unmerge_tensor_(trial, [plan.updates[0][1]], dora_norms.get(plan.name))
+            apply_receipt(trial, rc.tensors[f"{plan.name}.weight"], f"{plan.name}.weight")
     for plan in plans:
         up = plan.updates[0][1]
         with torch.no_grad():

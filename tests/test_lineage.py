@@ -1,0 +1,223 @@
+"""Lineage (which adapters a model holds) and receipts (byte-exact unmerge), in memory and on disk."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+import loramerge as lm
+from conftest import CASES, DTYPES, LLAMA_PROJ, Case, make_base, save_adapter, tiny_llama
+
+RECEIPT_CASES = [c for c in CASES if not c.extra_adapters]  # a receipt is per adapter: one at a time
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _params(model: nn.Module) -> dict[str, bytes]:
+    return {n: _bits(p) for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _replaced_originals(case: Case, base: nn.Module, adapter: lm.Adapter) -> dict[str, torch.Tensor]:
+    """Trained biases: PEFT changed the base's own bias, so its original comes from the caller."""
+    params = dict(base.named_parameters())
+    return {n: params[n].detach().clone() for n, k in adapter.replaced_kinds.items() if k == "trained_bias"}
+
+
+@pytest.mark.filterwarnings("ignore:untied:loramerge.LoraMergeWarning")
+@pytest.mark.parametrize("case", RECEIPT_CASES, ids=[c.id for c in RECEIPT_CASES])
+def test_receipt_restores_the_base_byte_for_byte(case: Case, dtype: torch.dtype, tmp_path: Path) -> None:
+    base = make_base(case, dtype)
+    adapter_dir = save_adapter(base, case.lora, tmp_path / "adapter", perturb=case.perturb)
+    adapter = lm.load_adapter(adapter_dir)
+    before = _params(base)
+    originals = _replaced_originals(case, base, adapter)
+
+    result = lm.merge(copy.deepcopy(base), adapter, receipt=True)
+    assert result.receipt is not None and result.receipt.nbytes > 0
+    path = result.receipt.save(tmp_path / "receipt.safetensors")
+    merged = result.model
+    assert _params(merged) != before  # the merge changed something
+
+    plain = lm.unmerge(
+        copy.deepcopy(merged),
+        adapter,
+        dora_norms=result.dora_norms,
+        originals={**result.receipt.originals, **originals},
+    )
+    exact = lm.unmerge(merged, adapter, receipt=path, originals=originals)
+    assert exact.passed and exact.max_error_bound == 0.0
+    after = _params(merged)
+    for name, data in before.items():
+        assert after[name] == data, name
+    # without the receipt some tensors differ (that is what the receipt is for), within the bound
+    assert _params(plain.model) != before or plain.max_error_bound == 0.0
+
+
+def test_lineage_in_memory_over_three_rounds(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.bfloat16).eval()
+    start = _params(base)
+    adapters = [
+        lm.load_adapter(
+            save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_PROJ}, tmp_path / f"a{i}", seed=10 + i)
+        )
+        for i in range(3)
+    ]
+    model: nn.Module = base
+    receipts = []
+    for adapter in adapters:
+        result = lm.merge(model, adapter, receipt=True)
+        model = result.model
+        receipts.append(result.receipt)
+    rounds = lm.lineage(model)
+    assert [r["adapter"]["source"] for r in rounds] == [str(tmp_path / f"a{i}") for i in range(3)]
+    assert len({r["adapter"]["sha256"] for r in rounds}) == 3
+    assert all(r["verification"]["passed"] and r["dtype"] == "bfloat16" for r in rounds)
+    assert rounds[0]["adapter"]["config"]["r"] == 4 and rounds[0]["loramerge_version"] == lm.__version__
+    assert set(rounds[0]["adapter"]["scales"]) == set(adapters[0].modules)
+
+    # saved and read back from the checkpoint's config.json
+    model.save_pretrained(tmp_path / "merged")
+    assert [r["adapter"]["sha256"] for r in lm.lineage(tmp_path / "merged")] == [r["adapter"]["sha256"] for r in rounds]
+
+    # out of order: refused, and nothing changed
+    snapshot = _params(model)
+    with pytest.raises(lm.LineageError, match="merged in round 1 of 3"):
+        lm.unmerge(model, adapters[0])
+    assert _params(model) == snapshot
+
+    for adapter, receipt in zip(reversed(adapters), reversed(receipts), strict=True):
+        assert lm.unmerge(model, adapter, receipt=receipt).passed
+    assert lm.lineage(model) == []
+    assert _params(model) == start
+
+
+def test_forced_unmerge_out_of_order_is_noted(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.float32).eval()
+    a = [
+        lm.load_adapter(
+            save_adapter(base, {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}, tmp_path / f"a{i}", seed=i)
+        )
+        for i in range(2)
+    ]
+    model = lm.merge(lm.merge(base, a[0]).model, a[1]).model
+    result = lm.unmerge(model, a[0], force=True)
+    assert any("forced" in n for n in result.report.notes)
+    assert [r["adapter"]["source"] for r in lm.lineage(model)] == [str(tmp_path / "a0")]
+
+
+def test_mismatched_and_corrupted_receipts_are_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.bfloat16).eval()
+    a0 = lm.load_adapter(
+        save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_PROJ}, tmp_path / "a0", seed=3)
+    )
+    a1 = lm.load_adapter(
+        save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_PROJ}, tmp_path / "a1", seed=4)
+    )
+    r0 = lm.merge(copy.deepcopy(base), a0, receipt=True)
+    r1 = lm.merge(copy.deepcopy(base), a1, receipt=True)
+    merged = r0.model
+    snapshot = _params(merged)
+    with pytest.raises(lm.ReceiptError, match="another adapter"):
+        lm.unmerge(merged, a0, receipt=r1.receipt)
+    # a corrupted correction: found before any weight changes
+    name = next(iter(r0.receipt.tensors))
+    entry = r0.receipt.tensors[name]
+    import zlib
+
+    steps = bytearray(zlib.decompress(entry.steps))
+    steps[0] = (steps[0] + 1) % 256
+    entry.steps = zlib.compress(bytes(steps))
+    with pytest.raises(lm.ReceiptError, match="SHA-256 mismatch"):
+        lm.unmerge(merged, a0, receipt=r0.receipt)
+    assert _params(merged) == snapshot
+    bad = tmp_path / "not-a-receipt.safetensors"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(lm.ReceiptError, match="could not be read"):
+        lm.unmerge(merged, a0, receipt=bad)
+    with pytest.raises(ValueError, match="exactly one adapter"):
+        lm.merge(copy.deepcopy(base), [a0, a1], receipt=True)
+
+
+def _checkpoint(root: Path) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for f in sorted(root.glob("model*.safetensors")):
+        out.update({k: _bits(v) for k, v in load_file(f).items()})
+    return out
+
+
+DISK_CASES = [
+    c
+    for c in RECEIPT_CASES
+    if c.id in ("llama-linear-patterns", "llama-dora", "bert-seqcls-modules-to-save", "qwen2-rslora-lorabias")
+]
+
+
+@pytest.mark.parametrize("case", DISK_CASES, ids=[c.id for c in DISK_CASES])
+@pytest.mark.parametrize("dname", list(DTYPES))
+def test_checkpoint_receipt_round_trip(case: Case, dname: str, tmp_path: Path) -> None:
+    base = make_base(case, DTYPES[dname])
+    base.save_pretrained(tmp_path / "base", max_shard_size="60KB")
+    adapter_dir = save_adapter(base, case.lora, tmp_path / "adapter", perturb=case.perturb)
+    report = lm.merge_checkpoint(tmp_path / "base", adapter_dir, tmp_path / "merged", receipt=True, progress=False)
+    assert report.passed
+    receipts = sorted(p.name for p in (tmp_path / "merged").glob("loramerge-receipt*"))
+    assert receipts == ["loramerge-receipt-001.safetensors"]
+    back = lm.unmerge_checkpoint(tmp_path / "merged", adapter_dir, tmp_path / "back", progress=False)
+    assert back.passed
+    assert _checkpoint(tmp_path / "back") == _checkpoint(tmp_path / "base")
+
+
+def test_checkpoint_lineage_over_three_rounds(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.bfloat16).eval()
+    base.save_pretrained(tmp_path / "m0", max_shard_size="40KB")
+    adapters = [
+        save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_PROJ}, tmp_path / f"a{i}", seed=20 + i)
+        for i in range(3)
+    ]
+    for i, adapter in enumerate(adapters):
+        lm.merge_checkpoint(tmp_path / f"m{i}", adapter, tmp_path / f"m{i + 1}", receipt=True, progress=False)
+    rounds = lm.lineage(tmp_path / "m3")
+    assert [r["adapter"]["source"] for r in rounds] == [str(a) for a in adapters]
+    assert all(r["verification"]["passed"] for r in rounds)
+    assert sorted(p.name for p in (tmp_path / "m3").glob("loramerge-receipt*")) == [
+        f"loramerge-receipt-00{i}.safetensors" for i in (1, 2, 3)
+    ]
+    shard = next((tmp_path / "m3").glob("model*.safetensors"))
+    with safe_open(str(shard), framework="pt") as handle:
+        in_metadata = json.loads(handle.metadata()["loramerge_lineage"])
+    assert [r["adapter"]["sha256"] for r in in_metadata] == [r["adapter"]["sha256"] for r in rounds]
+
+    with pytest.raises(lm.LineageError, match="merged in round 2 of 3"):
+        lm.unmerge_checkpoint(tmp_path / "m3", adapters[1], tmp_path / "wrong", progress=False)
+    assert not (tmp_path / "wrong").exists()
+
+    current = tmp_path / "m3"
+    for i in reversed(range(3)):
+        nxt = tmp_path / f"u{i}"
+        lm.unmerge_checkpoint(current, adapters[i], nxt, progress=False)
+        assert len(lm.lineage(nxt)) == i
+        current = nxt
+    assert _checkpoint(current) == _checkpoint(tmp_path / "m0")
+
+
+def test_receipt_size_is_reported(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.bfloat16).eval()
+    adapter = lm.load_adapter(
+        save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_PROJ}, tmp_path / "a")
+    )
+    result = lm.merge(base, adapter, receipt=True)
+    assert result.to_dict()["receipt_bytes"] == result.receipt.nbytes > 0
