@@ -113,7 +113,7 @@ def test_forced_unmerge_out_of_order_is_noted(tmp_path: Path) -> None:
     model = lm.merge(lm.merge(base, a[0]).model, a[1]).model
     result = lm.unmerge(model, a[0], force=True)
     assert any("forced" in n for n in result.report.notes)
-    assert [r["adapter"]["source"] for r in lm.lineage(model)] == [str(tmp_path / "a0")]
+    assert [r["adapter"]["source"] for r in lm.lineage(model)] == [str(tmp_path / "a1")]
 
 
 def test_mismatched_and_corrupted_receipts_are_refused(tmp_path: Path) -> None:
@@ -221,3 +221,33 @@ def test_receipt_size_is_reported(tmp_path: Path) -> None:
     )
     result = lm.merge(base, adapter, receipt=True)
     assert result.to_dict()["receipt_bytes"] == result.receipt.nbytes > 0
+
+
+def test_cli_receipt_lineage_and_forced_unmerge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from loramerge.cli import main
+
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.float16).eval()
+    base.save_pretrained(tmp_path / "base")
+    a = [
+        save_adapter(
+            base, {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "o_proj"]}, tmp_path / f"a{i}", seed=i
+        )
+        for i in range(2)
+    ]
+    assert main(["merge", str(tmp_path / "base"), str(a[0]), "-o", str(tmp_path / "m1"), "--receipt"]) == 0
+    assert main(["merge", str(tmp_path / "m1"), str(a[1]), "-o", str(tmp_path / "m2"), "--receipt"]) == 0
+    capsys.readouterr()
+    assert main(["lineage", str(tmp_path / "m2")]) == 0
+    out = capsys.readouterr().out
+    assert "2 round(s)" in out and f"1. {a[0]}" in out and "loramerge-receipt-002.safetensors" in out
+    assert main(["unmerge", str(tmp_path / "m2"), str(a[0]), "-o", str(tmp_path / "bad")]) == 2
+    assert "not the last one merged" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["unmerge", str(tmp_path / "m2"), str(a[1]), "-o", str(tmp_path / "u1")]) == 0
+    assert main(["unmerge", str(tmp_path / "u1"), str(a[0]), "-o", str(tmp_path / "u0")]) == 0
+    assert _checkpoint(tmp_path / "u0") == _checkpoint(tmp_path / "base")
+    assert (
+        main(["unmerge", str(tmp_path / "m2"), str(a[0]), "-o", str(tmp_path / "forced"), "--force", "--no-receipt"])
+        == 0
+    )
+    assert [r["adapter"]["source"] for r in lm.lineage(tmp_path / "forced")] == [str(a[1])]

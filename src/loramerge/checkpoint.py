@@ -40,7 +40,16 @@ from loramerge.errors import (
 )
 from loramerge.hub import hub_path
 from loramerge.io import atomic_directory
-from loramerge.lineage import METADATA_KEY, check_last, fingerprint_of, lineage, new_round, summary, write_record
+from loramerge.lineage import (
+    METADATA_KEY,
+    check_last,
+    drop_round,
+    fingerprint_of,
+    lineage,
+    new_round,
+    summary,
+    write_record,
+)
 from loramerge.loading import resolve_dtype
 from loramerge.quantized import QuantSpec, bnb_config, checkpoint_quantization, quantizable, simulate
 from loramerge.receipts import FILENAME as RECEIPT_FILE
@@ -1060,7 +1069,7 @@ def unmerge_checkpoint(
         expect.unchanged.add(name)
         return tensor
 
-    remaining = rounds[:-1] if rounds and (rounds[-1]["adapter"].get("sha256") == fingerprint or force) else rounds
+    remaining = drop_round(rounds, fingerprint)
 
     def record(tmp: Path, verification: VerificationReport | None) -> None:
         if verification is not None and (lineage_notes or rc is not None):

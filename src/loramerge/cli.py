@@ -1,4 +1,4 @@
-"""The ``loramerge`` command line: ``demo``, ``inspect``, ``merge``, ``unmerge``, ``verify``, ``push``.
+"""The ``loramerge`` command line: ``demo``, ``inspect``, ``merge``, ``unmerge``, ``verify``, ``push``, ``lineage``.
 
 Exit codes: 0 success, 1 a verification failed, 2 bad input (the message says what to fix).
 """
@@ -19,6 +19,7 @@ from loramerge.adapter import load_adapter
 from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint, verify_checkpoint
 from loramerge.errors import LoraMergeError, VerificationError
 from loramerge.hub import push_to_hub, verify_hub
+from loramerge.lineage import lineage
 from loramerge.loading import load_base, resolve_dtype
 from loramerge.quantized import QuantSpec, describe_checkpoint_quantization
 from loramerge.shards import CheckpointReader
@@ -66,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--no-double-quant", action="store_true", help="with --qlora-base: no double quantization")
     merge.add_argument("--blocksize", type=int, help="with --qlora-base: 4-bit block size (default 64)")
+    merge.add_argument(
+        "--receipt", action="store_true", help="also write the receipt that lets unmerge restore BASE byte for byte"
+    )
     merge.add_argument("--base-revision", help="BASE is a Hub repo id: its branch, tag or commit")
     merge.add_argument("--adapter-revision", help="ADAPTER is a Hub repo id: its branch, tag or commit")
     merge.add_argument(
@@ -79,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     unmerge.add_argument("--max-shard-size", default="5GB", help="largest output shard (default %(default)s)")
     unmerge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     unmerge.add_argument("--no-verify", action="store_true", help="skip verification")
+    unmerge.add_argument("--receipt", type=Path, help="receipt file (default: the one the merge wrote into MERGED)")
+    unmerge.add_argument("--no-receipt", action="store_true", help="ignore any receipt (plain unmerge, error bound)")
+    unmerge.add_argument("--force", action="store_true", help="unmerge even if ADAPTER is not the last one merged")
+
+    lin = sub.add_parser("lineage", help="show which adapters a merged checkpoint holds, in merge order")
+    lin.add_argument("path", type=Path, help="checkpoint directory")
+    lin.add_argument("--json", action="store_true", help="print JSON")
 
     ver = sub.add_parser(
         "verify",
@@ -110,6 +121,26 @@ def _parser() -> argparse.ArgumentParser:
         "--endpoint", help="Hub URL (default HF_ENDPOINT or huggingface.co); the token comes from HF_TOKEN"
     )
     return parser
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    rounds = lineage(args.path)
+    if args.json:
+        print(json.dumps(rounds, indent=2))
+        return 0
+    if not rounds:
+        print(f"{args.path}: no lineage recorded (not merged by loramerge, or every round unmerged)")
+        return 0
+    print(f"{args.path}: {len(rounds)} round(s), oldest first")
+    for i, r in enumerate(rounds, start=1):
+        v = r.get("verification") or {}
+        status = "verified" if v.get("passed") else ("FAILED" if v.get("passed") is False else "not verified")
+        receipt = f", receipt {r['receipt']}" if r.get("receipt") else ""
+        print(
+            f"  {i}. {r['adapter'].get('source')}  sha256 {str(r['adapter'].get('sha256'))[:12]}  {r.get('dtype')}  "
+            f"{status}  {r.get('time')}{receipt}"
+        )
+    return 0
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -239,6 +270,7 @@ def _stream_command(args: argparse.Namespace) -> int:
                 base_revision=args.base_revision,
                 adapter_revision=args.adapter_revision,
                 endpoint=args.endpoint,
+                receipt=args.receipt,
             )
         else:
             report = unmerge_checkpoint(
@@ -248,6 +280,8 @@ def _stream_command(args: argparse.Namespace) -> int:
                 max_shard_size=args.max_shard_size,
                 overwrite=args.overwrite,
                 verify=not args.no_verify,
+                receipt=False if args.no_receipt else args.receipt,
+                force=args.force,
             )
     except VerificationError as e:
         print(e.report, file=sys.stderr)
@@ -286,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stream_command(args)
         if args.command == "push":
             return _push(args)
+        if args.command == "lineage":
+            return _lineage(args)
         return _verify(args)
     except (LoraMergeError, ValueError) as e:
         print(f"loramerge {args.command}: error: {e}", file=sys.stderr)

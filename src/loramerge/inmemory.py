@@ -28,7 +28,15 @@ from loramerge.errors import (
     UnsupportedAdapterError,
     VerificationError,
 )
-from loramerge.lineage import adapter_fingerprint, check_last, fingerprint_of, lineage, new_round, set_model_lineage
+from loramerge.lineage import (
+    adapter_fingerprint,
+    check_last,
+    drop_round,
+    fingerprint_of,
+    lineage,
+    new_round,
+    set_model_lineage,
+)
 from loramerge.loading import resolve_dtype
 from loramerge.peft_glue import LayerPlan, adapter_mode, attach, check_compatible, collect_plans, untie_shared, unwrap
 from loramerge.quantized import (
@@ -741,8 +749,8 @@ def unmerge(
     notes.extend(notes_lineage)
     if rc is not None:
         notes.append(f"receipt applied: {len(exact)} tensors restored byte-identical to the base (SHA-256 checked)")
-    if rounds and (rounds[-1]["adapter"].get("sha256") == fingerprint or force):
-        set_model_lineage(model, rounds[:-1])
+    if rounds:
+        set_model_lineage(model, drop_round(rounds, fingerprint))
     passed = all(c.passed for c in layers) and (outputs is None or outputs.passed)
     report = VerificationReport("unmerge", passed, tol, tuple(layers), outputs, notes=tuple(notes))
     result = UnmergeResult(model, report, tuple(sorted(exact)), bound, verified=verify)

@@ -155,6 +155,16 @@ def set_model_lineage(model: nn.Module, rounds: list[dict[str, Any]]) -> None:
         setattr(config, CONFIG_KEY, rounds)
 
 
+def drop_round(rounds: Sequence[Mapping[str, Any]], fingerprint: str) -> list[dict[str, Any]]:
+    """``rounds`` without the latest round of the adapter with ``fingerprint`` (unchanged if it has none)."""
+    out = [dict(r) for r in rounds]
+    for i in range(len(out) - 1, -1, -1):
+        if out[i]["adapter"].get("sha256") == fingerprint:
+            del out[i]
+            break
+    return out
+
+
 def check_last(rounds: Sequence[Mapping[str, Any]], fingerprint: str, force: bool) -> list[str]:
     """Refuse to unmerge an adapter that is not the last one merged (unless ``force``); notes otherwise."""
     if not rounds:
