@@ -79,7 +79,9 @@ def main() -> None:
     print(f"Qwen2-1.5B projections, {args.layers} layers, r={args.rank}: receipt size / adapted base tensors")
     print(f"{'dtype':10}{'‖ΔW‖/‖W‖':>10}{'receipt':>10}{'elements a plain unmerge misses':>34}")
     for r in rows:
-        print(f"{r['dtype']:10}{r['delta']:>10g}{100 * r['receipt_fraction']:>9.2f}%{100 * r['wrong_fraction']:>33.2f}%")
+        print(
+            f"{r['dtype']:10}{r['delta']:>10g}{100 * r['receipt_fraction']:>9.2f}%{100 * r['wrong_fraction']:>33.2f}%"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2))
 

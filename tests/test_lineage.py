@@ -251,3 +251,43 @@ def test_cli_receipt_lineage_and_forced_unmerge(tmp_path: Path, capsys: pytest.C
         == 0
     )
     assert [r["adapter"]["source"] for r in lm.lineage(tmp_path / "forced")] == [str(a[1])]
+
+
+def _train(model: nn.Module, steps: int = 5, seed: int = 0) -> None:
+    """A toy task: learn to continue a fixed token sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 96, (4, 16), generator=gen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def test_training_loop_helper_three_rounds_and_back(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.float32).eval()
+    start = _params(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for i in range(3):
+        _train(model, seed=i)
+        step = lm.next_round(model, tmp_path / f"round-{i}")
+        assert step.merge.passed and step.round == i + 1
+        assert (step.adapter_dir / "loramerge-receipt.safetensors").is_file()
+        model = step.model
+        # the fresh LoRA starts at zero: the model computes exactly what the merged one does
+        assert all(float(p.detach().abs().max()) == 0.0 for n, p in model.named_parameters() if "lora_B" in n)
+    rounds = lm.lineage(model.base_model.model)
+    assert [r["adapter"]["source"] for r in rounds] == [str(tmp_path / f"round-{i}") for i in range(3)]
+    assert _params(model.base_model.model) != start
+
+    results = lm.unmerge_rounds(model, count=3)
+    assert len(results) == 3 and all(r.passed for r in results)
+    back = results[-1].model
+    assert lm.lineage(back) == [] and _params(back) == start

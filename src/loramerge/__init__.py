@@ -39,6 +39,7 @@ from loramerge.peft_glue import attach
 from loramerge.quantized import QuantSpec
 from loramerge.receipts import Receipt, ReceiptError, load_receipt
 from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
+from loramerge.rounds import RoundResult, next_round, unmerge_rounds
 from loramerge.tolerance import Tolerance
 from loramerge.verification import make_probes, verify
 
@@ -69,6 +70,7 @@ __all__ = [
     "QuantSpec",
     "Receipt",
     "ReceiptError",
+    "RoundResult",
     "Tolerance",
     "UnmergeImpossibleError",
     "UnmergeResult",
@@ -86,9 +88,11 @@ __all__ = [
     "make_probes",
     "merge",
     "merge_checkpoint",
+    "next_round",
     "push_to_hub",
     "unmerge",
     "unmerge_checkpoint",
+    "unmerge_rounds",
     "verify",
     "verify_checkpoint",
     "verify_hub",

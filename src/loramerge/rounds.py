@@ -1,0 +1,137 @@
+"""A helper for training loops: train a LoRA, merge it, train a fresh one on the merged model, ...
+
+:func:`next_round` ends a round in one call: it saves the adapter just trained, merges it with
+verification (and a receipt), and returns the merged model with a fresh LoRA attached for the
+next round. The lineage keeps each round's adapter directory and receipt, so
+:func:`unmerge_rounds` can take rounds off again, newest first, byte for byte.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from loramerge.adapter import load_adapter
+from loramerge.errors import LoraMergeError
+from loramerge.inmemory import merge, unmerge
+from loramerge.lineage import fingerprint_of, lineage, set_model_lineage
+from loramerge.reports import MergeResult, UnmergeResult
+
+__all__ = ["RoundResult", "next_round", "unmerge_rounds"]
+
+logger = logging.getLogger(__name__)
+
+RECEIPT_NAME = "loramerge-receipt.safetensors"
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What :func:`next_round` did.
+
+    Attributes:
+        model: The merged model with a fresh LoRA attached (a ``PeftModel``), ready to train.
+        merge: The merge's result (report, receipt, DoRA norms).
+        adapter_dir: Where the adapter of the round just ended was saved (with its receipt).
+        round: How many rounds the model now contains.
+    """
+
+    model: PeftModel
+    merge: MergeResult
+    adapter_dir: Path
+    round: int
+
+
+def next_round(
+    model: PeftModel,
+    save_dir: str | Path,
+    *,
+    lora_config: LoraConfig | None = None,
+    adapter_name: str | None = None,
+    receipt: bool = True,
+    **merge_kwargs: Any,
+) -> RoundResult:
+    """End a training round: save the adapter, merge it (verified), attach a fresh LoRA.
+
+    Args:
+        model: The ``PeftModel`` being trained (one adapter; the active one is used).
+        save_dir: Directory for this round's adapter (and its receipt); must not exist yet.
+        lora_config: Config of the fresh LoRA; default: the same as the round just ended, with
+            PEFT's default initialisation (B = 0, so the new round starts from the merged model).
+        adapter_name: The adapter to save and merge; default: the active one.
+        receipt: Save a receipt beside the adapter so the round can be undone byte for byte.
+        **merge_kwargs: Passed on to :func:`~loramerge.merge` (``verify``, ``tolerance``, ...).
+
+    Raises:
+        VerificationError: The merge is out of tolerance (the model has been changed).
+
+    Example:
+        >>> for step in range(3):  # doctest: +SKIP
+        ...     train(model)
+        ...     model = next_round(model, f"rounds/{step}").model
+    """
+    root = Path(save_dir)
+    if root.exists() and any(root.iterdir()):
+        raise LoraMergeError(f"{str(root)!r} already exists and is not empty; give each round its own directory.")
+    name = adapter_name or model.active_adapters[0]
+    config = copy.deepcopy(lora_config or model.peft_config[name])
+    if lora_config is None:
+        cast(Any, config).init_lora_weights = True
+    model.save_pretrained(str(root), selected_adapters=[name])
+    saved = root / name if name != "default" and (root / name).is_dir() else root
+    saved_fingerprint = fingerprint_of(load_adapter(saved))
+    result = merge(model, adapter_names=[name], receipt=receipt, **merge_kwargs)
+    merged = result.model
+    rounds = lineage(merged)
+    if rounds and rounds[-1]["adapter"]["sha256"] != saved_fingerprint:
+        raise LoraMergeError(
+            f"the adapter saved in {str(saved)!r} differs from the one merged (PEFT changed it while saving?); "
+            "this round could not be undone from it."
+        )
+    if rounds:  # name this round by where its adapter now lives
+        rounds[-1]["adapter"]["source"] = str(saved)
+        if result.receipt is not None:
+            result.receipt.save(saved / RECEIPT_NAME)
+            rounds[-1]["receipt"] = str(saved / RECEIPT_NAME)
+        set_model_lineage(merged, rounds)
+    fresh = get_peft_model(cast(Any, merged), cast(Any, config))
+    logger.info("round %d merged from %s; fresh LoRA attached", len(rounds), saved)
+    return RoundResult(fresh, result, saved, len(rounds))
+
+
+def unmerge_rounds(model: nn.Module, count: int = 1, **unmerge_kwargs: Any) -> list[UnmergeResult]:
+    """Take the last ``count`` rounds off ``model`` (newest first), with their saved adapters and
+    receipts (byte-exact when the receipts exist). A ``PeftModel`` from :func:`next_round` has its
+    fresh, not yet merged LoRA removed first.
+
+    Returns:
+        One :class:`~loramerge.UnmergeResult` per round, newest first (``results[-1].model`` is the
+        model with those rounds removed).
+    """
+    plain: nn.Module = cast(Any, model).unload() if isinstance(model, PeftModel) else model
+    rounds = lineage(plain)
+    if count > len(rounds):
+        raise LoraMergeError(f"the model holds {len(rounds)} round(s); cannot unmerge {count}.")
+    results = []
+    for entry in reversed(rounds[len(rounds) - count :]):
+        source = entry["adapter"].get("source")
+        if not source or not Path(source).is_dir():
+            raise LoraMergeError(
+                f"the adapter of this round ({source!r}) is not a directory on this machine; unmerge it with "
+                "loramerge.unmerge(model, load_adapter(...)) instead."
+            )
+        receipt = entry.get("receipt")
+        results.append(
+            unmerge(
+                plain,
+                load_adapter(source),
+                receipt=receipt if receipt and Path(receipt).is_file() else None,
+                **unmerge_kwargs,
+            )
+        )
+    return results
