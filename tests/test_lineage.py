@@ -291,3 +291,43 @@ def test_training_loop_helper_three_rounds_and_back(tmp_path: Path) -> None:
     assert len(results) == 3 and all(r.passed for r in results)
     back = results[-1].model
     assert lm.lineage(back) == [] and _params(back) == start
+
+
+def test_bench_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from loramerge.cli import main
+
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.float32).eval()
+    base.save_pretrained(tmp_path / "base")
+    adapter = save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_PROJ}, tmp_path / "a")
+    report = lm.bench(tmp_path / "base", adapter, dtype="fp32", prompt_len=8, new_tokens=3, batches=(1, 2), repeats=2)
+    assert [(r.mode, r.batch) for r in report.rows] == [(m, b) for m in ("base", "adapter", "merged") for b in (1, 2)]
+    for row in report.rows:
+        assert row.prefill_tps_min <= row.prefill_tps <= row.prefill_tps_max and row.prefill_tps > 0
+        assert row.decode_tps_min <= row.decode_tps <= row.decode_tps_max and row.decode_tps > 0
+        assert row.first_prefill_s > 0 and row.first_decode_s > 0 and row.peak_memory_mb > 0
+    assert report.ratio("adapter", 1) > 0
+    out = tmp_path / "bench.json"
+    code = main(
+        [
+            "bench",
+            str(tmp_path / "base"),
+            str(adapter),
+            "--dtype",
+            "fp32",
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "2",
+            "--batches",
+            "1",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0 and "adapter mode / merged at batch 1" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert set(data) == {"device", "dtype", "prompt_len", "new_tokens", "repeats", "rows", "notes"}
+    assert set(data["rows"][0]) == {f.name for f in __import__("dataclasses").fields(lm.benchmark.BenchRow)}

@@ -16,6 +16,7 @@ import logging
 from importlib.metadata import PackageNotFoundError, version
 
 from loramerge.adapter import Adapter, AdapterModule, load_adapter
+from loramerge.benchmark import BenchReport, bench
 from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint, verify_checkpoint
 from loramerge.errors import (
     AdapterConfigError,
@@ -56,6 +57,7 @@ __all__ = [
     "AdapterMismatchError",
     "AdapterModule",
     "AdapterNotFoundError",
+    "BenchReport",
     "CheckpointMergeReport",
     "HubError",
     "HubVerification",
@@ -81,6 +83,7 @@ __all__ = [
     "VerificationReport",
     "__version__",
     "attach",
+    "bench",
     "lineage",
     "load_adapter",
     "load_base",

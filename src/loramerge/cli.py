@@ -1,4 +1,4 @@
-"""The ``loramerge`` command line: ``demo``, ``inspect``, ``merge``, ``unmerge``, ``verify``, ``push``, ``lineage``.
+"""The ``loramerge`` command line: ``demo``, ``inspect``, ``merge``, ``unmerge``, ``verify``, ``push``, ``lineage``, ``bench``.
 
 Exit codes: 0 success, 1 a verification failed, 2 bad input (the message says what to fix).
 """
@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from loramerge import __version__
 from loramerge.adapter import load_adapter
+from loramerge.benchmark import bench
 from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint, verify_checkpoint
 from loramerge.errors import LoraMergeError, VerificationError
 from loramerge.hub import push_to_hub, verify_hub
@@ -87,6 +88,17 @@ def _parser() -> argparse.ArgumentParser:
     unmerge.add_argument("--no-receipt", action="store_true", help="ignore any receipt (plain unmerge, error bound)")
     unmerge.add_argument("--force", action="store_true", help="unmerge even if ADAPTER is not the last one merged")
 
+    bn = sub.add_parser("bench", help="time base vs adapter mode vs merged: prefill and decode tokens/s, memory")
+    bn.add_argument("base", help="base checkpoint directory or Hub repo id")
+    bn.add_argument("adapter", help="PEFT adapter directory or Hub repo id")
+    bn.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    bn.add_argument("--dtype", default="bf16", help="dtype to load the base in (default %(default)s)")
+    bn.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default %(default)s)")
+    bn.add_argument("--new-tokens", type=int, default=32, help="decoded tokens (default %(default)s)")
+    bn.add_argument("--batches", default="1,8", help="batch sizes (default %(default)s)")
+    bn.add_argument("--repeats", type=int, default=5, help="timed runs after warm-up (default %(default)s)")
+    bn.add_argument("--json", type=Path, help="also write the results as JSON here")
+
     lin = sub.add_parser("lineage", help="show which adapters a merged checkpoint holds, in merge order")
     lin.add_argument("path", type=Path, help="checkpoint directory")
     lin.add_argument("--json", action="store_true", help="print JSON")
@@ -121,6 +133,23 @@ def _parser() -> argparse.ArgumentParser:
         "--endpoint", help="Hub URL (default HF_ENDPOINT or huggingface.co); the token comes from HF_TOKEN"
     )
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    report = bench(
+        args.base,
+        args.adapter,
+        device=args.device,
+        dtype=args.dtype,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        batches=[int(b) for b in args.batches.split(",")],
+        repeats=args.repeats,
+    )
+    print(report)
+    if args.json:
+        report.save(args.json)
+    return 0
 
 
 def _lineage(args: argparse.Namespace) -> int:
@@ -322,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _push(args)
         if args.command == "lineage":
             return _lineage(args)
+        if args.command == "bench":
+            return _bench(args)
         return _verify(args)
     except (LoraMergeError, ValueError) as e:
         print(f"loramerge {args.command}: error: {e}", file=sys.stderr)
