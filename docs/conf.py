@@ -20,10 +20,19 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.doctest",
     "sphinx.ext.viewcode",
+    "myst_nb",
 ]
 html_theme = "furo"
 html_title = f"loramerge {release}"
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "jupyter_execute"]
+
+# The example notebooks (docs/notebooks/ links to examples/) are executed on every build, on the
+# CPU with tiny models, and a failing cell fails the build. `make docs` turns execution off for
+# the doctest pass, which does not render them.
+nb_execution_mode = "force"
+nb_execution_raise_on_error = True
+nb_execution_timeout = 600
+nb_output_stderr = "remove"
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
