@@ -331,3 +331,30 @@ def test_bench_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str
     data = json.loads(out.read_text())
     assert set(data) == {"device", "dtype", "prompt_len", "new_tokens", "repeats", "rows", "notes"}
     assert set(data["rows"][0]) == {f.name for f in __import__("dataclasses").fields(lm.benchmark.BenchRow)}
+
+
+def test_checkpoint_with_a_wrong_or_corrupt_receipt_writes_nothing(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.bfloat16).eval()
+    base.save_pretrained(tmp_path / "base")
+    a0 = save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_PROJ}, tmp_path / "a0", seed=1)
+    a1 = save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_PROJ}, tmp_path / "a1", seed=2)
+    lm.merge_checkpoint(tmp_path / "base", a0, tmp_path / "m0", receipt=True, progress=False)
+    lm.merge_checkpoint(tmp_path / "base", a1, tmp_path / "m1", receipt=True, progress=False)
+    other = tmp_path / "m1" / "loramerge-receipt-001.safetensors"
+    with pytest.raises(lm.ReceiptError, match="another adapter"):
+        lm.unmerge_checkpoint(tmp_path / "m0", a0, tmp_path / "out", receipt=other, progress=False)
+    # flip one byte of the stored corrections: detected by the SHA-256 of the restored tensor
+    receipt_path = tmp_path / "m0" / "loramerge-receipt-001.safetensors"
+    receipt = lm.load_receipt(receipt_path)
+    name = sorted(receipt.tensors)[0]
+    import zlib
+
+    steps = bytearray(zlib.decompress(receipt.tensors[name].steps))
+    steps[len(steps) // 2] = (steps[len(steps) // 2] + 3) % 256
+    receipt.tensors[name].steps = zlib.compress(bytes(steps))
+    receipt.save(receipt_path)
+    with pytest.raises(lm.ReceiptError, match="SHA-256 mismatch"):
+        lm.unmerge_checkpoint(tmp_path / "m0", a0, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -344,6 +344,11 @@ class _Pipeline:
         self.pool.shutdown(wait=True)
         self.writer.close()
 
+    def abort(self) -> None:
+        """Stop after a failure: let the threads end, close the open shard, keep the first error."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.writer.abort()
+
 
 @dataclass
 class _Expectations:
@@ -452,9 +457,12 @@ def _stream(
                 del tensor, result  # the writer holds it now; do not keep it alive through the next read
                 bar.update(info.nbytes)
                 bar.set_postfix_str(f"{count}/{len(order)} tensors", refresh=False)
-        finally:
+        except BaseException:
             bar.close()
-            pipe.finish()
+            pipe.abort()  # the temporary directory goes; the original error is what the caller sees
+            raise
+        bar.close()
+        pipe.finish()
         finalize(tmp, pipe.written)
         files = tuple(
             sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json"))

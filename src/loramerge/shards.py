@@ -313,6 +313,12 @@ class ShardWriter:
         self._file.write(memoryview(data.numpy()))  # type: ignore[arg-type]
         self.bytes_written += info.nbytes
 
+    def abort(self) -> None:
+        """Close the open shard without checking that the plan was completed (after a failure)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def close(self) -> None:
         """Finish the last shard, flush to disk, and write the index (for several shards)."""
         if self._file is not None:
