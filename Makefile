@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint typecheck unit docs bench clean
+.PHONY: setup demo test lint typecheck unit docs package test-min bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,25 @@ docs: setup
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 	$(BIN)/sphinx-build -W --keep-going -q -b doctest -D nb_execution_mode=off docs docs/_build/doctest
 
-test: lint typecheck unit docs
+# The wheel that users install, tested on its own: built, checked, installed into a fresh venv
+# (torch first, as above), then imported and run from outside the source tree.
+WHEEL_VENV := .venv-wheel
+package: setup
+	rm -rf dist $(WHEEL_VENV)
+	$(BIN)/python -m build --quiet --outdir dist .
+	$(BIN)/twine check --strict dist/*
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(WHEEL_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(WHEEL_VENV)/bin/python -m pip install --quiet dist/*.whl
+	cd /tmp && $(CURDIR)/$(WHEEL_VENV)/bin/python -c "import pathlib, loramerge; root = pathlib.Path(loramerge.__file__).parent; assert 'site-packages' in str(root), root; assert (root / 'py.typed').is_file(); print('wheel', loramerge.__version__, 'from', root)"
+	cd /tmp && $(CURDIR)/$(WHEEL_VENV)/bin/loramerge --version
+	cd /tmp && $(CURDIR)/$(WHEEL_VENV)/bin/loramerge demo > /dev/null && echo "wheel demo: ok"
+
+test: lint typecheck unit docs package
 
 bench: setup
 	$(BIN)/python bench/merge_in_memory.py
 
 clean:
-	rm -rf $(VENV) docs/_build dist build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(WHEEL_VENV) $(MIN_VENV) docs/_build dist build .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -881,6 +881,9 @@ def verify_checkpoint(
 
     Returns:
         The report (``outputs`` is ``None``: no model is run); the worst layers first in its text.
+
+    Example:
+        >>> print(verify_checkpoint("base/", "adapter/", "merged/"))  # doctest: +SKIP
     """
     tol = tolerance or Tolerance()
     loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
@@ -999,6 +1002,10 @@ def unmerge_checkpoint(
     belongs to this adapter; ``receipt=False`` ignores it) every adapted tensor comes back
     byte-identical to the base, and norms and originals come from it. The lineage must say this
     adapter was the last one merged (``force=True`` overrides); the output's lineage drops it.
+
+    Example:
+        >>> unmerge_checkpoint("merged/", "adapter/", "recovered/").passed  # doctest: +SKIP
+        True
 
     Raises:
         LineageError: The adapter is not the last one merged (nothing written).

@@ -493,6 +493,10 @@ def verify_hub(
 
     Raises:
         HubError: The repo, revision or its ``loramerge.json`` cannot be fetched.
+
+    Example:
+        >>> verify_hub("me/merged-model").passed  # doctest: +SKIP
+        True
     """
     root = hub_path(repo_id, revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir)
     if not looks_like_repo_id(repo_id) and not root.is_dir():

@@ -191,7 +191,12 @@ class Receipt:
 
 
 def load_receipt(path: str | Path) -> Receipt:
-    """Read a receipt written by :meth:`Receipt.save`."""
+    """Read a receipt written by :meth:`Receipt.save`.
+
+    Example:
+        >>> receipt = load_receipt("merged/loramerge-receipt-001.safetensors")  # doctest: +SKIP
+        >>> unmerge(model, adapter, receipt=receipt)  # doctest: +SKIP
+    """
     from safetensors import SafetensorError, safe_open
 
     try:

@@ -112,6 +112,9 @@ def unmerge_rounds(model: nn.Module, count: int = 1, **unmerge_kwargs: Any) -> l
     Returns:
         One :class:`~loramerge.UnmergeResult` per round, newest first (``results[-1].model`` is the
         model with those rounds removed).
+
+    Example:
+        >>> start = unmerge_rounds(model, count=3)[-1].model  # doctest: +SKIP
     """
     plain: nn.Module = cast(Any, model).unload() if isinstance(model, PeftModel) else model
     rounds = lineage(plain)
