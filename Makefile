@@ -50,6 +50,18 @@ package: setup
 
 test: lint typecheck unit docs package
 
+# The whole test suite against the lowest declared versions (constraints-min.txt); not in CI's
+# default run (it installs a second environment).
+MIN_VENV := .venv-min
+test-min:
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(MIN_VENV)/bin/python -m pip install --quiet -c constraints-min.txt -e ".[dev]"
+	$(MIN_VENV)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|peft|huggingface.hub|safetensors|tqdm|bitsandbytes) "
+	$(MIN_VENV)/bin/python -m pytest
+
 bench: setup
 	$(BIN)/python bench/merge_in_memory.py
 
