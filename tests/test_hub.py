@@ -37,6 +37,11 @@ def isolated_hub_client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server:
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    # what HF_ENDPOINT set before the import gives (huggingface-hub 1.x builds URLs from these)
+    monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     server.state.regular_only = False
     server.state.fail_lfs_oids.clear()
 
