@@ -37,3 +37,13 @@ def test_every_public_name_is_documented_with_an_example() -> None:
             missing_example.append(name)
     assert not missing_doc, f"public names without a docstring: {missing_doc}"
     assert not missing_example, f"public functions without an Example section: {missing_example}"
+
+
+def test_every_public_name_is_in_the_api_reference() -> None:
+    from pathlib import Path
+
+    import loramerge
+
+    text = (Path(__file__).parents[1] / "docs" / "api.rst").read_text(encoding="utf-8")
+    missing = [n for n in loramerge.__all__ if n != "__version__" and f"loramerge.{n}\n" not in text]
+    assert not missing, f"add these to docs/api.rst: {missing}"
