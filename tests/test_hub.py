@@ -236,3 +236,22 @@ def test_cli_push(
     assert main(["push", str(local["adapter"]), "alice/cli-adapter"]) == 2
     assert "401" in capsys.readouterr().err
     assert main(["push", str(local["root"] / "nothing-here"), "alice/cli-adapter"]) == 2
+
+
+def test_a_mistyped_local_path_says_both_what_it_is_not(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(lm.HubError, match="'checkpoints/adaptr' is not a local directory.*could not be reached"):
+        lm.load_adapter("checkpoints/adaptr")
+
+
+def test_an_unreachable_hub_is_a_clear_error(local: dict[str, Path]) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(lm.HubError, match="could not connect to the Hub"):
+        lm.push_to_hub(local["adapter"], "alice/x", token=WRITE, endpoint=f"http://127.0.0.1:{port}")

@@ -669,7 +669,9 @@ def merge_checkpoint(
         )
     if receipt and qlora_base == "simulated":
         raise ValueError(
-            "receipt=True restores the base merged into; with qlora_base='simulated' that is not the checkpoint"
+            "receipt=True (--receipt) cannot be combined with qlora_base='simulated': a receipt restores the weights "
+            "merged into, and those are the simulated quantized ones, not this checkpoint. Drop the receipt, or use "
+            "qlora_base='original'."
         )
     reader = CheckpointReader(base_dir)
     mapping = map_adapter(reader, loaded)

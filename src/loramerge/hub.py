@@ -75,6 +75,7 @@ def hub_errors(what: str, repo_id: str, revision: str | None) -> Iterator[None]:
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
+        LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -86,6 +87,11 @@ def hub_errors(what: str, repo_id: str, revision: str | None) -> Iterator[None]:
         if not isinstance(e.__cause__, HfHubHTTPError):
             raise
         raise _http_error(what, repo_id, rev, e.__cause__) from e
+    except LocalEntryNotFoundError as e:  # before EntryNotFoundError, its parent
+        raise HubError(
+            f"{what}: the Hub could not be reached for {repo_id!r}{rev} and nothing is cached for it "
+            "(no network, or HF_HUB_OFFLINE=1). Check the connection, or download it first."
+        ) from e
     except RevisionNotFoundError as e:
         raise HubError(f"{what}: {repo_id!r} has no revision {revision!r}. Check the branch, tag or commit.") from e
     except RepositoryNotFoundError as e:
@@ -97,6 +103,13 @@ def hub_errors(what: str, repo_id: str, revision: str | None) -> Iterator[None]:
         raise HubError(f"{what}: a file is missing in {repo_id!r}{rev}: {e.args[0] if e.args else e}") from e
     except HfHubHTTPError as e:
         raise _http_error(what, repo_id, rev, e) from e
+    except Exception as e:  # the HTTP client's own connection errors (httpx: ... < TransportError)
+        if not any(c.__name__ in ("TransportError", "ConnectionError") for c in type(e).__mro__):
+            raise
+        raise HubError(
+            f"{what}: could not connect to the Hub for {repo_id!r} ({type(e).__name__}: {e}). Check the network and "
+            "the endpoint (endpoint= / HF_ENDPOINT)."
+        ) from e
 
 
 def _http_error(what: str, repo_id: str, rev: str, error: Exception) -> HubError:
@@ -132,15 +145,18 @@ def hub_path(
         return Path(source)
     from huggingface_hub import snapshot_download
 
-    with hub_errors("download", str(source), revision):
-        local = snapshot_download(
-            str(source),
-            revision=revision,
-            token=token,
-            endpoint=_endpoint(endpoint),
-            cache_dir=cache_dir,
-            allow_patterns=DOWNLOAD_PATTERNS,
-        )
+    try:
+        with hub_errors("download", str(source), revision):
+            local = snapshot_download(
+                str(source),
+                revision=revision,
+                token=token,
+                endpoint=_endpoint(endpoint),
+                cache_dir=cache_dir,
+                allow_patterns=DOWNLOAD_PATTERNS,
+            )
+    except HubError as e:  # a mistyped local path looks like a repo id too: say both
+        raise HubError(f"{str(source)!r} is not a local directory, and as a Hub repo id: {e}") from e
     logger.info("downloaded %s (%s) to %s", source, revision or "main", local)
     return Path(local)
 
