@@ -157,6 +157,7 @@ def _merge_quantized(plan: LayerPlan, qplan: _QuantPlan, seed: int) -> tuple[nn.
     the store dtype; re-quantize when asked. Returns the new layer, the merge stats and, when
     re-quantizing, ‖dequant(Q(W')) − (W + ΔW)‖ / ‖ΔW‖ (NaN otherwise)."""
     ups = [u for _, u in plan.updates]
+    # dequantized again rather than kept from the checks before the merge: one fp32 layer at a time
     source = checked_dequantize(plan.layer, plan.name, seed=seed)
     merged = torch.empty(source.shape, dtype=qplan.store_dtype(plan.layer), device=source.device)
     new_bias = _merged_bias(plan.layer, ups)
