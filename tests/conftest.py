@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +36,10 @@ from transformers.utils import logging as hf_logging
 from loramerge.tolerance import ulp
 
 hf_logging.set_verbosity_error()
+# the same examples on every run, so that CI cannot fail by the draw (an example that once failed is
+# kept with @example in the test itself)
+settings.register_profile("loramerge", derandomize=True)
+settings.load_profile("loramerge")
 hf_logging.disable_progress_bar()
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from loramerge import delta as delta_mod
@@ -80,6 +80,7 @@ def test_merge_is_correctly_rounded_and_unmerge_within_bound(
 
 @settings(max_examples=40, deadline=None)
 @given(out=dims, inp=dims, r=ranks, scale=scales, seed=seeds, dt=dtypes, kind=st.sampled_from(["linear", "conv1d"]))
+@example(out=8, inp=1, r=3, scale=0.890625, seed=412, dt="bf16", kind="linear")  # a row norm from cancellation
 def test_dora_merge_and_unmerge_with_norms(
     out: int, inp: int, r: int, scale: float, seed: int, dt: str, kind: str
 ) -> None:
@@ -96,7 +97,11 @@ def test_dora_merge_and_unmerge_with_norms(
     expected_oi = mag.double().unsqueeze(1) * v / v.norm(dim=1, keepdim=True)
     expected = expected_oi if kind == "linear" else expected_oi.t()
     norms = dora_norms(up, base)
-    assert torch.allclose(norms.double(), v.norm(dim=1), rtol=1e-5)
+    # computed in fp32: each element of W + ΔW carries fp32 error relative to |W| + |s|·|B||A|, which
+    # matters when the two cancel and the row norm is small
+    magnitude_rows = (w_oi.abs() + abs(scale) * (b.double().abs() @ a.double().abs())).norm(dim=1)
+    fp32_slack = 4 * (r + 2) * unit_roundoff(torch.float32) * magnitude_rows
+    assert bool(((norms.double() - v.norm(dim=1)).abs() <= 1e-5 * v.norm(dim=1) + fp32_slack).all())
     w = base.clone()
     stats = merge_tensor_(w, [up])
     tol = ulp(expected, dtype).double() * 0.5 + 1e-5 * expected.abs().max()
