@@ -14,12 +14,20 @@ from safetensors import safe_open
 import loramerge as lm
 import loramerge.checkpoint as ckpt_mod
 from conftest import CASES, make_base, save_adapter
+from loramerge import directio
 from loramerge.cli import main
-from loramerge.shards import ShardWriter
+from loramerge.shards import CheckpointReader, ShardWriter
 from loramerge.tolerance import ulp
 
 STREAM_CASES = [c for c in CASES if c.id != "llama-two-adapters"]
 DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Move data in 8 KiB blocks, so that the tiny test checkpoints cross block boundaries (tensors
+    split between blocks, padded tails) as real ones do with 16 MiB blocks."""
+    monkeypatch.setattr(directio, "BLOCK", 8192)
 
 
 def _prepare(tmp: Path, case_id: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Path, Path]:
@@ -128,20 +136,30 @@ def test_unmatched_adapter_keys_listed(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_merge_killed_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("where", ["compute", "write", "copy", "flush"])
+def test_merge_killed_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Ctrl-C in the merge arithmetic (main thread), while writing a merged tensor, while copying an
+    untouched one, or while a block goes to disk (the writer's threads): no output is left."""
     _, base_dir, adapter_dir = _prepare(tmp_path, "llama-linear-patterns", torch.bfloat16)
-    real = ShardWriter.write
+    target, attr = {
+        "compute": (ckpt_mod, "merge_tensor_"),
+        "write": (ShardWriter, "write"),
+        "copy": (ShardWriter, "copy"),
+        "flush": (directio, "pwrite_all"),
+    }[where]
+    real = getattr(target, attr)
     calls = {"n": 0}
 
-    def dying(self: ShardWriter, name: str, tensor: torch.Tensor) -> None:
+    def dying(*args: object, **kwargs: object) -> object:
         calls["n"] += 1
-        if calls["n"] == 7:
+        if calls["n"] == 3:
             raise KeyboardInterrupt("killed")
-        real(self, name, tensor)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(ShardWriter, "write", dying)
+    monkeypatch.setattr(target, attr, dying)
     with pytest.raises(KeyboardInterrupt):
         lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", max_shard_size="30KB", progress=False)
+    assert calls["n"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
 
 
@@ -217,38 +235,53 @@ def test_cli_merge_verify_unmerge(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert (tmp_path / "back" / "model.safetensors").is_file()
 
 
-def test_corruption_on_the_way_to_disk_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "victim",
+    [
+        "model.layers.1.post_attention_layernorm.weight",  # untouched: copied byte for byte
+        "model.layers.0.self_attn.q_proj.weight",  # merged
+    ],
+)
+def test_corruption_on_the_way_to_disk_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, victim: str) -> None:
+    """One bit flipped between the writer's buffer and the disk (after the bytes were hashed) fails
+    the verification, names the tensor, and publishes nothing."""
     _, base_dir, adapter_dir = _prepare(tmp_path, "llama-linear-patterns", torch.bfloat16)
-    real = ShardWriter.write
-    victim = "model.layers.1.post_attention_layernorm.weight"  # a tensor the adapter does not touch
+    lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "clean", progress=False)
+    file, offset = CheckpointReader(tmp_path / "clean").location(victim)  # the layout is deterministic
+    real = directio.pwrite_all
+    flipped = {"n": 0}
 
-    def flipping(self: ShardWriter, name: str, tensor: torch.Tensor) -> None:
-        if name == victim:
-            tensor = tensor.clone()
-            tensor.view(torch.int16)[0] ^= 1  # one bit of one element
-        real(self, name, tensor)
+    def flipping(fd: int, data: torch.Tensor, at: int) -> None:
+        if at <= offset < at + data.numel():
+            data[offset - at] ^= 1  # one bit of one element, in the (already hashed) staging block
+            flipped["n"] += 1
+        real(fd, data, at)
 
-    monkeypatch.setattr(ShardWriter, "write", flipping)
-    with pytest.raises(lm.VerificationError, match="post_attention_layernorm") as info:
+    monkeypatch.setattr(directio, "pwrite_all", flipping)
+    with pytest.raises(lm.VerificationError, match=victim.split(".")[-2]) as info:
         lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
-    assert info.value.report.unexpected_changes == (victim,)
+    assert flipped["n"] == 1 and file.name == "model.safetensors"
+    assert victim in info.value.report.unexpected_changes
     assert not (tmp_path / "out").exists()
 
 
-def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("at_call", [1, 4])
+def test_disk_full_is_a_clear_error_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at_call: int
+) -> None:
     import errno
 
     _, base_dir, adapter_dir = _prepare(tmp_path, "llama-linear-patterns", torch.bfloat16)
-    real = ShardWriter.write
+    real = directio.pwrite_all
     calls = {"n": 0}
 
-    def full(self: ShardWriter, name: str, tensor: torch.Tensor) -> None:
+    def full(fd: int, data: torch.Tensor, at: int) -> None:
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == at_call:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(self, name, tensor)
+        real(fd, data, at)
 
-    monkeypatch.setattr(ShardWriter, "write", full)
+    monkeypatch.setattr(directio, "pwrite_all", full)
     with pytest.raises(lm.LoraMergeError, match="disk is full") as info:
         lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
     assert isinstance(info.value, OSError) and "another output directory" in str(info.value)

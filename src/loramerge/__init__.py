@@ -12,8 +12,10 @@ The lifecycle, one function each::
 
 from __future__ import annotations
 
+import importlib
 import logging
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from loramerge.adapter import Adapter, AdapterModule, load_adapter
 from loramerge.benchmark import BenchReport, bench
@@ -33,16 +35,42 @@ from loramerge.errors import (
     VerificationError,
 )
 from loramerge.hub import HubError, HubVerification, push_to_hub, verify_hub
-from loramerge.inmemory import merge, unmerge
 from loramerge.lineage import LineageError, lineage
 from loramerge.loading import load_base
-from loramerge.peft_glue import attach
 from loramerge.quantized import QuantSpec
 from loramerge.receipts import Receipt, ReceiptError, load_receipt
 from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
-from loramerge.rounds import RoundResult, next_round, unmerge_rounds
 from loramerge.tolerance import Tolerance
 from loramerge.verification import make_probes, verify
+
+if TYPE_CHECKING:
+    from loramerge.inmemory import merge, unmerge
+    from loramerge.peft_glue import attach
+    from loramerge.rounds import RoundResult, next_round, unmerge_rounds
+
+# Imported on first use: these pull in peft (and with it transformers and bitsandbytes), seconds of
+# start-up that the checkpoint tools and the command line do not need.
+_LAZY = {
+    "merge": "loramerge.inmemory",
+    "unmerge": "loramerge.inmemory",
+    "attach": "loramerge.peft_glue",
+    "RoundResult": "loramerge.rounds",
+    "next_round": "loramerge.rounds",
+    "unmerge_rounds": "loramerge.rounds",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'loramerge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 try:
     __version__ = version("loramerge")

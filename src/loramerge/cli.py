@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from loramerge import __version__
 from loramerge.adapter import load_adapter
@@ -320,6 +321,19 @@ def _stream_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    """Errors only from transformers, and no Hub or transformers progress bars (ours stay), without
+    importing transformers: it reads both settings when some command first imports it."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        cast(Any, hf_logging).set_verbosity_error()
+    from huggingface_hub import utils as hub_utils
+
+    cast(Any, hub_utils).disable_progress_bars()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``loramerge`` console script."""
     args = _parser().parse_args(argv)
@@ -328,14 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_log: Any = hf_logging
-            hf_log.set_verbosity_error()
-            hf_log.disable_progress_bar()
-        except ImportError:  # pragma: no cover
-            pass
+        _quiet_transformers()
     try:
         if args.command == "demo":
             from loramerge.demo import run_demo

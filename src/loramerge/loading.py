@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import transformers
-from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from loramerge.errors import AdapterConfigError, AdapterNotFoundError, UnsafeFormatError
 from loramerge.hub import hub_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["load_base", "resolve_dtype"]
 
@@ -106,6 +107,9 @@ def load_base(
             raise AdapterNotFoundError(
                 f"{str(root)!r} has no model.safetensors (nor a sharded index); the weights are missing."
             )
+    import transformers  # here, not at import: ``import loramerge`` stays fast for the checkpoint tools
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
     cls: Any = model_class
     if cls is None:
         try:

@@ -10,21 +10,25 @@ memory (``safetensors.torch.save_file`` does).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import hashlib
 import json
+import os
 import shutil
 import struct
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from loramerge.errors import AdapterConfigError, AdapterNotFoundError, LoraMergeError
+from loramerge.directio import BufferPool, SequentialWriter, byte_view, pread_exact, read_blocks
+from loramerge.errors import AdapterConfigError, AdapterNotFoundError, LoraMergeError, OutputWriteError
 
 __all__ = [
     "CheckpointReader",
@@ -100,7 +104,8 @@ class TensorInfo:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _read_header(path: Path) -> dict[str, Any]:
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header and the file offset where its data begins."""
     try:
         with path.open("rb") as f:
             raw = f.read(8)
@@ -114,7 +119,7 @@ def _read_header(path: Path) -> dict[str, Any]:
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + length + end > size:
             raise ValueError(f"the data ends at byte {8 + length + end} but the file has {size} bytes")
-        return dict(header)
+        return dict(header), 8 + length
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise AdapterConfigError(
             f"{str(path)!r} is not a readable safetensors file ({e}); it may be truncated or corrupt: re-download or re-save it."
@@ -155,8 +160,9 @@ class CheckpointReader:
         self.metadata: dict[str, dict[str, str]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._aliases: dict[str, str] = {}
+        self._offsets: dict[str, int] = {}
         for file in files:
-            header = _read_header(self.root / file)
+            header, data_start = _read_header(self.root / file)
             self.metadata[file] = dict(header.get("__metadata__") or {})
             entries = sorted(
                 ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
@@ -172,6 +178,7 @@ class CheckpointReader:
                 if end - begin != info.nbytes:
                     raise AdapterConfigError(f"{file}: tensor {name!r} has {end - begin} bytes for shape {info.shape}.")
                 self.tensors[name] = info
+                self._offsets[name] = data_start + begin
 
     def add_alias(self, name: str, source: str) -> None:
         """Make ``name`` readable as a copy of the stored tensor ``source`` (for example an untied ``lm_head``)."""
@@ -211,6 +218,82 @@ class CheckpointReader:
             ) from e
         return tensor
 
+    def location(self, name: str) -> tuple[Path, int]:
+        """The file holding tensor ``name``'s bytes and the offset where they begin."""
+        info = self.tensors[name]
+        return self.root / info.file, self._offsets[self._aliases.get(name, name)]
+
+    def read_into(self, name: str, buffer: torch.Tensor) -> torch.Tensor:
+        """Tensor ``name`` read into ``buffer`` (uint8, large enough), returned as a view of it.
+
+        Reading into a buffer used before avoids faulting in fresh memory for every tensor
+        (:class:`~loramerge.directio.BufferPool`)."""
+        info = self.tensors[name]
+        path, offset = self.location(name)
+        data = buffer[: info.nbytes]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            pread_exact(fd, data, offset)
+        except EOFError as e:
+            raise AdapterConfigError(f"{str(path)!r} is shorter than its header says ({e}): truncated?") from e
+        finally:
+            os.close(fd)
+        return data.view(info.dtype).view(info.shape)
+
+    def scan(self, file: str, keep: set[str]) -> Iterator[tuple[str, str, torch.Tensor | None]]:
+        """Every tensor stored in ``file``, read front to back in large blocks
+        (:func:`~loramerge.directio.read_blocks`, bypassing the page cache where possible):
+        ``(name, SHA-256 of its bytes, tensor)``, where ``tensor`` is given only for names in
+        ``keep`` (``None`` otherwise) and is valid until the next step."""
+        regions = sorted(
+            (self._offsets[n], n) for n, info in self.tensors.items() if info.file == file and n not in self._aliases
+        )
+        buffers = BufferPool(1)
+        k = 0
+        hasher = hashlib.sha256()
+        held: torch.Tensor | None = None
+
+        def done(name: str) -> tuple[str, str, torch.Tensor | None]:
+            info = self.tensors[name]
+            tensor = held[: info.nbytes].view(info.dtype).view(info.shape) if held is not None else None
+            return name, hasher.hexdigest(), tensor
+
+        def begin(name: str) -> None:
+            nonlocal hasher, held
+            hasher = hashlib.sha256()
+            if held is not None:
+                buffers.give(held)
+                held = None
+            if name in keep:
+                held = buffers.take(self.tensors[name].nbytes)
+
+        if regions:
+            begin(regions[0][1])
+        for block_start, block in read_blocks(self.root / file):
+            block_end = block_start + block.numel()
+            while k < len(regions):
+                start, name = regions[k]
+                stop = start + self.tensors[name].nbytes
+                a, b = max(start, block_start), min(stop, block_end)
+                if a < b:
+                    piece = block[a - block_start : b - block_start]
+                    hasher.update(byte_view(piece))
+                    if held is not None:
+                        held[a - start : b - start].copy_(piece)
+                if stop > block_end:
+                    break  # continues in the next block
+                yield done(name)
+                k += 1
+                if k < len(regions):
+                    begin(regions[k][1])
+        while k < len(regions):  # only empty tensors can be left after the last block
+            if self.tensors[regions[k][1]].nbytes:
+                raise AdapterConfigError(f"{str(self.root / file)!r} is shorter than its header says: truncated?")
+            yield done(regions[k][1])
+            k += 1
+            if k < len(regions):
+                begin(regions[k][1])
+
     def get_with_digest(self, name: str) -> tuple[torch.Tensor, str]:
         """:meth:`get` and the SHA-256 of the tensor's bytes."""
         tensor = self.get(name)
@@ -223,7 +306,7 @@ class CheckpointReader:
 def tensor_digest(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes in its stored layout (dtype and shape not included)."""
     data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(memoryview(data.numpy())).hexdigest()  # type: ignore[arg-type]
+    return hashlib.sha256(byte_view(data)).hexdigest()
 
 
 def return_freed_memory_to_os() -> None:
@@ -266,8 +349,13 @@ def shard_names(count: int) -> list[str]:
 class ShardWriter:
     """Writes planned shards into a directory, one tensor at a time, in plan order.
 
-    Call :meth:`write` once per tensor in the order of the plan, then :meth:`close` (which writes
-    the index for sharded output). Every header is final before its data is written.
+    Call :meth:`write` (a tensor in memory) or :meth:`copy` (bytes straight from another
+    safetensors file) once per tensor in the order of the plan, then :meth:`close` (which writes
+    the index for sharded output). Every header is final before its data is written. Files are
+    written through :class:`~loramerge.directio.SequentialWriter` (``O_DIRECT`` where available).
+
+    Raises:
+        OutputWriteError: The disk is full (with the size the output needs).
     """
 
     def __init__(self, root: Path, plan: list[list[TensorInfo]], metadata: dict[str, str] | None = None):
@@ -276,13 +364,12 @@ class ShardWriter:
         self.names = shard_names(len(plan))
         self.metadata = {"format": "pt", **(metadata or {})}
         self._queue: Iterator[tuple[int, TensorInfo]] = ((i, t) for i, shard in enumerate(plan) for t in shard)
-        self._file: BinaryIO | None = None
+        self._file: SequentialWriter | None = None
         self._current = -1
         self.bytes_written = 0
 
     def _open_shard(self, index: int) -> None:
-        if self._file is not None:
-            self._file.close()
+        self._close_shard()
         offsets: dict[str, Any] = {"__metadata__": self.metadata}
         position = 0
         for info in self.plan[index]:
@@ -294,37 +381,84 @@ class ShardWriter:
             position += info.nbytes
         header = json.dumps(offsets, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)
-        self._file = (self.root / self.names[index]).open("wb")
-        self._file.write(struct.pack("<Q", len(header)))
-        self._file.write(header)
+        self._file = SequentialWriter(self.root / self.names[index])
+        self._file.write(torch.frombuffer(bytearray(struct.pack("<Q", len(header)) + header), dtype=torch.uint8))
         self._current = index
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next tensor of the plan (it must be the one the plan expects)."""
+    def _close_shard(self) -> None:
+        if self._file is not None:
+            file, self._file = self._file, None
+            with self._disk_errors(file.path.name):
+                file.close()
+
+    def _next(
+        self, name: str, shape: tuple[int, ...] | None, dtype: torch.dtype | None, nbytes: int
+    ) -> SequentialWriter:
         index, info = next(self._queue)
-        if info.name != name or tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+        if (
+            info.name != name
+            or info.nbytes != nbytes
+            or shape not in (None, info.shape)
+            or dtype not in (None, info.dtype)
+        ):
             raise LoraMergeError(
-                f"internal error: writer expected {info.name} {info.shape} {info.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+                f"internal error: writer expected {info.name} {info.shape} {info.dtype}, got {name} {shape} {dtype} "
+                f"({nbytes} bytes)"
             )
         if index != self._current:
-            self._open_shard(index)
+            with self._disk_errors(name):
+                self._open_shard(index)
         assert self._file is not None
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))  # type: ignore[arg-type]
         self.bytes_written += info.nbytes
+        return self._file
+
+    @contextlib.contextmanager
+    def _disk_errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            planned = sum(t.nbytes for shard in self.plan for t in shard)
+            raise OutputWriteError(
+                e.errno,
+                f"the disk is full while writing {what} into {self.root} (the output needs about "
+                f"{planned / 1e9:.2f} GB). Free space or choose another output directory; nothing was left behind.",
+            ) from e
+
+    def write(self, name: str, tensor: torch.Tensor, digest: bool = False) -> str | None:
+        """Write the next tensor of the plan (it must be the one the plan expects); with ``digest``,
+        return the SHA-256 of its bytes."""
+        data = tensor.detach().contiguous().cpu()
+        file = self._next(name, tuple(data.shape), data.dtype, data.numel() * data.element_size())
+        with self._disk_errors(name):
+            file.write(data)
+        return tensor_digest(data) if digest else None
+
+    def copy(self, name: str, source: Path, offset: int, nbytes: int, digest: bool = False) -> str | None:
+        """Write the next tensor of the plan by copying its ``nbytes`` bytes from the file ``source``
+        at ``offset`` (never held in memory as a whole); with ``digest``, return their SHA-256."""
+        file = self._next(name, None, None, nbytes)
+        hasher = hashlib.sha256() if digest else None
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            with self._disk_errors(name):
+                file.copy_from(fd, offset, nbytes, hasher.update if hasher is not None else None)
+        except EOFError as e:
+            raise AdapterConfigError(f"{str(source)!r} is shorter than its header says ({e}): truncated?") from e
+        finally:
+            os.close(fd)
+        return hasher.hexdigest() if hasher is not None else None
 
     def abort(self) -> None:
         """Close the open shard without checking that the plan was completed (after a failure)."""
         if self._file is not None:
-            self._file.close()
+            self._file.abort()
             self._file = None
 
     def close(self) -> None:
-        """Finish the last shard, flush to disk, and write the index (for several shards)."""
-        if self._file is not None:
-            self._file.flush()
-            self._file.close()
-            self._file = None
+        """Finish the last shard and write the index (for several shards)."""
+        self._close_shard()
         left = list(self._queue)
         if left:
             raise LoraMergeError(f"internal error: {len(left)} planned tensors were not written")

@@ -31,7 +31,6 @@ from torch import nn
 from loramerge.adapter import Adapter
 from loramerge.delta import Kind, LoraUpdate, apply_weight, dora_norms, view2d
 from loramerge.errors import LoraMergeError
-from loramerge.peft_glue import adapter_mode, check_compatible
 from loramerge.quantized import check_supported, checked_dequantize, exact_forward, keep_layout, quantized_layers
 from loramerge.reports import LayerCheck, OutputCheck, VerificationReport
 from loramerge.tolerance import Tolerance, reference_dtype, relative_errors, ulp, unit_roundoff
@@ -683,6 +682,8 @@ def _verify(
     check_outputs: CheckOutputs,
     seed: int,
 ) -> VerificationReport:
+    from loramerge.peft_glue import adapter_mode, check_compatible  # peft: imported on first use
+
     kinds = check_compatible(base, adapter)
     check_compatible(merged, adapter)
     check_supported(base)
