@@ -159,7 +159,7 @@ def test_merge_killed_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(target, attr, dying)
     with pytest.raises(KeyboardInterrupt):
         lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", max_shard_size="30KB", progress=False)
-    assert calls["n"] == 3
+    assert calls["n"] >= 3  # the writer may finish a queued job before the failure reaches the main thread
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
 
 

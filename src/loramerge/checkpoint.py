@@ -64,6 +64,7 @@ from loramerge.shards import (
     parse_size,
     plan_shards,
     return_freed_memory_to_os,
+    scan_file,
 )
 from loramerge.tolerance import Tolerance, ulp
 from loramerge.verification import (
@@ -299,14 +300,19 @@ class _Pipeline:
     """
 
     def __init__(
-        self, reader: CheckpointReader, names: list[str], writer: ShardWriter, passthrough: set[str], digest: bool
+        self,
+        reader: CheckpointReader,
+        names: list[str],
+        writer: ShardWriter,
+        passthrough: set[str],
+        written: dict[str, str] | None,
     ):
-        self.reader, self.names, self.writer, self.passthrough, self.digest = reader, names, writer, passthrough, digest
+        self.reader, self.names, self.writer, self.passthrough = reader, names, writer, passthrough
+        self.written = written  # name -> SHA-256 of the bytes written, recorded by the writer's thread
         self.buffers = BufferPool(3)
         self.reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-read")
         self.writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-write")
-        self.pending: list[tuple[Future[str | None], str, torch.Tensor | None]] = []  # in plan order
-        self.written: dict[str, str] = {}
+        self.pending: list[tuple[Future[None], torch.Tensor | None]] = []  # in plan order
         self._lent: torch.Tensor | None = None
 
     def _read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,10 +332,7 @@ class _Pipeline:
         for name in self.names:
             self._collect(block=False)
             if name in self.passthrough:
-                path, offset = self.reader.location(name)
-                nbytes = self.reader.tensors[name].nbytes
-                future = self.writes.submit(self.writer.copy, name, path, offset, nbytes, self.digest)
-                self.pending.append((future, name, None))
+                self.pending.append((self.writes.submit(self._copy, name), None))
                 yield name, None
                 continue
             assert ahead is not None
@@ -338,9 +341,17 @@ class _Pipeline:
             ahead = self.reads.submit(self._read, following) if following is not None else None
             yield name, tensor
 
-    def _write(self, name: str, tensor: torch.Tensor, buffer: torch.Tensor | None) -> str | None:
+    def _copy(self, name: str) -> None:
+        path, offset = self.reader.location(name)
+        digest = self.writer.copy(name, path, offset, self.reader.tensors[name].nbytes, self.written is not None)
+        if self.written is not None and digest is not None:
+            self.written[name] = digest
+
+    def _write(self, name: str, tensor: torch.Tensor, buffer: torch.Tensor | None) -> None:
         try:
-            return self.writer.write(name, tensor, self.digest)
+            digest = self.writer.write(name, tensor, self.written is not None)
+            if self.written is not None and digest is not None:
+                self.written[name] = digest
         finally:
             if buffer is not None:
                 self.buffers.give(buffer)
@@ -348,15 +359,12 @@ class _Pipeline:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Queue the result for ``name`` (the tensor just yielded) for writing; its buffer is reused after that."""
         buffer, self._lent = self._lent, None
-        self.pending.append((self.writes.submit(self._write, name, tensor, buffer), name, buffer))
+        self.pending.append((self.writes.submit(self._write, name, tensor, buffer), buffer))
 
     def _collect(self, block: bool) -> None:
-        """Record finished writes in order (raising the first failure)."""
+        """Forget finished writes, in order, raising the first failure."""
         while self.pending and (block or self.pending[0][0].done()):
-            future, name, _ = self.pending.pop(0)
-            value = future.result()
-            if value is not None:
-                self.written[name] = value
+            self.pending.pop(0)[0].result()
 
     def finish(self) -> None:
         self._collect(block=True)
@@ -367,7 +375,7 @@ class _Pipeline:
     def abort(self) -> None:
         """Stop after a failure: let the threads end, close the open shard, keep the first error."""
         self.writes.shutdown(wait=True, cancel_futures=True)
-        for future, _, buffer in self.pending:
+        for future, buffer in self.pending:
             if future.cancelled() and buffer is not None:
                 self.buffers.give(buffer)  # a read waiting for a buffer can then finish
         if self._lent is not None:
@@ -380,7 +388,7 @@ class _Pipeline:
 class _Expectations:
     """What the written checkpoint must hold, gathered while streaming: digests and layer probes."""
 
-    digests: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)  # SHA-256 of the bytes written (the writer's thread)
     unchanged: set[str] = field(default_factory=set)
     checks: dict[str, Callable[[torch.Tensor], LayerCheck]] = field(default_factory=dict)
 
@@ -405,36 +413,63 @@ def _fixed_check(layer: LayerCheck) -> Callable[[torch.Tensor], LayerCheck]:
     return check
 
 
-def _check_written(
-    root: Path, names: list[str], expect: _Expectations, tol: Tolerance, operation: str
-) -> VerificationReport:
-    """Re-read the written checkpoint once, front to back: every tensor's SHA-256 must be the
-    intended one (the base's for untouched tensors), and every adapted tensor, as read back, must
+class _Verifier:
+    """Re-reads each shard as soon as it is complete, in a background thread, while later shards
+    are still being merged: every tensor's SHA-256 must be the one computed when it was written
+    (for untouched tensors, that of the base's bytes), and every adapted tensor, as read back, must
     pass its layer probe."""
-    reader = CheckpointReader(root)
-    layers: list[LayerCheck] = []
-    wrong: list[str] = sorted(set(names) ^ set(reader.names))
-    for file in reader.files:
-        for name, digest, tensor in reader.scan(file, keep=set(expect.checks)):
-            if digest != expect.digests.get(name):
+
+    def __init__(self, expect: _Expectations):
+        self.expect = expect
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-verify")
+        self.futures: list[Future[tuple[list[str], list[LayerCheck], list[str]]]] = []
+
+    def shard_written(self, path: Path) -> None:
+        """Queue ``path`` for checking (called by the writer when a shard is closed)."""
+        self.futures.append(self.pool.submit(self._check, path))
+
+    def _check(self, path: Path) -> tuple[list[str], list[LayerCheck], list[str]]:
+        seen: list[str] = []
+        layers: list[LayerCheck] = []
+        wrong: list[str] = []
+        for name, digest, tensor in scan_file(path, keep=set(self.expect.checks)):
+            seen.append(name)
+            if digest != self.expect.digests.get(name):
                 wrong.append(name)
             if tensor is not None:
-                layers.append(expect.checks[name](tensor))
-    notes = (
-        "re-read from disk: every tensor's SHA-256 checked, adapted tensors probed as read back "
-        f"(a seeded sample of up to {MAX_PROBE_OUTPUTS} output features each); no model was run",
-    )
-    passed = all(c.passed for c in layers) and not wrong
-    return VerificationReport(
-        operation,  # type: ignore[arg-type]
-        passed,
-        tol,
-        tuple(layers),
-        None,
-        unchanged_checked=len(expect.unchanged),
-        unexpected_changes=tuple(sorted(set(wrong))),
-        notes=notes,
-    )
+                layers.append(self.expect.checks[name](tensor))
+        return seen, layers, wrong
+
+    def report(self, root: Path, names: list[str], tol: Tolerance, operation: str) -> VerificationReport:
+        """Wait for every shard's check and put them together; the checkpoint must hold exactly ``names``."""
+        seen: list[str] = []
+        layers: list[LayerCheck] = []
+        wrong: list[str] = []
+        for future in self.futures:
+            s, lay, w = future.result()
+            seen += s
+            layers += lay
+            wrong += w
+        self.pool.shutdown(wait=True)
+        wrong += (set(names) ^ set(seen)) | (set(names) ^ set(CheckpointReader(root).names))  # missing or unexpected
+        notes = (
+            "re-read from disk: every tensor's SHA-256 checked, adapted tensors probed as read back "
+            f"(a seeded sample of up to {MAX_PROBE_OUTPUTS} output features each); no model was run",
+        )
+        passed = all(c.passed for c in layers) and not wrong
+        return VerificationReport(
+            operation,  # type: ignore[arg-type]
+            passed,
+            tol,
+            tuple(layers),
+            None,
+            unchanged_checked=len(self.expect.unchanged),
+            unexpected_changes=tuple(sorted(set(wrong))),
+            notes=notes,
+        )
+
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _compute_threads(threads: int) -> int:
@@ -455,10 +490,10 @@ def _stream(
     max_shard_size: int | str,
     overwrite: bool,
     progress: bool,
-    finalize: Callable[[Path, dict[str, str]], None],
+    finalize: Callable[[Path], None],
     desc: str,
     passthrough: set[str],
-    digest: bool,
+    verifier: _Verifier | None,
     extra_metadata: Mapping[str, str],
 ) -> tuple[tuple[str, ...], int]:
     infos = [
@@ -475,8 +510,8 @@ def _stream(
         if any(name not in reader.stored for name in reader.names):
             _untie_config(tmp)
         order = [t.name for shard in plan for t in shard]
-        writer = ShardWriter(tmp, plan, metadata)
-        pipe = _Pipeline(reader, order, writer, passthrough, digest)
+        writer = ShardWriter(tmp, plan, metadata, on_close=verifier.shard_written if verifier is not None else None)
+        pipe = _Pipeline(reader, order, writer, passthrough, verifier.expect.digests if verifier is not None else None)
         bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc=desc, disable=not progress)
         threads = torch.get_num_threads()
         torch.set_num_threads(_compute_threads(threads))
@@ -490,15 +525,18 @@ def _stream(
                     del tensor, result  # the writer holds it now; do not keep it alive through the next read
                 bar.update(reader.tensors[name].nbytes)
                 bar.set_postfix_str(f"{count}/{len(order)} tensors", refresh=False)
+            bar.close()
+            pipe.finish()
+            torch.set_num_threads(threads)
+            finalize(tmp)
         except BaseException:
             bar.close()
             pipe.abort()  # the temporary directory goes; the original error is what the caller sees
+            if verifier is not None:
+                verifier.abort()
             raise
         finally:
             torch.set_num_threads(threads)
-        bar.close()
-        pipe.finish()
-        finalize(tmp, pipe.written)
         files = tuple(
             sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json"))
         )
@@ -550,14 +588,14 @@ def _publish(
     atomically."""
     expect.unchanged.update(passthrough)
     reports: list[VerificationReport] = []
+    verifier = _Verifier(expect) if verify else None
 
-    def finalize(tmp: Path, written: dict[str, str]) -> None:
-        if not verify:
+    def finalize(tmp: Path) -> None:
+        if verifier is None:
             if record is not None:
                 record(tmp, None)
             return
-        expect.digests.update(written)
-        report = _check_written(tmp, reader.names, expect, tol, operation)
+        report = verifier.report(tmp, reader.names, tol, operation)
         if extra_check is not None and report.passed:
             report = extra_check(tmp, report)
         reports.append(report)
@@ -581,7 +619,7 @@ def _publish(
         finalize,
         operation,
         passthrough,
-        verify,
+        verifier,
         extra_metadata or {},
     )
     changed = tuple(sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)))

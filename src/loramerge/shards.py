@@ -19,7 +19,7 @@ import os
 import shutil
 import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ __all__ = [
     "copy_side_files",
     "parse_size",
     "plan_shards",
+    "scan_file",
     "tensor_digest",
 ]
 
@@ -126,6 +127,77 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         ) from e
 
 
+def _stored_tensors(root: Path, file: str) -> tuple[dict[str, str], list[tuple[TensorInfo, int]]]:
+    """A safetensors file's metadata and its tensors with the file offset of their bytes, in file order."""
+    header, data_start = _read_header(root / file)
+    entries = sorted(
+        ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
+    )
+    out = []
+    for name, entry in entries:
+        dtype = _ST_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise AdapterConfigError(
+                f"{file}: tensor {name!r} has dtype {entry['dtype']}, which loramerge does not handle."
+            )
+        info = TensorInfo(name, dtype, tuple(int(s) for s in entry["shape"]), file)
+        begin, end = (int(o) for o in entry["data_offsets"])
+        if end - begin != info.nbytes:
+            raise AdapterConfigError(f"{file}: tensor {name!r} has {end - begin} bytes for shape {info.shape}.")
+        out.append((info, data_start + begin))
+    return dict(header.get("__metadata__") or {}), out
+
+
+def scan_file(path: Path, keep: set[str]) -> Iterator[tuple[str, str, torch.Tensor | None]]:
+    """Every tensor of one safetensors file, read front to back in large blocks
+    (:func:`~loramerge.directio.read_blocks`, bypassing the page cache where possible):
+    ``(name, SHA-256 of its bytes, tensor)``, in file order, where ``tensor`` is given only for
+    names in ``keep`` (``None`` otherwise) and is valid until the next step."""
+    _, entries = _stored_tensors(path.parent, path.name)
+    buffers = BufferPool(1)
+    k = 0
+    hasher = hashlib.sha256()
+    held: torch.Tensor | None = None
+
+    def done(info: TensorInfo) -> tuple[str, str, torch.Tensor | None]:
+        tensor = held[: info.nbytes].view(info.dtype).view(info.shape) if held is not None else None
+        return info.name, hasher.hexdigest(), tensor
+
+    def begin(info: TensorInfo) -> None:
+        nonlocal hasher, held
+        hasher = hashlib.sha256()
+        if held is not None:
+            buffers.give(held)
+            held = None
+        if info.name in keep:
+            held = buffers.take(info.nbytes)
+
+    if entries:
+        begin(entries[0][0])
+    for block_start, block in read_blocks(path):
+        block_end = block_start + block.numel()
+        while k < len(entries):
+            info, start = entries[k]
+            stop = start + info.nbytes
+            a, b = max(start, block_start), min(stop, block_end)
+            if a < b:
+                piece = block[a - block_start : b - block_start]
+                hasher.update(byte_view(piece))
+                if held is not None:
+                    held[a - start : b - start].copy_(piece)
+            if stop > block_end:
+                break  # continues in the next block
+            yield done(info)
+            k += 1
+            if k < len(entries):
+                begin(entries[k][0])
+    for info, _ in entries[k:]:  # only empty tensors can be left after the last block
+        if info.nbytes:
+            raise AdapterConfigError(f"{str(path)!r} is shorter than its header says: truncated?")
+        begin(info)
+        yield done(info)
+
+
 class CheckpointReader:
     """A transformers safetensors checkpoint directory, read one tensor at a time.
 
@@ -162,23 +234,11 @@ class CheckpointReader:
         self._aliases: dict[str, str] = {}
         self._offsets: dict[str, int] = {}
         for file in files:
-            header, data_start = _read_header(self.root / file)
-            self.metadata[file] = dict(header.get("__metadata__") or {})
-            entries = sorted(
-                ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
-            )
-            for name, entry in entries:
-                dtype = _ST_DTYPES.get(entry["dtype"])
-                if dtype is None:
-                    raise AdapterConfigError(
-                        f"{file}: tensor {name!r} has dtype {entry['dtype']}, which loramerge does not handle."
-                    )
-                info = TensorInfo(name, dtype, tuple(int(s) for s in entry["shape"]), file)
-                begin, end = (int(o) for o in entry["data_offsets"])
-                if end - begin != info.nbytes:
-                    raise AdapterConfigError(f"{file}: tensor {name!r} has {end - begin} bytes for shape {info.shape}.")
-                self.tensors[name] = info
-                self._offsets[name] = data_start + begin
+            metadata, entries = _stored_tensors(self.root, file)
+            self.metadata[file] = metadata
+            for info, offset in entries:
+                self.tensors[info.name] = info
+                self._offsets[info.name] = offset
 
     def add_alias(self, name: str, source: str) -> None:
         """Make ``name`` readable as a copy of the stored tensor ``source`` (for example an untied ``lm_head``)."""
@@ -239,60 +299,6 @@ class CheckpointReader:
         finally:
             os.close(fd)
         return data.view(info.dtype).view(info.shape)
-
-    def scan(self, file: str, keep: set[str]) -> Iterator[tuple[str, str, torch.Tensor | None]]:
-        """Every tensor stored in ``file``, read front to back in large blocks
-        (:func:`~loramerge.directio.read_blocks`, bypassing the page cache where possible):
-        ``(name, SHA-256 of its bytes, tensor)``, where ``tensor`` is given only for names in
-        ``keep`` (``None`` otherwise) and is valid until the next step."""
-        regions = sorted(
-            (self._offsets[n], n) for n, info in self.tensors.items() if info.file == file and n not in self._aliases
-        )
-        buffers = BufferPool(1)
-        k = 0
-        hasher = hashlib.sha256()
-        held: torch.Tensor | None = None
-
-        def done(name: str) -> tuple[str, str, torch.Tensor | None]:
-            info = self.tensors[name]
-            tensor = held[: info.nbytes].view(info.dtype).view(info.shape) if held is not None else None
-            return name, hasher.hexdigest(), tensor
-
-        def begin(name: str) -> None:
-            nonlocal hasher, held
-            hasher = hashlib.sha256()
-            if held is not None:
-                buffers.give(held)
-                held = None
-            if name in keep:
-                held = buffers.take(self.tensors[name].nbytes)
-
-        if regions:
-            begin(regions[0][1])
-        for block_start, block in read_blocks(self.root / file):
-            block_end = block_start + block.numel()
-            while k < len(regions):
-                start, name = regions[k]
-                stop = start + self.tensors[name].nbytes
-                a, b = max(start, block_start), min(stop, block_end)
-                if a < b:
-                    piece = block[a - block_start : b - block_start]
-                    hasher.update(byte_view(piece))
-                    if held is not None:
-                        held[a - start : b - start].copy_(piece)
-                if stop > block_end:
-                    break  # continues in the next block
-                yield done(name)
-                k += 1
-                if k < len(regions):
-                    begin(regions[k][1])
-        while k < len(regions):  # only empty tensors can be left after the last block
-            if self.tensors[regions[k][1]].nbytes:
-                raise AdapterConfigError(f"{str(self.root / file)!r} is shorter than its header says: truncated?")
-            yield done(regions[k][1])
-            k += 1
-            if k < len(regions):
-                begin(regions[k][1])
 
     def get_with_digest(self, name: str) -> tuple[torch.Tensor, str]:
         """:meth:`get` and the SHA-256 of the tensor's bytes."""
@@ -358,9 +364,16 @@ class ShardWriter:
         OutputWriteError: The disk is full (with the size the output needs).
     """
 
-    def __init__(self, root: Path, plan: list[list[TensorInfo]], metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        plan: list[list[TensorInfo]],
+        metadata: dict[str, str] | None = None,
+        on_close: Callable[[Path], None] | None = None,
+    ):
         self.root = root
         self.plan = plan
+        self.on_close = on_close
         self.names = shard_names(len(plan))
         self.metadata = {"format": "pt", **(metadata or {})}
         self._queue: Iterator[tuple[int, TensorInfo]] = ((i, t) for i, shard in enumerate(plan) for t in shard)
@@ -390,6 +403,8 @@ class ShardWriter:
             file, self._file = self._file, None
             with self._disk_errors(file.path.name):
                 file.close()
+            if self.on_close is not None:
+                self.on_close(file.path)
 
     def _next(
         self, name: str, shape: tuple[int, ...] | None, dtype: torch.dtype | None, nbytes: int
