@@ -6,13 +6,14 @@ seven projections, then runs, alternating the order between repetitions:
 * ``copy``: a plain safetensors read + write copy of the shards (the I/O floor)
 * ``peft``: from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained
 * ``loramerge``: ``merge_checkpoint`` (streaming, default verification included)
+* ``loramerge-noverify``: the same with ``verify=False`` (what verification costs; opt-in mode)
 
 and reports wall time and peak resident memory of each child process (from ``wait4``). ``--layers``
 overrides the depth (e.g. double it to see that loramerge's peak memory does not grow).
 
 Usage::
 
-    python bench/merge_checkpoint.py [--layers 56] [--repeats 2] [--modes copy,loramerge]
+    python bench/merge_checkpoint.py [--layers 56] [--repeats 2] [--modes copy,loramerge,loramerge-noverify]
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def _child(mode: str, base: Path, adapter: Path, out: Path) -> None:
         return
     import loramerge as lm
 
-    report = lm.merge_checkpoint(base, adapter, out, max_shard_size="1GB", progress=False)
+    verify = mode != "loramerge-noverify"
+    report = lm.merge_checkpoint(base, adapter, out, max_shard_size="1GB", progress=False, verify=verify)
     assert report.passed, str(report)
 
 
@@ -109,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=QWEN2_15B["layers"])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--modes", default="copy,peft,loramerge")
+    parser.add_argument("--modes", default="copy,peft,loramerge,loramerge-noverify")
     parser.add_argument("--workdir", type=Path, help="where to build the checkpoint (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/merge_checkpoint.json"))
     parser.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
@@ -131,7 +133,7 @@ def main() -> None:
             for mode in modes if i % 2 == 0 else list(reversed(modes)):
                 runs[mode].append(run(mode, base, adapter, root / f"out-{mode}"))
                 print(
-                    f"  run {i + 1} {mode:<10} {runs[mode][-1]['seconds']:.1f} s, {runs[mode][-1]['peak_rss_gb']:.2f} GB",
+                    f"  run {i + 1} {mode:<18} {runs[mode][-1]['seconds']:.1f} s, {runs[mode][-1]['peak_rss_gb']:.2f} GB",
                     flush=True,
                 )
 
@@ -152,12 +154,12 @@ def main() -> None:
     print(
         f"\nQwen2-1.5B-shaped, {args.layers} layers, bf16, {size / 1e9:.2f} GB, r=16 on 7 projections, {args.repeats} runs each"
     )
-    print(f"{'mode':<10} {'median s':>9} {'min-max s':>12} {'peak RSS GB':>12} {'vs copy':>8} {'vs peft':>8}")
+    print(f"{'mode':<18} {'median s':>9} {'min-max s':>12} {'peak RSS GB':>12} {'vs copy':>8} {'vs peft':>8}")
     for r in rows:
         vs_copy = r["median_s"] / by["copy"]["median_s"] if "copy" in by else float("nan")
         vs_peft = by["peft"]["median_s"] / r["median_s"] if "peft" in by else float("nan")
         print(
-            f"{r['mode']:<10} {r['median_s']:>9.1f} {r['min_s']:>5.1f}-{r['max_s']:<6.1f} {r['peak_rss_gb']:>12.2f} {vs_copy:>7.2f}x {vs_peft:>7.2f}x"
+            f"{r['mode']:<18} {r['median_s']:>9.1f} {r['min_s']:>5.1f}-{r['max_s']:<6.1f} {r['peak_rss_gb']:>12.2f} {vs_copy:>7.2f}x {vs_peft:>7.2f}x"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     setup = {"layers": args.layers, "bytes": size, "repeats": args.repeats, "cpus": os.cpu_count()}

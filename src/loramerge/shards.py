@@ -316,18 +316,22 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 
 def return_freed_memory_to_os() -> None:
-    """Make glibc serve allocations of 4 MiB and more with ``mmap``, so freed tensors go back to the OS.
+    """Fix glibc's mmap threshold at 32 MiB, so that resident memory stays flat while streaming.
 
-    By default glibc raises its mmap threshold (up to 32 MiB) after large blocks are freed; tensors
+    By default glibc raises its mmap threshold dynamically after large blocks are freed; tensors
     below it then come from heap arenas that fragment and are not returned, so a streaming merge's
-    resident memory would grow with the number of tensors (measured: 1.8 GB at 28 layers, 3.2 GB
-    at 56). A fixed threshold keeps it flat. Process-wide, harmless elsewhere; a no-op off glibc.
+    resident memory grew with the number of tensors (measured when every tensor was a fresh
+    allocation: 1.8 GB at 28 layers, 3.2 GB at 56). The large tensors now live in reused buffers
+    (:class:`~loramerge.directio.BufferPool`); a fixed threshold keeps the rest flat. 32 MiB rather
+    than less: smaller temporaries then come from the heap instead of fresh, page-faulted mappings
+    (measured: 2.5 s of system time instead of 3.9-4.6 s for a 3.55 GB merge). Process-wide,
+    harmless elsewhere; a no-op off glibc.
     """
     if not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 4 * 2**20)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
     except (OSError, AttributeError):  # musl or another libc: nothing to tune
         pass
 
