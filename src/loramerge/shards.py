@@ -2,10 +2,11 @@
 
 A transformers checkpoint directory holds ``model.safetensors`` or shards named
 ``model-00001-of-0000N.safetensors`` with a ``model.safetensors.index.json`` mapping tensor names to
-shards. :class:`CheckpointReader` opens them lazily (memory-mapped) and hands out one tensor at a
-time. :class:`ShardWriter` plans every shard's header from the tensors' shapes and dtypes *before*
-writing, then streams the tensor bytes in order, so writing a shard never needs the whole shard in
-memory (``safetensors.torch.save_file`` does).
+shards. :class:`CheckpointReader` parses the headers and hands out one tensor at a time (into a
+reusable buffer with :meth:`CheckpointReader.read_into`). :class:`ShardWriter` plans every shard's
+header from the tensors' shapes and dtypes *before* writing, then streams the tensor bytes in
+order, so writing a shard never needs the whole shard in memory (``safetensors.torch.save_file``
+does). :func:`scan_file` re-reads a written shard front to back, hashing every tensor.
 """
 
 from __future__ import annotations
@@ -300,11 +301,6 @@ class CheckpointReader:
             os.close(fd)
         return data.view(info.dtype).view(info.shape)
 
-    def get_with_digest(self, name: str) -> tuple[torch.Tensor, str]:
-        """:meth:`get` and the SHA-256 of the tensor's bytes."""
-        tensor = self.get(name)
-        return tensor, tensor_digest(tensor)
-
     def close(self) -> None:
         """Nothing to release (files are opened per tensor); kept for symmetry."""
 
@@ -363,6 +359,8 @@ class ShardWriter:
     safetensors file) once per tensor in the order of the plan, then :meth:`close` (which writes
     the index for sharded output). Every header is final before its data is written. Files are
     written through :class:`~loramerge.directio.SequentialWriter` (``O_DIRECT`` where available).
+    ``on_close`` is called with each shard's path once that shard is complete (from the thread
+    that completed it).
 
     Raises:
         OutputWriteError: The disk is full (with the size the output needs).
