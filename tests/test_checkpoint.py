@@ -286,3 +286,20 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(
         lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
     assert isinstance(info.value, OSError) and "another output directory" in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+def test_shard_truncated_after_opening_is_a_clear_error(tmp_path: Path) -> None:
+    """A shard cut short after its header was read (reading a tensor, or copying it through) is
+    named as truncated, not a bare EOFError."""
+    _, base_dir, _ = _prepare(tmp_path, "llama-linear-patterns", torch.bfloat16)
+    reader = CheckpointReader(base_dir)
+    name = reader.names[-1]
+    path, offset = reader.location(name)
+    with path.open("r+b") as f:
+        f.truncate(offset + 1)
+    with pytest.raises(lm.AdapterConfigError, match="shorter than its header says"):
+        reader.read_into(name, torch.empty(reader.tensors[name].nbytes, dtype=torch.uint8))
+    writer = ShardWriter(tmp_path, [[reader.tensors[name]]])
+    with pytest.raises(lm.AdapterConfigError, match="truncated while in use"):
+        writer.copy(name, path, offset, reader.tensors[name].nbytes)
+    writer.abort()

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 import warnings
@@ -295,7 +296,7 @@ class _Pipeline:
     caller's compute.
 
     Tensors in ``passthrough`` are never read into memory: the writer copies their bytes from the
-    source file (hashing them on the way when ``digest``). The others are read into buffers of a
+    source file (hashing them on the way when ``written`` is given). The others are read into buffers of a
     :class:`~loramerge.directio.BufferPool` (three: one being read, one being transformed, one
     being written), which bounds the memory held by the pipeline.
     """
@@ -477,8 +478,6 @@ def _compute_threads(threads: int) -> int:
     """Torch threads for the merge arithmetic while streaming: one core is left to the reading,
     hashing and writing threads (OpenMP workers that share a core with them mostly wait: measured
     on 2 cores, a merge took 26 ms with 2 torch threads beside a busy thread against 16 ms with 1)."""
-    import os
-
     return max(1, min(threads, (os.cpu_count() or 2) - 1))
 
 

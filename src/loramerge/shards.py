@@ -128,6 +128,12 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         ) from e
 
 
+def _truncated(path: Path, detail: str) -> AdapterConfigError:
+    return AdapterConfigError(
+        f"{str(path)!r} is shorter than its header says ({detail}): truncated while in use? Re-download or re-save it."
+    )
+
+
 def _stored_tensors(root: Path, file: str) -> tuple[dict[str, str], list[tuple[TensorInfo, int]]]:
     """A safetensors file's metadata and its tensors with the file offset of their bytes, in file order."""
     header, data_start = _read_header(root / file)
@@ -194,7 +200,7 @@ def scan_file(path: Path, keep: set[str]) -> Iterator[tuple[str, str, torch.Tens
                 begin(entries[k][0])
     for info, _ in entries[k:]:  # only empty tensors can be left after the last block
         if info.nbytes:
-            raise AdapterConfigError(f"{str(path)!r} is shorter than its header says: truncated?")
+            raise _truncated(path, "no bytes left for its last tensors")
         begin(info)
         yield done(info)
 
@@ -296,7 +302,7 @@ class CheckpointReader:
         try:
             pread_exact(fd, data, offset)
         except EOFError as e:
-            raise AdapterConfigError(f"{str(path)!r} is shorter than its header says ({e}): truncated?") from e
+            raise _truncated(path, str(e)) from e
         finally:
             os.close(fd)
         return data.view(info.dtype).view(info.shape)
@@ -462,7 +468,7 @@ class ShardWriter:
             with self._disk_errors(name):
                 file.copy_from(fd, offset, nbytes, hasher.update if hasher is not None else None)
         except EOFError as e:
-            raise AdapterConfigError(f"{str(source)!r} is shorter than its header says ({e}): truncated?") from e
+            raise _truncated(source, str(e)) from e
         finally:
             os.close(fd)
         return hasher.hexdigest() if hasher is not None else None
