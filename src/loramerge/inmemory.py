@@ -42,6 +42,7 @@ from loramerge.peft_glue import LayerPlan, adapter_mode, attach, check_compatibl
 from loramerge.quantized import (
     check_supported,
     checked_dequantize,
+    compute_dtype,
     dequantize,
     dequantized_linear,
     forget_quantization,
@@ -371,7 +372,7 @@ def _merge(
         if plan.quantized:
             assert qplan is not None
             exact = checked_dequantize(plan.layer, plan.name, seed=seed)
-            weight = exact.to(quant_format(plan.layer).dtype)  # exact: the values are in that dtype
+            weight = exact.to(compute_dtype(plan.layer))  # exact: the layer computes in that dtype
             problems += [f"{plan.name}: {m}" for m in check_updates(ups, exact.to(qplan.store_dtype(plan.layer)))]
         else:
             problems += [f"{plan.name}: {m}" for m in check_updates(ups, weight)]

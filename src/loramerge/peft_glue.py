@@ -326,16 +326,16 @@ def collect_plans(peft_model: PeftModel, adapter_names: Sequence[str]) -> tuple[
                 f"{name}: PEFT has already merged {module.merged_adapters} into this layer (merge_adapter()); "
                 "call peft_model.unmerge_adapter() first, then loramerge.merge()."
             )
+        if is_quantized_layer(base_layer_of(module)):  # whichever LoRA class PEFT wrapped it in
+            updates = [(a, _lora_update(module, a, "linear", name)) for a in active]
+            plans.append(LayerPlan(name, "linear", base_layer_of(module), updates, quantized=True))
+            continue
         if isinstance(module, lora_layer.Embedding):
             kind: Kind = "embedding"
         elif isinstance(module, lora_layer._ConvNd):
             kind = "conv"
         elif type(module) is lora_layer.Linear:
             kind = "conv1d" if module.fan_in_fan_out else "linear"
-        elif is_quantized_layer(base_layer_of(module)):
-            updates = [(a, _lora_update(module, a, "linear", name)) for a in active]
-            plans.append(LayerPlan(name, "linear", base_layer_of(module), updates, quantized=True))
-            continue
         else:
             raise UnsupportedAdapterError(
                 f"{name}: LoRA layer type {type(module).__module__}.{type(module).__name__} is not supported "

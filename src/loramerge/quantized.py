@@ -32,6 +32,7 @@ __all__ = [
     "check_supported",
     "checked_dequantize",
     "checkpoint_quantization",
+    "compute_dtype",
     "dequantize",
     "describe_checkpoint_quantization",
     "exact_forward",
@@ -165,70 +166,189 @@ def _unpack_cpu_layout(packed: torch.Tensor, rows: int, cols: int) -> torch.Tens
     return codes.reshape(rows, cols)
 
 
+def _unpack_codes(data: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` 4-bit codes of bitsandbytes' standard layout (two per byte, high nibble first)."""
+    raw = data.contiguous().view(torch.uint8).reshape(-1)
+    codes = torch.stack([raw >> 4, raw & 0xF], dim=-1).reshape(-1)
+    return codes[:count].long()
+
+
+def _block_scales(state: Any) -> torch.Tensor:
+    """A 4-bit layer's block scales as fp32: with double quantization, ``code2[q] * absmax2[block] +
+    offset``, each step an fp32 operation, as every bitsandbytes backend computes them."""
+    absmax = cast(torch.Tensor, state.absmax)
+    if not state.nested:
+        return absmax.float().reshape(-1)
+    inner = state.state2
+    codes = absmax.reshape(-1).long()
+    scales = cast(torch.Tensor, inner.absmax).float().reshape(-1)
+    per_value = scales.repeat_interleave(int(inner.blocksize))[: codes.numel()]
+    return cast(torch.Tensor, inner.code).float()[codes] * per_value + cast(torch.Tensor, state.offset).float()
+
+
+def compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a bitsandbytes layer dequantizes its weight to and computes in.
+
+    4-bit layers dequantize to the dtype of the (compute-dtype-cast) input: the layer's
+    ``compute_dtype`` when set, else the activations' dtype, which is the dtype the weight was
+    quantized from (``quant_state.dtype``); in bitsandbytes' AVX512-BF16 CPU layout always bfloat16.
+    8-bit layers: fp32 (their weight is ``CB * SCB / 127``; see :func:`dequantize`).
+    """
+    if type(layer).__name__ == "Linear8bitLt":
+        return torch.float32
+    state = cast(Any, layer.weight).quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        return torch.bfloat16
+    dtype = getattr(layer, "compute_dtype", None)
+    return cast(torch.dtype, dtype if dtype is not None else state.dtype)
+
+
 def dequantize(layer: nn.Module) -> torch.Tensor:
     """The weight ``layer`` computes with, ``[out, in]``, exactly, as fp32 (every value it can hold
     is representable there).
 
-    4-bit: ``code[q] * absmax`` rounded to the layer's dequantization dtype, as bitsandbytes does
-    (block scales of double quantization dequantized first); in the CPU layout,
-    ``bf16(bf16(code[q]) * bf16(absmax))``. 8-bit: ``CB * SCB / 127`` in fp32.
+    Computed by loramerge from the layer's storage, not by bitsandbytes' kernels (those differ by
+    CPU; :func:`checked_dequantize` compares the two):
+
+    * 4-bit, standard layout: ``code[q] * scale`` in fp32 over flat blocks of ``blocksize`` values,
+      rounded once to :func:`compute_dtype` (what bitsandbytes' CUDA, scalar CPU, AVX-512 CPU and
+      pure-PyTorch kernels compute when the blocks do not straddle rows).
+    * 4-bit, AVX512-BF16 CPU layout (after an eval-mode forward on such a CPU):
+      ``bf16(bf16(code[q]) * bf16(scale))``.
+    * 8-bit: ``CB * SCB / 127`` in fp32.
     """
-    bnb = _bnb()
     weight = cast(Any, layer.weight)
     if type(layer).__name__ == "Linear8bitLt":
         scb = weight.SCB if getattr(weight, "SCB", None) is not None else getattr(layer.state, "SCB", None)
         if scb is None or weight.dtype != torch.int8:
             return cast(torch.Tensor, weight.detach().float())  # not quantized yet (has_fp16_weights)
-        return cast(torch.Tensor, bnb.functional.int8_vectorwise_dequant(weight.data, scb).float())
+        return cast(torch.Tensor, _bnb().functional.int8_vectorwise_dequant(weight.data, scb).float())
     state = weight.quant_state
+    rows, cols = (int(s) for s in state.shape)
+    table = cast(torch.Tensor, state.code).float().to(weight.device)
     if getattr(state, "packing_format_for_cpu", False):
-        rows, cols = (int(s) for s in state.shape)
         codes = _unpack_cpu_layout(weight.data.view(torch.uint8), rows, cols).long()
-        table = cast(torch.Tensor, state.code).to(torch.bfloat16).float()
         scales = cast(torch.Tensor, state.absmax).T.float().repeat_interleave(int(state.blocksize), dim=1)
-        return (table[codes] * scales).to(torch.bfloat16).float()
-    return cast(torch.Tensor, bnb.functional.dequantize_4bit(weight.data, state).float())
+        return (table.to(torch.bfloat16).float()[codes] * scales).to(torch.bfloat16).float()
+    count = rows * cols
+    values = table[_unpack_codes(weight.data, count)]
+    scales = _block_scales(state).to(values.device).repeat_interleave(int(state.blocksize))[:count]
+    return (values * scales).to(compute_dtype(layer)).reshape(rows, cols).float()
+
+
+def _kernel_dequantize(layer: nn.Module) -> torch.Tensor | None:
+    """What bitsandbytes' own dequantization kernel returns for a 4-bit layer on this machine, in
+    :func:`compute_dtype` (for error messages only); ``None`` when it cannot be asked."""
+    state = cast(Any, layer.weight).quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        return None
+    try:
+        scales = _block_scales(state)
+        out = torch.ops.bitsandbytes.dequantize_4bit.default(
+            cast(torch.Tensor, layer.weight).data,
+            scales,
+            int(state.blocksize),
+            str(state.quant_type),
+            list(state.shape),
+            compute_dtype(layer),
+        )
+    except Exception:  # pragma: no cover - only for a better message
+        return None
+    return cast(torch.Tensor, out).float()
+
+
+@contextlib.contextmanager
+def _forward_untouched(layer: nn.Module) -> Iterator[None]:
+    """Within the block, a forward of ``layer`` leaves no trace: bitsandbytes' Linear4bit fixes its
+    compute dtype on the first call and converts its bias to it in place; both are put back."""
+    saved: dict[str, Any] = {
+        k: layer.__dict__[k] for k in ("compute_dtype", "compute_type_is_set") if k in layer.__dict__
+    }
+    bias = getattr(layer, "bias", None)
+    bias_data = bias.data if isinstance(bias, torch.Tensor) else None
+    was_training = layer.training
+    layer.eval()
+    try:
+        with torch.no_grad(), keep_layout(layer):
+            yield
+    finally:
+        layer.train(was_training)
+        layer.__dict__.update(saved)
+        if bias_data is not None and isinstance(bias, torch.Tensor):
+            bias.data = bias_data
+
+
+def _mismatch_advice(layer: nn.Module, got: torch.Tensor, cols: torch.Tensor) -> str:
+    """Why the layer's forward differs from :func:`dequantize`, as precisely as can be told."""
+    state = getattr(cast(Any, layer.weight), "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False):
+        return (
+            "this bitsandbytes version or storage format is not understood, so merging would silently change the "
+            "model. Please report it with your bitsandbytes version."
+        )
+    in_features, blocksize = int(cast(Any, layer).in_features), int(state.blocksize)
+    kernel = _kernel_dequantize(layer)
+    if in_features % blocksize and kernel is not None:
+        bias = getattr(layer, "bias", None)
+        want = kernel[:, cols.to(kernel.device)].T.to(got.dtype)
+        if bias is not None:
+            want = want + bias.detach().to(got.dtype)
+        if torch.equal(want.float(), got.float()):
+            return (
+                f"in_features ({in_features}) is not a multiple of the quantization blocksize ({blocksize}), and "
+                "bitsandbytes' CPU kernel on this machine (its AVX-512 path) then reads each row's block scales as if "
+                "blocks started at every row, so this layer computes with a different weight than on CUDA or on a CPU "
+                "without AVX-512. Merging would bake this CPU's reading into the model. Merge on a machine without "
+                "AVX-512 or with CUDA, or merge the original checkpoint with loramerge.merge_checkpoint("
+                "qlora_base='simulated')."
+            )
+    return (
+        "this bitsandbytes version, kernel path or storage format is not understood, so merging would silently "
+        "change the model. Please report it with your bitsandbytes version and CPU."
+    )
 
 
 def checked_dequantize(
     layer: nn.Module, name: str, columns: int = 8, seed: int = 0, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """:func:`dequantize`, proven: the layer's own forward (in eval mode, as inference runs it) on
-    ``columns`` one-hot inputs must return exactly those columns of the dequantized weight (and its
-    bias) in its compute dtype; 8-bit layers, which also quantize their input, to within 2 fp16 ulps.
+    ``columns`` one-hot inputs in its :func:`compute_dtype` must return exactly those columns of the
+    dequantized weight (and its bias); 8-bit layers, which also quantize their input, to within 2
+    fp16 ulps.
 
-    The forward does not convert the layer's storage layout (:func:`keep_layout`). ``weight`` replaces
-    the dequantized weight in the comparison (for tests). Raises
-    :class:`~loramerge.UnsupportedQuantizationError` on any difference.
+    The forward leaves the layer as it was: no storage-layout conversion (:func:`keep_layout`), and
+    the compute dtype and bias dtype bitsandbytes sets on a first call are put back. ``weight``
+    replaces the dequantized weight in the comparison (for tests). Raises
+    :class:`~loramerge.UnsupportedQuantizationError` on any difference, saying why when it can.
     """
     in_features = int(cast(Any, layer).in_features)
     gen = torch.Generator().manual_seed(seed)
     cols = torch.randperm(in_features, generator=gen)[: min(columns, in_features)]
     device = cast(torch.Tensor, layer.weight).device
-    x = torch.zeros(len(cols), in_features, dtype=torch.float32, device=device)
+    four_bit = type(layer).__name__ == "Linear4bit"
+    dtype = compute_dtype(layer) if four_bit else torch.float32
+    x = torch.zeros(len(cols), in_features, dtype=dtype, device=device)
     x[torch.arange(len(cols)), cols.to(device)] = 1.0
-    was_training = layer.training
-    layer.eval()
     bias = getattr(layer, "bias", None)
-    try:
-        with torch.no_grad(), keep_layout(layer):
-            got = cast(torch.Tensor, layer(x)).float()
-    finally:
-        layer.train(was_training)
+    bias_value = bias.detach().clone() if isinstance(bias, torch.Tensor) else None
+    with _forward_untouched(layer):
+        got = cast(torch.Tensor, layer(x))
     if weight is None:
         weight = dequantize(layer)
     want = weight[:, cols.to(device)].T
-    if type(layer).__name__ == "Linear4bit":
-        # one non-zero input: the layer returns its weight (and bias) in its compute dtype, exactly
-        compute = getattr(layer, "compute_dtype", None) or torch.float32
-        want = want.to(compute)
-        if bias is not None:
-            want = want + bias.detach().to(compute)
-        want = want.float()
+    if four_bit:
+        # one non-zero input: the layer returns its weight (and bias) exactly, rounded through the compute
+        # dtype it was configured with (the AVX512-BF16 kernel computes in bf16 and converts back to that)
+        through = getattr(layer, "compute_dtype", None) or got.dtype
+        want = want.to(through)
+        if bias_value is not None:
+            want = want + bias_value.to(through)
+        want, got = want.to(got.dtype).float(), got.float()
         slack = torch.zeros_like(want)
     else:  # LLM.int8 quantizes its input too and computes through fp16: allow 2 fp16 ulps of a row's largest value
-        if bias is not None:
-            want = want + bias.detach().float()
+        got = got.float()
+        if bias_value is not None:
+            want = want + bias_value.float()
         row_max = weight.abs().amax(dim=1).to(device)
         slack = 2 * ulp(want.abs() + row_max, torch.float16)
     bad = (got - want).abs() > slack
@@ -236,8 +356,7 @@ def checked_dequantize(
         worst = float((got - want).abs().max())
         raise UnsupportedQuantizationError(
             f"{name}: the weight loramerge dequantized differs from what the {type(layer).__name__} layer computes "
-            f"with (by up to {worst:.3g}); this bitsandbytes version or storage format is not understood, so merging "
-            "would silently change the model. Please report it with your bitsandbytes version."
+            f"with (by up to {worst:.3g}); " + _mismatch_advice(layer, got, cols)
         )
     return weight
 
