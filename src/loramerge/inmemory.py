@@ -39,6 +39,7 @@ from loramerge.lineage import (
 )
 from loramerge.loading import resolve_dtype
 from loramerge.peft_glue import LayerPlan, adapter_mode, attach, check_compatible, collect_plans, untie_shared, unwrap
+from loramerge.preserve import ModuleFlags, preserved
 from loramerge.quantized import (
     check_supported,
     checked_dequantize,
@@ -289,6 +290,37 @@ def merge(
         >>> result.report.passed  # doctest: +SKIP
         True
     """
+    with preserved(cast(nn.Module, model.base_model.model) if isinstance(model, PeftModel) else model) as flags:
+        return _attach_and_merge(
+            model,
+            adapters,
+            flags,
+            adapter_names,
+            verify,
+            tolerance or Tolerance(),
+            probes,
+            check_outputs,
+            seed,
+            dtype,
+            quantized,
+            receipt,
+        )
+
+
+def _attach_and_merge(
+    model: nn.Module,
+    adapters: Adapter | Sequence[Adapter] | None,
+    flags: ModuleFlags,
+    adapter_names: Sequence[str] | None,
+    verify: bool,
+    tol: Tolerance,
+    probes: Probes | None,
+    check_outputs: CheckOutputs,
+    seed: int,
+    dtype: str | torch.dtype | None,
+    quantized: QuantizedMode,
+    receipt: bool,
+) -> MergeResult:
     attached: dict[str, Adapter] = {}
     if adapters is not None:
         for i, adapter in enumerate([adapters] if isinstance(adapters, Adapter) else list(adapters)):
@@ -306,9 +338,10 @@ def merge(
     with keep_layout(model):
         return _merge(
             model,
+            flags,
             adapter_names,
             verify,
-            tolerance or Tolerance(),
+            tol,
             probes,
             check_outputs,
             seed,
@@ -321,6 +354,7 @@ def merge(
 
 def _merge(
     peft_model: PeftModel,
+    flags: ModuleFlags,
     adapter_names: Sequence[str] | None,
     verify: bool,
     tol: Tolerance,
@@ -408,6 +442,7 @@ def _merge(
         if plan.quantized:
             assert qplan is not None
             new_layer, stats[plan.name], lost[plan.name] = _merge_quantized(plan, qplan, seed)
+            flags.carry(plan.layer, new_layer)
             cast(Any, inner.get_submodule(plan.name)).base_layer = new_layer
             plans[i] = dataclasses.replace(plan, layer=new_layer, quantized=qplan.mode == "requantize")
             continue
@@ -429,6 +464,7 @@ def _merge(
         for name, layer in quantized_layers(plain).items():  # the layers no adapter touched
             exact = checked_dequantize(layer, name, seed=seed)
             new_layer = dequantized_linear(layer, exact.to(qplan.target))
+            flags.carry(layer, new_layer)
             _replace_module(plain, name, new_layer)
             if loses_precision(exact, qplan.target):
                 narrowed.append(new_layer.weight)
@@ -609,7 +645,35 @@ def unmerge(
         >>> merged = load_base(merged_dir)  # doctest: +SKIP
         >>> result = unmerge(merged, load_adapter(adapter_dir))  # doctest: +SKIP
     """
-    tol = tolerance or Tolerance()
+    with preserved(model):
+        return _unmerge(
+            model,
+            adapter,
+            verify,
+            tolerance or Tolerance(),
+            probes,
+            check_outputs,
+            dora_norms,
+            originals,
+            seed,
+            receipt,
+            force,
+        )
+
+
+def _unmerge(
+    model: nn.Module,
+    adapter: Adapter,
+    verify: bool,
+    tol: Tolerance,
+    probes: Probes | None,
+    check_outputs: CheckOutputs,
+    dora_norms: Mapping[str, torch.Tensor] | None,
+    originals: Mapping[str, torch.Tensor] | None,
+    seed: int,
+    receipt: Receipt | str | Path | None,
+    force: bool,
+) -> UnmergeResult:
     if isinstance(model, PeftModel):
         raise AdapterMismatchError(
             "unmerge() takes the plain merged model, not a PeftModel; for an adapter still attached in this session "

@@ -24,6 +24,7 @@ from torch import nn
 from loramerge.adapter import Adapter
 from loramerge.delta import Kind, LoraUpdate
 from loramerge.errors import AdapterMismatchError, LoraMergeWarning, UnsupportedAdapterError
+from loramerge.preserve import ModuleFlags
 from loramerge.quantized import is_quantized_layer
 
 __all__ = ["LayerPlan", "adapter_mode", "attach", "check_compatible", "collect_plans", "unwrap"]
@@ -208,7 +209,9 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str = "default", trainab
         model: A transformers model (or any ``nn.Module``), or a ``PeftModel`` to add to.
         adapter: From :func:`~loramerge.load_adapter`.
         name: The adapter's name in the ``PeftModel``.
-        trainable: Leave the LoRA weights trainable (for continued training); default frozen.
+        trainable: Leave the LoRA weights trainable and the model in the mode it is in (for continued
+            training). Default: as ``PeftModel.from_pretrained``, LoRA weights frozen and the model in
+            eval mode (dropout off).
 
     Returns:
         The ``PeftModel`` (wrapping ``model`` in place; no weights are copied).
@@ -246,10 +249,11 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str = "default", trainab
         raise AdapterMismatchError(f"PEFT did not use these adapter tensors: {unexpected[:10]}")
     tuner = cast(Any, peft_model.base_model)
     tuner.set_adapter(list(peft_model.peft_config))
-    if not trainable:
+    if not trainable:  # as PeftModel.from_pretrained: frozen and in eval mode (dropout off) for inference
         for n, p in peft_model.named_parameters():
             if "lora_" in n:
                 p.requires_grad_(False)
+        peft_model.eval()
     return peft_model
 
 
@@ -424,9 +428,9 @@ def adapter_mode(model: nn.Module, adapters: Sequence[Adapter]) -> Iterator[nn.M
     """Run ``model`` with ``adapters`` attached, then restore it exactly as it was.
 
     Tensors the adapters replace (``modules_to_save``, trained biases, saved embedding bases) are
-    copied first and written back afterwards; ``requires_grad`` flags are restored too.
+    copied first and written back afterwards; training and ``requires_grad`` flags are restored too.
     """
-    flags = {id(p): p.requires_grad for p in model.parameters()}
+    flags = ModuleFlags.of([model])
     originals: dict[str, torch.Tensor] = {}
     for adapter in adapters:
         for pname in adapter.replaced:
@@ -443,5 +447,4 @@ def adapter_mode(model: nn.Module, adapters: Sequence[Adapter]) -> Iterator[nn.M
         for pname, value in originals.items():
             with torch.no_grad():
                 model.get_parameter(pname).copy_(value)
-        for p in model.parameters():
-            p.requires_grad_(flags.get(id(p), p.requires_grad))
+        flags.restore()

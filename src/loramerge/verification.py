@@ -31,6 +31,7 @@ from torch import nn
 from loramerge.adapter import Adapter
 from loramerge.delta import Kind, LoraUpdate, apply_weight, dora_norms, view2d
 from loramerge.errors import LoraMergeError
+from loramerge.preserve import preserved
 from loramerge.quantized import check_supported, checked_dequantize, exact_forward, keep_layout, quantized_layers
 from loramerge.reports import LayerCheck, OutputCheck, VerificationReport
 from loramerge.tolerance import Tolerance, reference_dtype, relative_errors, ulp, unit_roundoff
@@ -60,13 +61,15 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def make_probes(model: nn.Module, *, seed: int = 0, batch: int = 2, seq_len: int = 32) -> dict[str, torch.Tensor]:
-    """Seeded random inputs for ``model``: token ids for text models, pixels for vision models.
+    """Seeded random inputs for ``model``: token ids for text models, pixels for vision models,
+    log-mel features (Whisper-style) or waveforms for speech models, and decoder token ids for
+    encoder-decoder models (T5, BART, Whisper, ...).
 
     Args:
         model: A transformers model (its ``main_input_name`` and config say what it takes).
         seed: Same seed, same probes.
-        batch: Number of probe sequences / images.
-        seq_len: Tokens per sequence.
+        batch: Number of probe sequences / images / clips.
+        seq_len: Tokens per sequence (also decoder tokens, up to the decoder's length limit).
 
     Raises:
         LoraMergeError: The model takes inputs loramerge cannot invent; pass ``probes=`` yourself.
@@ -81,22 +84,50 @@ def make_probes(model: nn.Module, *, seed: int = 0, batch: int = 2, seq_len: int
     main = getattr(target, "main_input_name", None)
     gen = torch.Generator().manual_seed(seed)
     device = _device(model)
-    if main == "input_ids" and config is not None:
+    probes: dict[str, torch.Tensor] = {}
+    if config is not None:
+        probes = _main_inputs(config, str(main), gen, batch, seq_len, model_dtype(model))
+    if not probes:
+        raise LoraMergeError(
+            f"cannot build probe inputs for {type(target).__name__} (main input {main!r}); pass probes={{...}} with "
+            "a small batch of real inputs, or check_outputs=False to rely on the per-layer checks."
+        )
+    if config is not None and getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in probes:
+        decoder = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        vocab = int(getattr(decoder, "vocab_size", 0) or getattr(config, "vocab_size", 0) or 0)
+        limit = int(getattr(decoder, "max_target_positions", 0) or getattr(decoder, "max_position_embeddings", 0) or 0)
+        length = min(seq_len, limit) if limit > 0 else seq_len
+        if vocab <= 0:
+            raise LoraMergeError(
+                f"cannot build decoder inputs for {type(target).__name__}: its config has no vocab_size; pass probes=."
+            )
+        probes["decoder_input_ids"] = torch.randint(0, vocab, (batch, length), generator=gen)
+    return {k: v.to(device) for k, v in probes.items()}
+
+
+def _main_inputs(
+    config: Any, main: str, gen: torch.Generator, batch: int, seq_len: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The model's main input, from its config; empty when it cannot be invented."""
+    if main == "input_ids":
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         vocab = int(getattr(text, "vocab_size", 0) or 0)
         if vocab > 0:
             ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
-            return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
-    if main == "pixel_values" and config is not None:
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if main == "pixel_values":
         channels = int(getattr(config, "num_channels", 3))
         size = getattr(config, "image_size", 224)
         h, w = (size, size) if isinstance(size, int) else tuple(size)
-        pixels = torch.randn(batch, channels, h, w, generator=gen).to(model_dtype(model))
-        return {"pixel_values": pixels.to(device)}
-    raise LoraMergeError(
-        f"cannot build probe inputs for {type(target).__name__} (main input {main!r}); pass probes={{...}} with "
-        "a small batch of real inputs, or check_outputs=False to rely on the per-layer checks."
-    )
+        return {"pixel_values": torch.randn(batch, channels, h, w, generator=gen).to(dtype)}
+    if main == "input_features" and getattr(config, "num_mel_bins", None):
+        # Whisper-style encoders take exactly 2 frames per source position (a stride-2 convolution)
+        frames = 2 * int(getattr(config, "max_source_positions", 0) or 1500)
+        features = torch.randn(batch, int(config.num_mel_bins), frames, generator=gen)
+        return {"input_features": features.to(dtype)}
+    if main == "input_values":
+        return {"input_values": torch.randn(batch, 16 * 400, generator=gen).to(dtype)}
+    return {}
 
 
 def first_tensor(output: Any) -> torch.Tensor:
@@ -115,14 +146,11 @@ def first_tensor(output: Any) -> torch.Tensor:
 
 def run_model(model: nn.Module, probes: Probes) -> torch.Tensor:
     """``model(**probes)`` in eval mode without gradients, returning the main output on CPU."""
-    was_training = model.training
-    model.eval()
-    try:
+    with preserved(model):
+        model.eval()
         with torch.no_grad():
             out = model(**probes)
         return first_tensor(out).detach().to("cpu")
-    finally:
-        model.train(was_training)
 
 
 _ORDER = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
@@ -669,7 +697,7 @@ def verify(
         >>> report.passed  # doctest: +SKIP
         True
     """
-    with keep_layout(base):
+    with keep_layout(base), preserved(base, merged):
         return _verify(base, adapter, merged, probes, tolerance or Tolerance(), check_outputs, seed)
 
 
