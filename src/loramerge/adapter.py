@@ -183,19 +183,27 @@ class Adapter:
         return "\n".join(lines)
 
 
-def _validate_config(raw: Mapping[str, Any], where: str) -> None:
-    problems: list[str] = []
+def check_mergeable_settings(raw: Mapping[str, Any], where: str) -> None:
+    """Raise :class:`~loramerge.UnsupportedAdapterError` when an adapter config (a dict, as in
+    ``adapter_config.json``) uses a PEFT feature or LoRA variant loramerge does not merge."""
     peft_type = raw.get("peft_type", "LORA")
+    peft_type = getattr(peft_type, "value", peft_type)
     if str(peft_type).upper() != "LORA":
         raise UnsupportedAdapterError(
             f"{where}: peft_type is {peft_type!r}; loramerge merges LoRA adapters only (peft_type 'LORA')."
         )
     for key, why in _UNSUPPORTED_SETTINGS.items():
         value = raw.get(key)
-        if value not in (None, False, [], {}, ""):
+        if value:  # None, False and empty containers mean "not used"
             raise UnsupportedAdapterError(
-                f"{where}: {key}={value!r} is set: {why}. Merge it with PEFT, or retrain without it."
+                f"{where}: {key}={value!r} is set: {why}. Nothing was changed. Merge it with PEFT's "
+                "merge_and_unload(), or retrain without it."
             )
+
+
+def _validate_config(raw: Mapping[str, Any], where: str) -> None:
+    problems: list[str] = []
+    check_mergeable_settings(raw, where)
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise UnsupportedAdapterError(

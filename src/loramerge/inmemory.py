@@ -23,6 +23,7 @@ from loramerge.adapter import Adapter
 from loramerge.delta import LoraUpdate, check_updates, merge_tensor_, unmerge_tensor_
 from loramerge.errors import (
     AdapterMismatchError,
+    LoraMergeError,
     NonFiniteMergeError,
     UnmergeImpossibleError,
     UnsupportedAdapterError,
@@ -226,6 +227,30 @@ def _requantized_output_check(merged: torch.Tensor, ref: ModelReference, base_ou
     )
 
 
+def _verification_crashed(
+    error: Exception,
+    plain: nn.Module,
+    names: Sequence[str],
+    tol: Tolerance,
+    layers: Sequence[LayerCheck],
+    notes: Sequence[str],
+    dora_norms: dict[str, torch.Tensor],
+    untied: Sequence[str],
+    base_format: str,
+) -> VerificationError:
+    """The error for a verification that could not run after the merge changed the weights."""
+    why = f"verification could not run after the merge: {type(error).__name__}: {error}"
+    report = VerificationReport("merge", False, tol, tuple(layers), None, notes=(*notes, why))
+    result = MergeResult(plain, report, tuple(names), dora_norms, tuple(untied), base_format=base_format)
+    return VerificationError(
+        f"{why}\nThe model HAS been merged in place (PEFT wrappers removed); error.result holds it, unverified. "
+        "Pass probes= that the model accepts, or check_outputs=False to rely on the per-layer checks, and verify "
+        "it with loramerge.verify(base, adapter, merged).",
+        report,
+        result,
+    )
+
+
 def merge(
     model: nn.Module,
     adapters: Adapter | Sequence[Adapter] | None = None,
@@ -416,6 +441,11 @@ def _merge(
             if plan.quantized and qplan is not None and qplan.mode == "requantize":
                 base_errors[plan.name] = relative_errors(probe.outputs(weight, bias_of(plan.layer)), probe.reference)[0]
     _raise_problems(problems, "merging")
+    if qplan is not None and qplan.mode == "dequantize":  # every layer the merge dequantizes, proven before any change
+        planned = {id(p.layer) for p in plans}
+        for qname, qlayer in quantized_layers(inner).items():
+            if id(qlayer) not in planned:
+                checked_dequantize(qlayer, qname, seed=seed)
 
     model_ref: ModelReference | None = None
     batch: dict[str, torch.Tensor] | None = None
@@ -423,7 +453,16 @@ def _merge(
     if verify:
         batch = probe_batch(inner, check_outputs, probes, seed, notes)
         if batch is not None:
-            model_ref = reference_outputs(peft_model, batch)
+            try:
+                model_ref = reference_outputs(peft_model, batch)
+            except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                raise LoraMergeError(
+                    f"the probe inputs could not run the model in adapter mode ({type(e).__name__}: {e}); nothing "
+                    "was changed. Pass probes= that the model accepts, or check_outputs=False to rely on the "
+                    "per-layer checks."
+                ) from e
+            if model_ref.note:
+                notes.append(model_ref.note)
             if qplan is not None and qplan.mode == "requantize":
                 with peft_model.disable_adapter():
                     base_out = run_model(peft_model, batch)
@@ -491,53 +530,56 @@ def _merge(
     layers: list[LayerCheck] = []
     outputs = None
     if verify:
-        for plan, probe in zip(plans, layer_probes, strict=True):
-            st = stats[plan.name]
-            if plan.quantized:  # re-quantized: judged against the base without the adapter
-                merged_w = dequantize(plan.layer).to(probe.dtype)
+        try:
+            for plan, probe in zip(plans, layer_probes, strict=True):
+                st = stats[plan.name]
+                if plan.quantized:  # re-quantized: judged against the base without the adapter
+                    merged_w = dequantize(plan.layer).to(probe.dtype)
+                    out = probe.outputs(merged_w, bias_of(plan.layer))
+                    err, _ = relative_errors(out, probe.reference)
+                    a_err, _ = relative_errors(probe.adapter, probe.reference)
+                    limit = base_errors[plan.name]
+                    ok = math.isfinite(err) and err < limit
+                    reason = (
+                        ""
+                        if ok
+                        else (
+                            f"re-quantized output error {err:.3g} is not below the base's without the adapter ({limit:.3g}): "
+                            "re-quantizing erased the adapter in this layer"
+                        )
+                    )
+                    layers.append(
+                        LayerCheck(
+                            plan.name,
+                            plan.kind,
+                            quant_format(plan.layer).quant_type,
+                            lost[plan.name],
+                            math.nan,
+                            err,
+                            a_err,
+                            math.nan,
+                            limit,
+                            ok,
+                            reason,
+                        )
+                    )
+                    continue
+                merged_w = plan.weight.detach()
                 out = probe.outputs(merged_w, bias_of(plan.layer))
-                err, _ = relative_errors(out, probe.reference)
-                a_err, _ = relative_errors(probe.adapter, probe.reference)
-                limit = base_errors[plan.name]
-                ok = math.isfinite(err) and err < limit
-                reason = (
-                    ""
-                    if ok
-                    else (
-                        f"re-quantized output error {err:.3g} is not below the base's without the adapter ({limit:.3g}): "
-                        "re-quantizing erased the adapter in this layer"
+                check = probe.check(out, tol, st.relative_residual, st.max_ulp, "", probe.storage(merged_w))
+                layers.append(dataclasses.replace(check, dtype=str(merged_w.dtype).replace("torch.", "")))
+            if model_ref is not None and batch is not None:
+                with keep_layout(plain):  # re-quantized layers too
+                    merged_out = run_model(plain, batch)
+                if base_out is not None:
+                    outputs = _requantized_output_check(merged_out, model_ref, base_out)
+                else:
+                    weights = [p.weight for p in plans] + narrowed
+                    outputs = output_check(
+                        merged_out, model_ref, tol, batch, lambda: storage_baseline(plain, batch, weights, seed)
                     )
-                )
-                layers.append(
-                    LayerCheck(
-                        plan.name,
-                        plan.kind,
-                        quant_format(plan.layer).quant_type,
-                        lost[plan.name],
-                        math.nan,
-                        err,
-                        a_err,
-                        math.nan,
-                        limit,
-                        ok,
-                        reason,
-                    )
-                )
-                continue
-            merged_w = plan.weight.detach()
-            out = probe.outputs(merged_w, bias_of(plan.layer))
-            check = probe.check(out, tol, st.relative_residual, st.max_ulp, "", probe.storage(merged_w))
-            layers.append(dataclasses.replace(check, dtype=str(merged_w.dtype).replace("torch.", "")))
-        if model_ref is not None and batch is not None:
-            with keep_layout(plain):  # re-quantized layers too
-                merged_out = run_model(plain, batch)
-            if base_out is not None:
-                outputs = _requantized_output_check(merged_out, model_ref, base_out)
-            else:
-                weights = [p.weight for p in plans] + narrowed
-                outputs = output_check(
-                    merged_out, model_ref, tol, batch, lambda: storage_baseline(plain, batch, weights, seed)
-                )
+        except Exception as e:  # verification must not crash after the weights changed
+            raise _verification_crashed(e, plain, names, tol, layers, notes, dora_norms, untied, base_format) from e
     else:
         notes.append("verification off (verify=False)")
         for plan in plans:
@@ -809,6 +851,8 @@ def _unmerge(
         if merged_model_out is not None and batch is not None:
             with adapter_mode(model, [adapter]) as peft_model:
                 ref = reference_outputs(peft_model, batch)
+            if ref.note:
+                notes.append(ref.note)
             outputs = output_check(merged_model_out, ref, tol, batch, lambda: merged_storage)
     else:
         notes.append("verification off (verify=False)")

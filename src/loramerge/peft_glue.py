@@ -21,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from loramerge.adapter import Adapter
+from loramerge.adapter import Adapter, check_mergeable_settings
 from loramerge.delta import Kind, LoraUpdate
 from loramerge.errors import AdapterMismatchError, LoraMergeWarning, UnsupportedAdapterError
 from loramerge.preserve import ModuleFlags
@@ -296,6 +296,21 @@ def _lora_update(module: LoraLayer, adapter_name: str, kind: Kind, name: str) ->
     return LoraUpdate(kind, a.detach(), b.detach(), float(m.scaling[adapter_name]), magnitude=magnitude, bias=bias)
 
 
+def _check_variants(module: Any, adapter_names: Sequence[str], name: str) -> None:
+    """Refuse LoRA variants whose layer computes more than ``W x + scale * B A x`` (DoRA aside):
+    their extra state (KaSA's singular values, BD-LoRA's blocks, ...) would be silently dropped."""
+    variants = cast(dict[str, Any], getattr(module, "lora_variant", None) or {})
+    for adapter_name in adapter_names:
+        variant = variants.get(adapter_name)
+        if variant is None or type(variant).__name__.startswith("Dora"):
+            continue
+        raise UnsupportedAdapterError(
+            f"{name}: adapter {adapter_name!r} is a {type(variant).__name__} LoRA layer, which holds state beyond "
+            "lora_A, lora_B and a scale; loramerge does not merge it yet, and nothing was changed. "
+            "Merge it with PEFT's merge_and_unload()."
+        )
+
+
 def collect_plans(peft_model: PeftModel, adapter_names: Sequence[str]) -> tuple[list[LayerPlan], dict[str, str]]:
     """The LoRA layers of ``peft_model`` to merge for ``adapter_names``, and the module copies to keep.
 
@@ -308,6 +323,10 @@ def collect_plans(peft_model: PeftModel, adapter_names: Sequence[str]) -> tuple[
     plans: list[LayerPlan] = []
     saved: dict[str, str] = {}
     model = cast(nn.Module, peft_model.base_model.model)
+    for adapter_name in adapter_names:
+        config = peft_model.peft_config[adapter_name]
+        raw = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+        check_mergeable_settings(raw, f"adapter {adapter_name!r}")
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
             owners = [a for a in adapter_names if a in module.modules_to_save]
@@ -331,6 +350,7 @@ def collect_plans(peft_model: PeftModel, adapter_names: Sequence[str]) -> tuple[
                 "call peft_model.unmerge_adapter() first, then loramerge.merge()."
             )
         if is_quantized_layer(base_layer_of(module)):  # whichever LoRA class PEFT wrapped it in
+            _check_variants(module, active, name)
             updates = [(a, _lora_update(module, a, "linear", name)) for a in active]
             plans.append(LayerPlan(name, "linear", base_layer_of(module), updates, quantized=True))
             continue
@@ -345,6 +365,7 @@ def collect_plans(peft_model: PeftModel, adapter_names: Sequence[str]) -> tuple[
                 f"{name}: LoRA layer type {type(module).__module__}.{type(module).__name__} is not supported "
                 "(of quantized layers, loramerge merges bitsandbytes 4-bit and 8-bit ones)."
             )
+        _check_variants(module, active, name)
         updates = [(a, _lora_update(module, a, kind, name)) for a in active]
         plans.append(LayerPlan(name, kind, base_layer_of(module), updates))
     return plans, saved

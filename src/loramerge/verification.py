@@ -179,21 +179,75 @@ def widened(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
 
 
 def run_widened(
-    model: nn.Module, probes: Probes, dtype: torch.dtype, perturb: dict[int, Perturb] | None = None
+    model: nn.Module,
+    probes: Probes,
+    dtype: torch.dtype,
+    perturb: dict[int, Perturb] | None = None,
+    fallbacks: set[str] | None = None,
 ) -> torch.Tensor:
     """Run ``model`` on ``probes`` as if all its weights were ``dtype``, widening one module at a time.
 
-    A hook converts a module's own parameters to ``dtype`` just before its forward (applying
-    ``perturb[id(param)]`` to the converted copy, if given) and puts the original tensors back right
-    after, so the extra memory is one module's weights. Buffers are widened for the whole call
-    (they are small). If a module uses another module's weights directly (the dtypes then clash),
-    the whole model is widened instead.
+    Each module's own parameters are converted to ``dtype`` just before its forward (applying
+    ``perturb[id(param)]`` to the converted copy, if given) and put back right after, so the extra
+    memory is one module's weights. Buffers are widened for the whole call (they are small). If a
+    module uses another module's weights directly (the dtypes then clash), the whole model is
+    widened instead. If some module cannot run in ``dtype`` at all (torch has no fp64 kernel for
+    it, e.g. grouped expert matmuls), that module alone runs in its own dtype, its inputs narrowed
+    and its outputs widened again; its name is added to ``fallbacks``.
     """
     wide_probes = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in probes.items()}
-    stash: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    try:
+        return _run_per_module(model, wide_probes, dtype, perturb, None)
+    except RuntimeError as e:
+        logger.info("module-by-module widening failed (%s); widening the whole model", e)
+    try:
+        with widened(model, dtype):
+            if perturb:
+                for p in model.parameters():
+                    if id(p) in perturb:
+                        perturb[id(p)](p.data, p.data)
+            return run_model(model, wide_probes)
+    except RuntimeError as e:
+        logger.info("the whole model cannot run in %s (%s); falling back module by module", dtype, e)
+    found: set[str] = set()
+    out = _run_per_module(model, wide_probes, dtype, perturb, found)
+    if fallbacks is not None:
+        fallbacks.update(found)
+    return out
 
-    def before(module: nn.Module, args: Any) -> None:
-        saved = []
+
+def _convert(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating tensor in it (through tuples, lists and dicts) converted to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return (
+            type(value)(*(_convert(v, dtype) for v in value))
+            if hasattr(value, "_fields")
+            else tuple(_convert(v, dtype) for v in value)
+        )
+    if isinstance(value, list):
+        return [_convert(v, dtype) for v in value]
+    if isinstance(value, dict):
+        for key in list(value):
+            value[key] = _convert(value[key], dtype)
+        return value
+    return value
+
+
+def _run_per_module(
+    model: nn.Module,
+    wide_probes: Probes,
+    dtype: torch.dtype,
+    perturb: dict[int, Perturb] | None,
+    fallbacks: set[str] | None,
+) -> torch.Tensor:
+    """:func:`run_widened`'s module-by-module run; ``fallbacks=None``: no module may fall back."""
+    names = {id(m): n for n, m in model.named_modules()}
+    wrapped: list[tuple[nn.Module, Any]] = []  # each module and the instance forward it had (exact_forward's)
+
+    def widen_params(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         for p in module.parameters(recurse=False):
             if p.is_floating_point() and _ORDER.get(p.dtype, 3) < _ORDER[dtype]:
                 saved.append((p, p.data))
@@ -201,48 +255,53 @@ def run_widened(
                 if perturb is not None and id(p) in perturb:
                     perturb[id(p)](wide, p.data)
                 p.data = wide
-        stash.setdefault(id(module), []).extend(saved)
+        return saved
 
-    def after(module: nn.Module, args: Any, output: Any) -> None:
-        for p, original in stash.pop(id(module), []):
-            p.data = original
+    def wrap(module: nn.Module) -> None:
+        original = module.forward
+        native = next((p.dtype for p in module.parameters(recurse=False) if p.is_floating_point()), dtype)
 
-    def widen_output(module: nn.Module, args: Any, output: Any) -> Any:
-        return output.to(dtype) if isinstance(output, torch.Tensor) and output.is_floating_point() else output
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if type(module) is nn.Embedding and perturb is None:
+                # a lookup returns stored values exactly: widening its output equals widening the table
+                return _convert(original(*args, **kwargs), dtype)
+            saved = widen_params(module)
+            try:
+                return original(*args, **kwargs)
+            except RuntimeError:
+                if fallbacks is None:
+                    raise
+                for p, data in saved:
+                    p.data = data
+                saved = []
+                fallbacks.add(names.get(id(module), type(module).__name__))
+                out = original(*_convert(list(args), native), **_convert(dict(kwargs), native))
+                return _convert(out, dtype)
+            finally:
+                for p, data in saved:
+                    p.data = data
 
-    handles = []
+        wrapped.append((module, module.__dict__.get("forward")))
+        module.forward = forward
+
     buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         for module in model.modules():
-            if type(module) is nn.Embedding and perturb is None:
-                # a lookup returns stored values exactly: widening its output equals widening the table
-                handles.append(module.register_forward_hook(widen_output))
-            elif any(True for _ in module.parameters(recurse=False)):
-                handles.append(module.register_forward_pre_hook(before))
-                handles.append(module.register_forward_hook(after, always_call=True))
+            if any(True for _ in module.parameters(recurse=False)):
+                wrap(module)
         for b in model.buffers():
             if b.is_floating_point() and _ORDER.get(b.dtype, 3) < _ORDER[dtype]:
                 buffers.append((b, b.data))
                 b.data = b.data.to(dtype)
-        try:
-            return run_model(model, wide_probes)
-        except RuntimeError as e:
-            logger.info("module-by-module widening failed (%s); widening the whole model", e)
+        return run_model(model, wide_probes)
     finally:
-        for h in handles:
-            h.remove()
+        for module, previous in wrapped:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
         for b, original in buffers:
             b.data = original
-        for saved in stash.values():
-            for p, original in saved:
-                p.data = original
-    # fallback: the whole model at once (perturbations applied to the widened tensors)
-    with widened(model, dtype):
-        if perturb:
-            for p in model.parameters():
-                if id(p) in perturb:
-                    perturb[id(p)](p.data, p.data)
-        return run_model(model, wide_probes)
 
 
 def _widened_bytes(model: nn.Module, dtype: torch.dtype) -> int:
@@ -299,12 +358,28 @@ def probe_batch(
 
 @dataclass
 class ModelReference:
-    """Adapter-mode outputs on the probes: in the model's dtype and in the reference dtype."""
+    """Adapter-mode outputs on the probes: in the model's dtype and in the reference dtype.
+
+    ``narrow`` names the modules the reference had to run in the model's own dtype (no kernel for
+    the reference dtype); ``note`` says so for a report.
+    """
 
     adapter: torch.Tensor
     reference: torch.Tensor
     dtype: torch.dtype
     reference_dtype: torch.dtype
+    narrow: tuple[str, ...] = ()
+
+    @property
+    def note(self) -> str:
+        """A report note about modules that could not run in the reference dtype ('' when none)."""
+        if not self.narrow:
+            return ""
+        shown = ", ".join(self.narrow[:6]) + (f" and {len(self.narrow) - 6} more" if len(self.narrow) > 6 else "")
+        return (
+            f"reference: {len(self.narrow)} module(s) ran in {str(self.dtype).replace('torch.', '')} because torch has "
+            f"no {str(self.reference_dtype).replace('torch.', '')} kernel for them: {shown}"
+        )
 
 
 def reference_outputs(model: nn.Module, probes: Probes) -> ModelReference:
@@ -316,9 +391,10 @@ def reference_outputs(model: nn.Module, probes: Probes) -> ModelReference:
     dtype = model_dtype(model)
     ref_dtype = reference_dtype(dtype)
     adapter_out = run_model(model, probes)
+    narrow: set[str] = set()
     with exact_forward(model):
         try:
-            ref = run_widened(model, probes, ref_dtype)
+            ref = run_widened(model, probes, ref_dtype, fallbacks=narrow)
         except RuntimeError as e:
             if ref_dtype != torch.float64:
                 raise
@@ -326,7 +402,7 @@ def reference_outputs(model: nn.Module, probes: Probes) -> ModelReference:
             logger.info("fp64 reference failed (%s); using fp32", e)
             ref_dtype = torch.float32
             ref = run_model(model, probes)
-    return ModelReference(adapter_out, ref.to(ref_dtype), dtype, ref_dtype)
+    return ModelReference(adapter_out, ref.to(ref_dtype), dtype, ref_dtype, tuple(sorted(narrow)))
 
 
 def storage_baseline(
@@ -766,6 +842,8 @@ def _verify(
         adapted = [merged_params[f"{name}.weight"] for name in adapter.modules]
         with adapter_mode(base, [adapter]) as peft_model:
             ref = reference_outputs(peft_model, batch)
+        if ref.note:
+            notes.append(ref.note)
         if quantized:  # judged in the merged dtype; tensors rounded by the conversion count as storage
             ref = dataclasses.replace(ref, dtype=model_dtype(merged))
             adapted += [

@@ -1,0 +1,156 @@
+"""Verification that neither crashes nor lets a wrong merge pass: LoRA variants with extra layer
+state are refused before anything changes, references fall back module by module where torch has
+no wide kernel, and a failure inside verification after the merge is a VerificationError."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import BdLoraConfig, KasaConfig
+from torch import nn
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+import loramerge
+from conftest import tiny_llama
+from loramerge.errors import UnsupportedAdapterError, VerificationError
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(16, 32)
+        self.lin1 = nn.Linear(32, 32)
+        self.lin2 = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+
+
+def peft(model: nn.Module, **kwargs: Any) -> Any:
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(model, LoraConfig(init_lora_weights=False, **kwargs))
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param(dict(kasa_config=KasaConfig()), id="kasa"),
+        pytest.param(
+            dict(use_bdlora=BdLoraConfig(target_modules_bd_a=["lin0"], target_modules_bd_b=["lin1"], nblocks=2)),
+            id="bdlora",
+        ),
+    ],
+)
+def test_variants_with_extra_layer_state_are_refused_before_any_change(variant: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    pm = peft(MLP(), r=4, lora_alpha=8, target_modules=["lin0", "lin1"], **variant)
+    pm.eval()
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        adapter_out = pm(x)
+    with pytest.raises(UnsupportedAdapterError, match="merge_and_unload") as e:
+        loramerge.merge(pm, probes={"x": x})
+    assert "nothing was changed" in str(e.value).lower()
+    assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(pm(x), adapter_out), "the PeftModel still runs in adapter mode"
+
+
+def test_an_unknown_variant_on_a_layer_is_refused() -> None:
+    """A LoRA variant the config check does not know yet is still caught on the layer."""
+
+    class FutureVariant:
+        pass
+
+    torch.manual_seed(0)
+    pm = peft(MLP(), r=4, lora_alpha=8, target_modules=["lin0"])
+    pm.base_model.model.lin0.lora_variant["default"] = FutureVariant()
+    with pytest.raises(UnsupportedAdapterError, match="FutureVariant LoRA layer"):
+        loramerge.merge(pm, probes={"x": torch.randn(4, 16)})
+
+
+def test_dora_still_merges_through_the_variant_check() -> None:
+    torch.manual_seed(0)
+    pm = peft(MLP(), r=4, lora_alpha=8, target_modules=["lin0", "lin1"], use_dora=True)
+    assert loramerge.merge(pm, probes={"x": torch.randn(4, 16)}).passed
+
+
+def _mixtral() -> nn.Module:
+    return MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+        )
+    )
+
+
+def _qwen2_moe() -> nn.Module:
+    return Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+        )
+    )
+
+
+@pytest.mark.parametrize("build", [_mixtral, _qwen2_moe], ids=["mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_moe_models_verify_with_experts_run_narrow_in_the_reference(build: Any, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    base = build().to(dtype).eval()
+    pm = peft(base, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
+    result = loramerge.merge(pm)
+    assert result.passed and result.report.outputs is not None
+    if dtype == torch.float32:  # torch has no fp64 grouped matmul: those modules ran in fp32, and the report says so
+        assert any("no float64 kernel" in n and "experts" in n for n in result.report.notes)
+
+
+def test_probes_the_model_cannot_run_are_refused_before_any_change() -> None:
+    torch.manual_seed(0)
+    pm = peft(tiny_llama().eval(), r=4, lora_alpha=8, target_modules=["q_proj"])
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    bad_probes = {"input_ids": torch.full((2, 8), 1000)}  # beyond the vocabulary
+    with pytest.raises(loramerge.LoraMergeError, match="nothing was changed"):
+        loramerge.merge(pm, probes=bad_probes)
+    assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters())
+
+
+def test_a_crash_inside_verification_after_the_merge_is_a_verification_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    pm = peft(tiny_llama().eval(), r=4, lora_alpha=8, target_modules=["q_proj"])
+    before = pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
+
+    def crash(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected fault in the output check")
+
+    monkeypatch.setattr("loramerge.inmemory.output_check", crash)
+    with pytest.raises(VerificationError, match="verification could not run after the merge") as e:
+        loramerge.merge(pm)
+    assert "injected fault" in str(e.value)
+    assert e.value.result is not None and not e.value.report.passed
+    merged = e.value.result.model
+    layer = merged.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, nn.Linear) and not torch.equal(layer.weight, before), "documented: merged and unwrapped"
