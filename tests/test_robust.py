@@ -5,6 +5,7 @@ no wide kernel, and a failure inside verification after the merge is a Verificat
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -154,3 +155,22 @@ def test_a_crash_inside_verification_after_the_merge_is_a_verification_error(mon
     merged = e.value.result.model
     layer = merged.model.layers[0].self_attn.q_proj
     assert isinstance(layer, nn.Linear) and not torch.equal(layer.weight, before), "documented: merged and unwrapped"
+
+
+def test_a_crash_inside_unmerge_verification_is_a_verification_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from conftest import CASES, make_base, save_adapter
+
+    case = next(c for c in CASES if c.id == "llama-linear-patterns")
+    base = make_base(case, torch.float32)
+    adapter = loramerge.load_adapter(save_adapter(base, case.lora, tmp_path / "a"))
+    merged = loramerge.merge(base, adapter).model
+
+    def crash(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected fault in the output check")
+
+    monkeypatch.setattr("loramerge.inmemory.output_check", crash)
+    with pytest.raises(VerificationError, match="could not run after the unmerge") as e:
+        loramerge.unmerge(merged, adapter)
+    assert e.value.result is not None and e.value.result.model is merged

@@ -832,28 +832,39 @@ def _unmerge(
     layers: list[LayerCheck] = []
     outputs = None
     if verify:
-        for plan in plans:
-            up = plan.updates[0][1]
-            st = stats[plan.name]
-            probe_bias = bias_of(plan.layer)
-            trained_bias = adapter.replaced.get(f"{plan.name}.bias")
-            if trained_bias is not None and probe_bias is not None:  # adapter mode runs with the adapter's bias
-                probe_bias = trained_bias.to(probe_bias.dtype).to(probe_bias.device)
-            probe = LayerProbe(plan.name, plan.kind, plan.weight.detach(), probe_bias, [up], seed, MAX_PROBE_OUTPUTS)
-            reason = ""
-            if st.remerge_gap > 1.0 + 1e-6:
-                reason = (
-                    f"re-merging the recovered weight misses the merged weight by {st.remerge_gap:.3g}x what rounding "
-                    "allows: the subtraction lost precision"
+        try:
+            for plan in plans:
+                up = plan.updates[0][1]
+                st = stats[plan.name]
+                probe_bias = bias_of(plan.layer)
+                trained_bias = adapter.replaced.get(f"{plan.name}.bias")
+                if trained_bias is not None and probe_bias is not None:  # adapter mode runs with the adapter's bias
+                    probe_bias = trained_bias.to(probe_bias.dtype).to(probe_bias.device)
+                probe = LayerProbe(
+                    plan.name, plan.kind, plan.weight.detach(), probe_bias, [up], seed, MAX_PROBE_OUTPUTS
                 )
-            both = math.hypot(storage[plan.name], probe.storage(plan.weight))
-            layers.append(probe.check(target_out[plan.name], tol, st.relative_residual, st.max_ulp, reason, both))
-        if merged_model_out is not None and batch is not None:
-            with adapter_mode(model, [adapter]) as peft_model:
-                ref = reference_outputs(peft_model, batch)
-            if ref.note:
-                notes.append(ref.note)
-            outputs = output_check(merged_model_out, ref, tol, batch, lambda: merged_storage)
+                reason = ""
+                if st.remerge_gap > 1.0 + 1e-6:
+                    reason = (
+                        f"re-merging the recovered weight misses the merged weight by {st.remerge_gap:.3g}x what rounding "
+                        "allows: the subtraction lost precision"
+                    )
+                both = math.hypot(storage[plan.name], probe.storage(plan.weight))
+                layers.append(probe.check(target_out[plan.name], tol, st.relative_residual, st.max_ulp, reason, both))
+            if merged_model_out is not None and batch is not None:
+                with adapter_mode(model, [adapter]) as peft_model:
+                    ref = reference_outputs(peft_model, batch)
+                if ref.note:
+                    notes.append(ref.note)
+                outputs = output_check(merged_model_out, ref, tol, batch, lambda: merged_storage)
+        except Exception as e:  # verification must not crash after the weights changed
+            why = f"verification could not run after the unmerge: {type(e).__name__}: {e}"
+            report = VerificationReport("unmerge", False, tol, tuple(layers), None, notes=(*notes, why))
+            raise VerificationError(
+                f"{why}\nThe model HAS been unmerged in place; error.result holds it, unverified.",
+                report,
+                UnmergeResult(model, report, tuple(sorted(exact)), bound, verified=False),
+            ) from e
     else:
         notes.append("verification off (verify=False)")
     notes.extend(notes_lineage)
