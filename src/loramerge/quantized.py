@@ -224,16 +224,22 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
             return cast(torch.Tensor, weight.detach().float())  # not quantized yet (has_fp16_weights)
         return cast(torch.Tensor, _bnb().functional.int8_vectorwise_dequant(weight.data, scb).float())
     state = weight.quant_state
-    rows, cols = (int(s) for s in state.shape)
-    table = cast(torch.Tensor, state.code).float().to(weight.device)
     if getattr(state, "packing_format_for_cpu", False):
+        rows, cols = (int(s) for s in state.shape)
+        table = cast(torch.Tensor, state.code).float().to(weight.device)
         codes = _unpack_cpu_layout(weight.data.view(torch.uint8), rows, cols).long()
         scales = cast(torch.Tensor, state.absmax).T.float().repeat_interleave(int(state.blocksize), dim=1)
         return (table.to(torch.bfloat16).float()[codes] * scales).to(torch.bfloat16).float()
+    return _dequantize_standard(weight.data, state, compute_dtype(layer))
+
+
+def _dequantize_standard(data: torch.Tensor, state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """``code[q] * scale`` in fp32 over flat blocks, rounded once to ``dtype``, as fp32 ``[rows, cols]``."""
+    rows, cols = (int(s) for s in state.shape)
     count = rows * cols
-    values = table[_unpack_codes(weight.data, count)]
+    values = cast(torch.Tensor, state.code).float().to(data.device)[_unpack_codes(data, count)]
     scales = _block_scales(state).to(values.device).repeat_interleave(int(state.blocksize))[:count]
-    return (values * scales).to(compute_dtype(layer)).reshape(rows, cols).float()
+    return (values * scales).to(dtype).reshape(rows, cols).float()
 
 
 def _kernel_dequantize(layer: nn.Module) -> torch.Tensor | None:
@@ -546,8 +552,8 @@ def quantizable(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def simulate(tensor: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """What a bitsandbytes layer loaded from ``tensor`` with ``spec`` computes with (quantize, then
-    dequantize, by bitsandbytes itself, in ``tensor``'s dtype), as fp32."""
+    """What a bitsandbytes layer loaded from ``tensor`` with ``spec`` computes with (quantized by
+    bitsandbytes itself, dequantized as every backend computes it, in ``tensor``'s dtype), as fp32."""
     functional = _bnb().functional
     if spec.quant_type == "int8":
         codes, scales, _ = functional.int8_vectorwise_quant(tensor.detach().to(torch.float16).contiguous())
@@ -558,7 +564,7 @@ def simulate(tensor: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         compress_statistics=spec.double_quant,
         quant_type=spec.quant_type,
     )
-    return cast(torch.Tensor, functional.dequantize_4bit(packed, state).float())
+    return _dequantize_standard(packed, state, tensor.dtype).reshape(tensor.shape)
 
 
 def bnb_config(spec: QuantSpec, compute_dtype: torch.dtype = torch.bfloat16) -> Any:
