@@ -255,3 +255,51 @@ def test_an_unreachable_hub_is_a_clear_error(local: dict[str, Path]) -> None:
         port = s.getsockname()[1]
     with pytest.raises(lm.HubError, match="could not connect to the Hub"):
         lm.push_to_hub(local["adapter"], "alice/x", token=WRITE, endpoint=f"http://127.0.0.1:{port}")
+
+
+def test_push_uploads_only_the_checkpoint_never_links_out_or_subdirectories(
+    server: HubServer, local: dict[str, Path], tmp_path: Path
+) -> None:
+    import os
+    import shutil
+
+    folder = tmp_path / "merged"
+    shutil.copytree(local["merged"], folder)
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "credentials.txt").write_text("aws_secret_access_key=...")
+    os.symlink(tmp_path / "secrets", folder / "logs")
+    os.symlink(tmp_path / "secrets" / "credentials.txt", folder / "LICENSE")
+    (folder / "checkpoint-500").mkdir()
+    (folder / "checkpoint-500" / "optimizer.pt").write_bytes(b"state")
+    (folder / "train.log").write_text("local paths and user names")
+    lm.push_to_hub(folder, "alice/clean-push", token=WRITE, probe=False)
+    repo = server.state.repos["alice/clean-push"]
+    pushed = set(repo.commits[repo.branches["main"]])
+    assert not {n for n in pushed if n.startswith(("logs", "checkpoint-500", "LICENSE", "train.log"))}, pushed
+    assert {"config.json", "loramerge.json", "README.md", "model.safetensors.index.json"} <= pushed
+
+
+def test_a_hub_repo_whose_index_names_a_local_file_is_refused(server: HubServer, tmp_path: Path) -> None:
+    from huggingface_hub import HfApi
+
+    from loramerge.errors import UnsafePathError
+
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.bfloat16).eval()
+    base.save_pretrained(tmp_path / "hostile", max_shard_size="40KB")
+    adapter = save_adapter(base, {"r": 4, "target_modules": ["q_proj"]}, tmp_path / "adapter")
+    local_secret = tmp_path / "victim.safetensors"
+    index_path = tmp_path / "hostile" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "hostile" / first).rename(local_secret)
+    index["weight_map"] = {k: (str(local_secret) if v == first else v) for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    api = HfApi(endpoint=server.endpoint, token=WRITE)  # uploaded by someone else's client, as is
+    api.create_repo("mallory/hostile", private=False, exist_ok=True)
+    api.upload_folder(folder_path=str(tmp_path / "hostile"), repo_id="mallory/hostile")
+    with pytest.raises(UnsafePathError, match="not a plain file name"):
+        lm.merge_checkpoint("mallory/hostile", adapter, tmp_path / "out", token=WRITE, progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UnsafePathError):  # and push refuses to publish such a directory
+        lm.push_to_hub(tmp_path / "hostile", "alice/republish", token=WRITE, probe=False)

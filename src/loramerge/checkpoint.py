@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from loramerge.adapter import Adapter, AdapterModule, load_adapter
+from loramerge.confine import confined_file
 from loramerge.delta import Kind, LoraUpdate, check_updates, merge_tensor_, unmerge_tensor_
 from loramerge.directio import BufferPool
 from loramerge.errors import (
@@ -102,6 +103,9 @@ class CheckpointMergeReport:
         qlora_gap: With ``qlora_base=``: per adapted module, how far the two choices of base are
             apart, ``‖W_simulated − W_original‖ / ‖ΔW‖`` (the quantization error the adapter was
             trained against, as a fraction of the adapter's own update).
+        side_files: The base's side files copied into the output (config, tokenizer, ...).
+        skipped: Entries of the base directory not copied, each with the reason (subdirectories,
+            links out of the directory, files a transformers checkpoint does not need).
     """
 
     output: Path
@@ -115,6 +119,8 @@ class CheckpointMergeReport:
     dora_norms: Mapping[str, torch.Tensor] = field(default_factory=dict)
     qlora_base: str = ""
     qlora_gap: Mapping[str, float] = field(default_factory=dict)
+    side_files: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -134,6 +140,8 @@ class CheckpointMergeReport:
             "verification": self.verification.to_dict() if self.verification is not None else None,
             "qlora_base": self.qlora_base,
             "qlora_gap": dict(self.qlora_gap),
+            "side_files": list(self.side_files),
+            "skipped": list(self.skipped),
         }
 
     def __str__(self) -> str:
@@ -151,6 +159,8 @@ class CheckpointMergeReport:
                 f"  simulated vs original base, ‖W_sim − W_orig‖ / ‖ΔW‖ per layer: median {median:.3g}, "
                 f"worst {gaps[-1][1]:.3g} ({gaps[-1][0]})"
             )
+        if self.skipped:
+            lines.append(f"not copied from the base: {', '.join(self.skipped)}")
         lines.append(str(self.verification) if self.verification is not None else "verification off")
         return "\n".join(lines)
 
@@ -495,6 +505,7 @@ def _stream(
     passthrough: set[str],
     verifier: _Verifier | None,
     extra_metadata: Mapping[str, str],
+    sides: list[list[str]],
 ) -> tuple[tuple[str, ...], int]:
     infos = [
         TensorInfo(t.name, dtype if (dtype is not None and t.dtype.is_floating_point) else t.dtype, t.shape, t.file)
@@ -504,7 +515,7 @@ def _stream(
     return_freed_memory_to_os()
     metadata = {**dict(reader.metadata.get(reader.files[0], {})), **extra_metadata}
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        copy_side_files(base, tmp)
+        sides[:] = copy_side_files(base, tmp)
         if dtype is not None:
             _set_config_dtype(tmp, dtype)
         if any(name not in reader.stored for name in reader.names):
@@ -607,6 +618,7 @@ def _publish(
         if record is not None:
             record(tmp, report)
 
+    sides: list[list[str]] = [[], []]
     files, written = _stream(
         src,
         out,
@@ -621,6 +633,7 @@ def _publish(
         passthrough,
         verifier,
         extra_metadata or {},
+        sides,
     )
     changed = tuple(sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)))
     return CheckpointMergeReport(
@@ -633,6 +646,8 @@ def _publish(
         time.perf_counter() - started,
         reports[0] if reports else None,
         dict(norms or {}),
+        side_files=tuple(sides[0]),
+        skipped=tuple(sides[1]),
     )
 
 
@@ -892,11 +907,16 @@ def merge_checkpoint(
 
 
 def _carry_receipts(src: Path, dst: Path, rounds: list[dict[str, Any]]) -> None:
-    """Copy the receipts of earlier rounds along, so that each of them can still be undone exactly."""
+    """Copy the receipts of earlier rounds along, so that each of them can still be undone exactly.
+
+    A receipt name is read from the lineage, a file someone else may have written: it must be a
+    plain file name of a regular file inside ``src`` (:func:`~loramerge.confine.confined_file`)."""
     for r in rounds:
-        name = r.get("receipt")
-        if name and (src / str(name)).is_file():
-            shutil.copy2(src / str(name), dst / str(name))
+        name = r.get("receipt") if isinstance(r, dict) else None
+        if name:
+            path = confined_file(src, name, "lineage: receipt", must_exist=False)
+            if path.is_file():
+                shutil.copyfile(path, dst / path.name)
 
 
 def _merge_prequantized(
@@ -917,7 +937,8 @@ def _merge_prequantized(
     model = load_base(base_dir, device_map="cpu")
     result = merge(model, adapter, verify=verify, tolerance=tolerance, dtype=dtype)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        for side in copy_side_files(base_dir, tmp):
+        copied, _ = copy_side_files(base_dir, tmp)
+        for side in copied:
             if side in ("config.json", "generation_config.json"):
                 (tmp / side).unlink()  # written again below, without the quantization config
         cast(Any, result.model).save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -1112,8 +1133,14 @@ def unmerge_checkpoint(
     elif (
         receipt is None and rounds and rounds[-1].get("receipt") and rounds[-1]["adapter"].get("sha256") == fingerprint
     ):
-        found = merged_dir / str(rounds[-1]["receipt"])
-        rc = load_receipt(found) if found.is_file() else None
+        found = confined_file(merged_dir, rounds[-1]["receipt"], "lineage: receipt", must_exist=False)
+        if not found.is_file():
+            raise ReceiptError(
+                f"the lineage of {str(merged_dir)!r} says the last merge wrote the receipt {found.name!r}, but it is "
+                "missing: without it the unmerge is not byte-exact. Restore the file, or pass receipt=False "
+                "(--no-receipt) for a plain unmerge within the documented bound."
+            )
+        rc = load_receipt(found)
     if rc is not None:
         rc.check_adapter(fingerprint)
         absent = sorted(n for n in [*mapping.modules, *mapping.biases] if n not in rc.tensors)

@@ -22,6 +22,7 @@ __all__ = [
     "OutputWriteError",
     "UnmergeImpossibleError",
     "UnsafeFormatError",
+    "UnsafePathError",
     "UnsupportedAdapterError",
     "VerificationError",
 ]
@@ -49,6 +50,11 @@ class AdapterMismatchError(LoraMergeError, ValueError):
 
 class UnsafeFormatError(LoraMergeError, ValueError):
     """A pickle-based weight file (``.bin``/``.pt``) was found but pickle was not allowed."""
+
+
+class UnsafePathError(LoraMergeError, ValueError):
+    """A file name read from a file (an index, ``loramerge.json``, lineage metadata) is not a plain
+    name of a regular file inside its directory: a separator, ``..``, an absolute path or a link out."""
 
 
 class UnsupportedQuantizationError(LoraMergeError, NotImplementedError):

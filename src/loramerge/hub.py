@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from loramerge.errors import LoraMergeError
+from loramerge.confine import confined_file, side_files
+from loramerge.errors import LoraMergeError, UnsafePathError
 
 __all__ = ["HubError", "HubVerification", "hub_path", "push_to_hub", "verify_hub"]
 
@@ -319,8 +320,34 @@ def _stage(source: str | Path | nn.Module, staging: Path) -> tuple[Path, str, nn
         )
     if any(root.glob("*.bin")) and not any(root.glob("*.safetensors")):
         raise HubError(f"push_to_hub: {str(root)!r} holds pickle weights only; save them as safetensors first.")
-    shutil.copytree(root, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*"))
+    staging.mkdir(parents=True, exist_ok=True)
+    for path in _pushable(root):
+        shutil.copyfile(path, staging / path.name)
     return staging, kind, None
+
+
+def _pushable(root: Path) -> list[Path]:
+    """The files of a checkpoint or adapter directory that a push uploads: weights (safetensors and
+    their index), the adapter config, loramerge's record and receipts, and the side files a
+    transformers checkpoint holds (:func:`~loramerge.confine.side_files`); each a regular file
+    directly inside ``root`` (no subdirectories, no links out). Everything else stays local."""
+    carried, skipped = side_files(root)
+    if (root / "model.safetensors.index.json").exists():  # the index must name plain files of this directory
+        from loramerge.shards import CheckpointReader
+
+        CheckpointReader(root)
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        if entry.name.endswith((".safetensors", ".safetensors.index.json")) or entry.name in (
+            "adapter_config.json",
+            RECEIPT,
+        ):
+            try:
+                carried.append(confined_file(root, entry.name, "push"))
+            except UnsafePathError:
+                skipped.append(f"{entry.name} (a link out of the directory, or not a regular file)")
+    if skipped:
+        logger.info("push_to_hub: not uploaded from %s: %s", root, ", ".join(skipped))
+    return carried
 
 
 def _base_model(root: Path, kind: str, receipt_base: str | None) -> str | None:

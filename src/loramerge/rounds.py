@@ -18,9 +18,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from loramerge.adapter import load_adapter
+from loramerge.confine import confined_file
 from loramerge.errors import LoraMergeError
 from loramerge.inmemory import merge, unmerge
 from loramerge.lineage import fingerprint_of, lineage, set_model_lineage
+from loramerge.receipts import ReceiptError
 from loramerge.reports import MergeResult, UnmergeResult
 
 __all__ = ["RoundResult", "next_round", "unmerge_rounds"]
@@ -104,10 +106,13 @@ def next_round(
     return RoundResult(fresh, result, saved, len(rounds))
 
 
-def unmerge_rounds(model: nn.Module, count: int = 1, **unmerge_kwargs: Any) -> list[UnmergeResult]:
+def unmerge_rounds(
+    model: nn.Module, count: int = 1, *, receipts: bool = True, **unmerge_kwargs: Any
+) -> list[UnmergeResult]:
     """Take the last ``count`` rounds off ``model`` (newest first), with their saved adapters and
-    receipts (byte-exact when the receipts exist). A ``PeftModel`` from :func:`next_round` has its
-    fresh, not yet merged LoRA removed first.
+    receipts (byte-exact; a receipt a round recorded must still be beside its adapter, else
+    :class:`~loramerge.ReceiptError`; ``receipts=False`` does plain unmerges). A ``PeftModel`` from
+    :func:`next_round` has its fresh, not yet merged LoRA removed first.
 
     Returns:
         One :class:`~loramerge.UnmergeResult` per round, newest first (``results[-1].model`` is the
@@ -128,13 +133,21 @@ def unmerge_rounds(model: nn.Module, count: int = 1, **unmerge_kwargs: Any) -> l
                 f"the adapter of this round ({source!r}) is not a directory on this machine; unmerge it with "
                 "loramerge.unmerge(model, load_adapter(...)) instead."
             )
-        receipt = entry.get("receipt")
-        results.append(
-            unmerge(
-                plain,
-                load_adapter(source),
-                receipt=receipt if receipt and Path(receipt).is_file() else None,
-                **unmerge_kwargs,
-            )
-        )
+        receipt = _round_receipt(entry, Path(source)) if receipts else None
+        results.append(unmerge(plain, load_adapter(source), receipt=receipt, **unmerge_kwargs))
     return results
+
+
+def _round_receipt(entry: dict[str, Any], source: Path) -> Path | None:
+    """The receipt a round recorded: a file beside its adapter (never a path read from the record
+    itself), which must exist when the round says it was written."""
+    recorded = entry.get("receipt")
+    if not recorded:
+        return None
+    path = confined_file(source, Path(str(recorded)).name, "lineage: receipt", must_exist=False)
+    if not path.is_file():
+        raise ReceiptError(
+            f"this round recorded the receipt {path.name!r} beside its adapter in {str(source)!r}, but it is missing: "
+            "without it the unmerge is not byte-exact. Restore it, or pass receipts=False for a plain unmerge."
+        )
+    return path

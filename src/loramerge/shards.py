@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from loramerge.confine import confined_file, side_files
 from loramerge.directio import BufferPool, SequentialWriter, byte_view, pread_exact, read_blocks
 from loramerge.errors import AdapterConfigError, AdapterNotFoundError, LoraMergeError, OutputWriteError
 
@@ -128,6 +129,26 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         ) from e
 
 
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a safetensors index, checked to be an object of tensor name to file name."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterConfigError(
+            f"{str(index)!r} is not valid JSON ({e}); re-download or re-save the checkpoint."
+        ) from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise AdapterConfigError(
+            f"{str(index)!r} has no 'weight_map' object of tensor names to shard files "
+            f"(found {type(weight_map).__name__}); re-download or re-save the checkpoint."
+        )
+    bad = sorted(str(k) for k, v in weight_map.items() if not isinstance(k, str) or not isinstance(v, str))
+    if bad:
+        raise AdapterConfigError(f"{str(index)!r}: 'weight_map' entries {bad[:5]} do not map a name to a file name.")
+    return dict(weight_map)
+
+
 def _truncated(path: Path, detail: str) -> AdapterConfigError:
     return AdapterConfigError(
         f"{str(path)!r} is shorter than its header says ({detail}): truncated while in use? Re-download or re-save it."
@@ -218,13 +239,14 @@ class CheckpointReader:
         if not self.root.is_dir():
             raise AdapterNotFoundError(f"checkpoint directory {str(self.root)!r} does not exist.")
         index = self.root / INDEX_NAME
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise AdapterConfigError(f"{str(index)!r} is not a valid safetensors index ({e}).") from e
+        if os.path.lexists(index):
+            confined_file(self.root, INDEX_NAME, "safetensors index")
+            weight_map = _read_weight_map(index)
+            for name, file in weight_map.items():
+                confined_file(self.root, file, f"{INDEX_NAME}: the shard of {name!r}", must_exist=False)
             files = sorted(set(weight_map.values()))
-        elif (self.root / SINGLE_NAME).is_file():
+        elif os.path.lexists(self.root / SINGLE_NAME):
+            confined_file(self.root, SINGLE_NAME, "weights file")
             files = [SINGLE_NAME]
         else:
             found = sorted(p.name for p in self.root.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
@@ -492,16 +514,15 @@ class ShardWriter:
             (self.root / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy everything but the weights (config, generation config, tokenizer files, ...) from ``src`` to ``dst``."""
-    copied = []
-    for path in sorted(src.iterdir()):
-        if path.name == INDEX_NAME or path.name.endswith(".index.json") or path.suffix in _WEIGHT_SUFFIXES:
-            continue
-        if path.is_file():
-            shutil.copy2(path, dst / path.name)
-            copied.append(path.name)
-        elif path.is_dir() and not path.name.startswith("."):
-            shutil.copytree(path, dst / path.name)
-            copied.append(path.name + "/")
-    return copied
+def copy_side_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
+    """Copy the side files of checkpoint ``src`` (config, generation config, tokenizer and processor
+    files, chat template, model card, license: :func:`~loramerge.confine.side_files`) to ``dst``.
+
+    Returns:
+        ``(copied, skipped)``: names copied, and entries left behind with the reason (subdirectories,
+        links out of ``src``, files a transformers checkpoint does not need).
+    """
+    carried, skipped = side_files(src)
+    for path in carried:
+        shutil.copyfile(path, dst / path.name)
+    return [p.name for p in carried], skipped
