@@ -19,6 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+import regex
 import torch
 
 from loramerge.delta import Kind, LoraUpdate
@@ -54,10 +55,17 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "mica", "lora_ga", 
 Bias = Literal["none", "all", "lora_only"]
 
 
+PATTERN_TIMEOUT = 1.0
+
+
 def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
     """The value of the first pattern that matches ``module_name``, as PEFT resolves rank/alpha patterns.
 
     A pattern ``key`` matches when ``module_name`` matches the regex ``(.*\\.)?(key)$``.
+
+    Patterns come from a file someone else wrote: each match runs under a time limit
+    (:data:`PATTERN_TIMEOUT` seconds) and a pattern that exceeds it is an
+    :class:`~loramerge.AdapterConfigError`, not a hang.
 
     Example:
         >>> pattern_value({"v_proj": 2}, "model.layers.0.self_attn.v_proj", 8)
@@ -66,7 +74,17 @@ def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -
         8
     """
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        try:
+            found = regex.match(rf"(.*\.)?({key})$", module_name, timeout=PATTERN_TIMEOUT)
+        except TimeoutError as e:
+            raise AdapterConfigError(
+                f"the rank/alpha pattern {key!r} did not finish matching {module_name!r} within {PATTERN_TIMEOUT} s "
+                "(catastrophic backtracking); the adapter config is malformed or hostile. Use a plain module name "
+                "or a simple regular expression."
+            ) from e
+        except regex.error as e:
+            raise AdapterConfigError(f"the rank/alpha pattern {key!r} is not a valid regular expression ({e}).") from e
+        if found:
             return value
     return default
 
@@ -273,6 +291,14 @@ def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
                 f"{where}: tensor {key!r} is a trainable-tokens delta, which is not supported yet."
             )
         match = _LORA_KEY.match(name)
+        if match and not tensors[key].is_floating_point():
+            problems.append(
+                f"{key}: stored as {str(tensors[key].dtype).replace('torch.', '')}; LoRA weights are floating point"
+            )
+            continue
+        if match and any(d == 0 for d in tensors[key].shape):
+            problems.append(f"{key}: has an empty shape {tuple(tensors[key].shape)}")
+            continue
         if match:
             parts.setdefault(match["module"], {})[
                 match["part"].split(".")[0] + ("_bias" if match["part"] == "lora_B.bias" else "")
@@ -307,6 +333,11 @@ def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
             kind = "conv" if a is not None and a.dim() > 2 else "conv1d" if fan_in_fan_out else "linear"
         if a is None or b is None:
             problems.append(f"{module_name}: has {sorted(p)} but needs both the A and the B matrix")
+            continue
+        if a.dim() < 2 or b.dim() < 2:
+            problems.append(
+                f"{module_name}: A {tuple(a.shape)} and B {tuple(b.shape)} must be matrices (or conv kernels)"
+            )
             continue
         rank = int(a.shape[0])
         if b.shape[1] != rank:
