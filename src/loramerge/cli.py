@@ -364,6 +364,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LoraMergeError, ValueError) as e:
         print(f"loramerge {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the one error contract: a failed operation exits 2, with the thing and the reason named
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"loramerge {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"loramerge {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

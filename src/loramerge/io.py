@@ -1,19 +1,16 @@
-"""File I/O: reading tensors from safetensors (or, when allowed, pickle) and atomic directory writes."""
+"""File I/O: reading tensors from safetensors (or, when allowed, pickle); atomic directory writes live in
+:mod:`loramerge.publish` (re-exported here)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from loramerge.errors import AdapterConfigError, LoraMergeError, UnsafeFormatError
+from loramerge.errors import AdapterConfigError, UnsafeFormatError
+from loramerge.publish import atomic_directory
 
 __all__ = ["atomic_directory", "read_tensors"]
 
@@ -44,32 +41,3 @@ def read_tensors(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.T
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise AdapterConfigError(f"{str(path)!r} does not hold a flat dict of tensors.")
     return {str(k): v for k, v in obj.items()}
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Write a directory atomically: yield a temporary directory beside ``target``, rename it on success.
-
-    On any exception the temporary directory is removed and ``target`` is left as it was. An existing
-    ``target`` is refused unless ``overwrite`` is true (it is then replaced only once the new one is
-    complete).
-    """
-    final = Path(target)
-    if final.exists() and not overwrite:
-        raise LoraMergeError(
-            f"{str(final)!r} already exists; choose another output path or pass overwrite=True (--overwrite on the command line)."
-        )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            backup = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, backup)
-            os.replace(tmp, final)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
