@@ -117,3 +117,56 @@ def test_a_slow_pattern_is_caught_on_a_long_module_name() -> None:
     with pytest.raises(lm.AdapterConfigError, match="did not finish"):
         pattern_value({"(a|aa)+$": 4}, "a" * 60 + "b", 8)
     assert pattern_value({"q_proj": 4}, "model.layers.0.self_attn.q_proj", 8) == 4
+
+
+@pytest.mark.parametrize("size", ["1e400GB", "abc", "nanGB", "-5GB", "0", "inf"])
+def test_bad_shard_sizes_are_refused_before_anything_is_written(tmp_path: Path, size: str) -> None:
+    base, adapter = _checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="max_shard_size"):
+        lm.merge_checkpoint(base, adapter, tmp_path / "merged", max_shard_size=size, progress=False)
+    assert main(["merge", str(base), str(adapter), "-o", str(tmp_path / "merged"), f"--max-shard-size={size}"]) == 2
+    assert not (tmp_path / "merged").exists()
+
+
+LINEAGE_FAULTS: dict[str, str] = {
+    "record-a-list": "[1, 2]",
+    "record-not-json": "{not json",
+    "lineage-not-a-list": '{"lineage": {"adapter": 1}}',
+    "round-without-adapter": '{"lineage": [{"receipt": null}]}',
+    "source-not-a-string": '{"lineage": [{"adapter": {"source": 5}}]}',
+}
+
+
+@pytest.mark.parametrize("fault", list(LINEAGE_FAULTS))
+def test_a_malformed_record_is_named_and_refused(
+    tmp_path: Path, fault: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, adapter = _checkpoint(tmp_path)
+    (base / "loramerge.json").write_text(LINEAGE_FAULTS[fault])
+    with pytest.raises(lm.LoraMergeError, match="loramerge.json"):
+        lm.merge_checkpoint(base, adapter, tmp_path / "merged", progress=False)
+    capsys.readouterr()
+    assert main(["merge", str(base), str(adapter), "-o", str(tmp_path / "merged")]) == 2
+    assert "loramerge.json" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_invalid_json_in_config_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = _checkpoint(tmp_path)
+    (base / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],,}')
+    assert main(["merge", str(base), str(adapter), "-o", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "not valid JSON" in err
+
+
+def test_an_overflowing_scale_is_refused_before_any_change(tmp_path: Path) -> None:
+    case = next(c for c in CASES if c.id == "llama-linear-patterns")
+    base = make_base(case, torch.bfloat16)
+    directory = save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}, tmp_path / "a")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config["lora_alpha"] = 1e308
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    with pytest.raises(lm.NonFiniteMergeError, match="check lora_alpha"):
+        lm.merge(base, lm.load_adapter(directory))
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())

@@ -303,3 +303,16 @@ def test_a_hub_repo_whose_index_names_a_local_file_is_refused(server: HubServer,
     assert not (tmp_path / "out").exists()
     with pytest.raises(UnsafePathError):  # and push refuses to publish such a directory
         lm.push_to_hub(tmp_path / "hostile", "alice/republish", token=WRITE, probe=False)
+
+
+def test_pushed_records_carry_no_local_absolute_paths(
+    server: HubServer, local: dict[str, Path], tmp_path: Path
+) -> None:
+    lm.push_to_hub(local["merged"], "alice/private-paths", token=WRITE, probe=False)
+    downloaded = lm.hub.hub_path("alice/private-paths", token=WRITE)
+    home = str(local["root"])
+    for path in downloaded.iterdir():
+        data = path.read_bytes()
+        assert home.encode() not in data, f"{path.name} carries the local path {home}"
+    record = json.loads((downloaded / "loramerge.json").read_text())
+    assert record["lineage"][-1]["adapter"]["source"] == local["adapter"].name

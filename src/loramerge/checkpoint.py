@@ -41,7 +41,7 @@ from loramerge.errors import (
     VerificationError,
 )
 from loramerge.hub import hub_path
-from loramerge.io import atomic_directory
+from loramerge.io import atomic_directory, read_json_object
 from loramerge.lineage import (
     METADATA_KEY,
     check_last,
@@ -260,11 +260,9 @@ _INPUT_EMBEDDING_KEYS = ("embed_tokens", "wte.", "word_embeddings", "embed_in")
 
 
 def _read_config(root: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    if not (root / "config.json").is_file():
         return {}
-    return config if isinstance(config, dict) else {}
+    return read_json_object(root / "config.json", "config")
 
 
 def _untie_plan(root: Path, reader: CheckpointReader, touched: set[str]) -> dict[str, str]:
@@ -559,7 +557,7 @@ def _set_config_dtype(root: Path, dtype: torch.dtype) -> None:
     path = root / "config.json"
     if not path.is_file():
         return
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_json_object(path, "the base's config.json")
     name = str(dtype).replace("torch.", "")
     for key in ("torch_dtype", "dtype"):
         if key in config:

@@ -21,6 +21,7 @@ from loramerge.benchmark import bench
 from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint, verify_checkpoint
 from loramerge.errors import LoraMergeError, VerificationError
 from loramerge.hub import push_to_hub, verify_hub
+from loramerge.io import read_json_object
 from loramerge.lineage import lineage
 from loramerge.loading import load_base, resolve_dtype
 from loramerge.quantized import QuantSpec, describe_checkpoint_quantization
@@ -189,7 +190,7 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _inspect_checkpoint(root: Path, as_json: bool) -> int:
-    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    config = read_json_object(root / "config.json", "config") if (root / "config.json").is_file() else {}
     reader = CheckpointReader(root)
     dtypes: dict[str, int] = {}
     for info in reader.tensors.values():
@@ -208,7 +209,8 @@ def _inspect_checkpoint(root: Path, as_json: bool) -> int:
     if as_json:
         print(json.dumps(data, indent=2))
         return 0
-    print(f"checkpoint {root}: {', '.join(data['architectures']) or 'unknown architecture'}")
+    archs = [str(a) for a in config.get("architectures") or [] if isinstance(a, str)]
+    print(f"checkpoint {root}: {', '.join(archs) or 'unknown architecture'}")
     print(f"  {data['tensors']} tensors, {reader.total_bytes / 1e9:.3f} GB in {len(reader.files)} file(s)")
     print("  dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(dtypes.items())))
     print(f"  quantization: {data['quantization']}")

@@ -279,8 +279,15 @@ def check_updates(updates: Sequence[LoraUpdate], weight: torch.Tensor) -> list[s
         merged = w[start:stop].to(_compute_dtype(w.dtype)) + _delta_rows(updates, factors, start, stop)
         rounded = merged.to(weight.dtype)
         if not bool(torch.isfinite(rounded).all()):
-            worst = max(worst, float(torch.linalg.vector_norm(merged, ord=math.inf)))
-    if worst:
+            peak = float(torch.linalg.vector_norm(merged, ord=math.inf))
+            worst = math.inf if not math.isfinite(peak) else max(worst, peak)  # NaN counts as overflow too
+    if worst == math.inf:
+        scales = ", ".join(f"{up.scale:.3g}" for up in updates)
+        problems.append(
+            f"ΔW itself is not finite in {_compute_dtype(w.dtype)} (scale {scales} times the LoRA factors overflows): "
+            "check lora_alpha and r in the adapter config"
+        )
+    elif worst:
         problems.append(f"W + ΔW overflows {weight.dtype} (largest |value| {worst:.4g} > {dtype_max:.4g})")
     return problems
 

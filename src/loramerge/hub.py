@@ -32,6 +32,8 @@ from torch import nn
 
 from loramerge.confine import confined_file, side_files
 from loramerge.errors import LoraMergeError, UnsafePathError
+from loramerge.io import read_json_object
+from loramerge.lineage import public_record
 
 __all__ = ["HubError", "HubVerification", "hub_path", "push_to_hub", "verify_hub"]
 
@@ -326,6 +328,18 @@ def _stage(source: str | Path | nn.Module, staging: Path) -> tuple[Path, str, nn
     return staging, kind, None
 
 
+def _publicize_config(staging: Path) -> None:
+    """Absolute local paths in the staged ``config.json`` (lineage sources, ``_name_or_path``) become
+    bare names: what is pushed names sources by repo id or relative name only."""
+    path = staging / "config.json"
+    if not path.is_file():
+        return
+    config = read_json_object(path, "config")
+    clean = public_record(config)
+    if clean != config:
+        path.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _pushable(root: Path) -> list[Path]:
     """The files of a checkpoint or adapter directory that a push uploads: weights (safetensors and
     their index), the adapter config, loramerge's record and receipts, and the side files a
@@ -422,7 +436,7 @@ def push_to_hub(
         staging, kind, model = _stage(source, Path(tmp) / "upload")
         previous: dict[str, Any] = {}
         if (staging / RECEIPT).is_file():
-            previous = json.loads((staging / RECEIPT).read_text(encoding="utf-8"))
+            previous = read_json_object(staging / RECEIPT, "loramerge record")
         fp = None
         if probe and kind == "merged":
             if model is None:
@@ -435,9 +449,10 @@ def push_to_hub(
             from loramerge.lineage import lineage as model_lineage
 
             lineage_rounds = model_lineage(model) or None
+        _publicize_config(staging)
         receipt = {
             **previous,
-            "lineage": lineage_rounds or [],
+            "lineage": public_record(lineage_rounds or []),
             "loramerge_version": __version__,
             "kind": kind,
             "base_model": _base_model(staging, kind, base_model or previous.get("base_model")),
@@ -447,6 +462,7 @@ def push_to_hub(
             "tensors": tensor_hashes(staging),
             "probe": fp,
         }
+        receipt = public_record(receipt)  # no local absolute paths leave the machine
         (staging / RECEIPT).write_text(json.dumps(receipt, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (staging / "README.md").write_text(model_card(receipt, repo_id), encoding="utf-8")
         message = commit_message or f"Upload {'adapter' if kind == 'adapter' else 'merged model'} with loramerge"
@@ -549,8 +565,15 @@ def verify_hub(
         raise HubError(
             f"verify_hub: {repo_id!r} has no {RECEIPT}; it was not pushed by loramerge, so there is nothing to check against."
         )
-    receipt = json.loads(receipt_path.read_text(encoding="utf-8"))
-    recorded: dict[str, str] = receipt.get("tensors", {})
+    receipt = read_json_object(receipt_path, f"the record of {repo_id!r}")
+    recorded = receipt.get("tensors", {})
+    if not isinstance(recorded, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()
+    ):
+        raise HubError(
+            f"verify_hub: the 'tensors' entry of {repo_id!r}'s {RECEIPT} is not an object of tensor names to SHA-256 "
+            "digests; the record is corrupt, so there is nothing to check against."
+        )
     found = tensor_hashes(root)
     mismatched = sorted(n for n in set(recorded) | set(found) if recorded.get(n) != found.get(n))
     notes: list[str] = []

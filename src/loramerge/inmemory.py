@@ -347,6 +347,7 @@ def _attach_and_merge(
     receipt: bool,
 ) -> MergeResult:
     attached: dict[str, Adapter] = {}
+    was_plain = not isinstance(model, PeftModel)
     if adapters is not None:
         for i, adapter in enumerate([adapters] if isinstance(adapters, Adapter) else list(adapters)):
             taken = set(model.peft_config) if isinstance(model, PeftModel) else set()
@@ -360,21 +361,26 @@ def _attach_and_merge(
             f"merge() needs a PeftModel or adapters to attach; got a plain {type(model).__name__} and no adapters."
         )
     sources = {n: str(a.path) for n, a in attached.items() if a.path is not None}
-    with keep_layout(model):
-        return _merge(
-            model,
-            flags,
-            adapter_names,
-            verify,
-            tol,
-            probes,
-            check_outputs,
-            seed,
-            dtype,
-            quantized,
-            receipt,
-            sources,
-        )
+    try:
+        with keep_layout(model):
+            return _merge(
+                model,
+                flags,
+                adapter_names,
+                verify,
+                tol,
+                probes,
+                check_outputs,
+                seed,
+                dtype,
+                quantized,
+                receipt,
+                sources,
+            )
+    except Exception as e:
+        if attached and was_plain and not isinstance(e, VerificationError) and isinstance(model, PeftModel):
+            unwrap(model)  # refused before any change: take off the adapters attached here, too
+        raise
 
 
 def _merge(

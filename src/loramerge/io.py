@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -12,7 +14,7 @@ from safetensors.torch import load_file
 from loramerge.errors import AdapterConfigError, UnsafeFormatError
 from loramerge.publish import atomic_directory
 
-__all__ = ["atomic_directory", "read_tensors"]
+__all__ = ["atomic_directory", "read_json_object", "read_tensors"]
 
 
 def read_tensors(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -41,3 +43,23 @@ def read_tensors(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.T
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise AdapterConfigError(f"{str(path)!r} does not hold a flat dict of tensors.")
     return {str(k): v for k, v in obj.items()}
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (a file someone else may have written).
+
+    Raises:
+        AdapterConfigError: Naming ``what`` and the file: not readable, not valid JSON (with the
+            position), or not a JSON object.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AdapterConfigError(f"{what} {str(path)!r} is not valid JSON ({e}); re-download or re-save it.") from e
+    except OSError as e:
+        raise AdapterConfigError(f"{what} {str(path)!r} cannot be read ({e.strerror}).") from e
+    if not isinstance(data, dict):
+        raise AdapterConfigError(
+            f"{what} {str(path)!r} must hold a JSON object, found a JSON {type(data).__name__}; re-download or re-save it."
+        )
+    return data

@@ -25,6 +25,7 @@ from torch import nn
 
 from loramerge.delta import LoraUpdate
 from loramerge.errors import LoraMergeError
+from loramerge.io import read_json_object
 
 __all__ = ["LineageError", "adapter_fingerprint", "lineage", "new_round"]
 
@@ -34,7 +35,8 @@ CONFIG_KEY = "loramerge_lineage"
 
 
 class LineageError(LoraMergeError, ValueError):
-    """An unmerge that does not follow the recorded lineage (not the last adapter merged)."""
+    """An unmerge that does not follow the recorded lineage (not the last adapter merged), or a lineage
+    record that is malformed (not a list of rounds, a round without its adapter, invalid JSON)."""
 
 
 def adapter_fingerprint(updates: Mapping[str, Sequence[LoraUpdate]]) -> str:
@@ -88,6 +90,26 @@ def summary(report: Any) -> dict[str, Any] | None:
     }
 
 
+def public_name(value: str) -> str:
+    """How a record names a source: a repo id or relative name as given, an absolute local path by its
+    last component only (records travel with the model: no user names or directory layouts)."""
+    text = str(value)
+    if text.startswith(("/", "~")) or (len(text) > 2 and text[1] == ":" and text[2] in "\\/"):
+        return Path(text.replace("\\", "/")).name or text
+    return text
+
+
+def public_record(value: Any) -> Any:
+    """``value`` (a JSON-safe record) with every absolute local path in it replaced by :func:`public_name`."""
+    if isinstance(value, str):
+        return public_name(value)
+    if isinstance(value, list):
+        return [public_record(v) for v in value]
+    if isinstance(value, dict):
+        return {k: public_record(v) for k, v in value.items()}
+    return value
+
+
 def new_round(
     *,
     source: str | None,
@@ -101,9 +123,14 @@ def new_round(
     """One lineage entry (JSON-safe)."""
     from loramerge import __version__
 
-    safe_config = json.loads(json.dumps(dict(config or {}), default=str))
+    safe_config = public_record(json.loads(json.dumps(dict(config or {}), default=str)))
     return {
-        "adapter": {"source": source, "sha256": fingerprint, "config": safe_config, "scales": dict(scales)},
+        "adapter": {
+            "source": public_name(source) if source is not None else None,
+            "sha256": fingerprint,
+            "config": safe_config,
+            "scales": dict(scales),
+        },
         "dtype": dtype,
         "loramerge_version": __version__,
         "time": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
@@ -112,25 +139,60 @@ def new_round(
     }
 
 
+def checked_rounds(value: Any, where: str) -> list[dict[str, Any]]:
+    """``value`` as a lineage (a list of rounds, each an object with an ``adapter`` object), or
+    :class:`LineageError` naming ``where`` and what is wrong: a lineage is read from files someone
+    else may have written."""
+    if not isinstance(value, list):
+        raise LineageError(
+            f"the lineage in {where} is a {type(value).__name__}, not a list of rounds; the record is corrupt."
+        )
+    rounds = []
+    for i, r in enumerate(value, start=1):
+        adapter = r.get("adapter") if isinstance(r, dict) else None
+        if not isinstance(adapter, dict):
+            raise LineageError(
+                f"round {i} of the lineage in {where} has no 'adapter' object; the record is corrupt. Remove it or "
+                "restore it from the merged model's other copies (shard metadata, config.json)."
+            )
+        for key in ("sha256", "source"):
+            if adapter.get(key) is not None and not isinstance(adapter[key], str):
+                raise LineageError(f"round {i} of the lineage in {where}: 'adapter.{key}' must be a string.")
+        if r.get("receipt") is not None and not isinstance(r["receipt"], str):
+            raise LineageError(f"round {i} of the lineage in {where}: 'receipt' must be a file name.")
+        rounds.append(dict(r))
+    return rounds
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise LineageError(f"the lineage in {where} is not valid JSON ({e}); the record is corrupt.") from e
+
+
 def _from_dir(root: Path) -> list[dict[str, Any]]:
     record = root / RECEIPT_JSON
     if record.is_file():
-        data = json.loads(record.read_text(encoding="utf-8"))
-        if isinstance(data.get("lineage"), list):
-            return list(data["lineage"])
+        data = read_json_object(record, "loramerge record")
+        if "lineage" in data:
+            return checked_rounds(data["lineage"], str(record))
     for shard in sorted(root.glob("*.safetensors")):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(shard), framework="pt") as handle:
-            meta = handle.metadata() or {}
+        try:
+            with safe_open(str(shard), framework="pt") as handle:
+                meta = handle.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise LineageError(f"{str(shard)!r} cannot be opened to read its lineage ({e}).") from e
         if METADATA_KEY in meta:
-            return list(json.loads(meta[METADATA_KEY]))
+            return checked_rounds(_json(meta[METADATA_KEY], f"the metadata of {str(shard)!r}"), str(shard))
         break
     config = root / "config.json"
     if config.is_file():
-        value = json.loads(config.read_text(encoding="utf-8")).get(CONFIG_KEY)
-        if isinstance(value, list):
-            return list(value)
+        value = read_json_object(config, "config").get(CONFIG_KEY)
+        if value is not None:
+            return checked_rounds(value, str(config))
     return []
 
 
@@ -144,7 +206,7 @@ def lineage(source: str | Path | nn.Module) -> list[dict[str, Any]]:
     if isinstance(source, nn.Module):
         config = getattr(source, "config", None)
         value = getattr(config, CONFIG_KEY, None) if config is not None else None
-        return [dict(r) for r in value] if isinstance(value, list) else []
+        return checked_rounds(value, "the model's config") if value is not None else []
     return _from_dir(Path(source))
 
 

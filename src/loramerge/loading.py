@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loramerge.errors import AdapterConfigError, AdapterNotFoundError, UnsafeFormatError
+from loramerge.errors import AdapterNotFoundError, UnsafeFormatError
 from loramerge.hub import hub_path
+from loramerge.io import read_json_object
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -112,10 +112,7 @@ def load_base(
 
     cls: Any = model_class
     if cls is None:
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise AdapterConfigError(f"{str(config_path)!r} is not valid JSON ({e}).") from e
+        config = read_json_object(config_path, "config")
         archs = config.get("architectures") or []
         found = getattr(transformers, archs[0], None) if archs else None
         cls = found if isinstance(found, type) and issubclass(found, PreTrainedModel) else AutoModelForCausalLM

@@ -16,6 +16,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -63,30 +64,47 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes from ``5GB``, ``500MB``, ``2GiB`` or a plain integer.
+    """Bytes from ``5GB``, ``500MB``, ``2GiB`` or a plain integer; a positive, finite size (at most 1 PiB).
+
+    Raises:
+        ValueError: Naming the value and what sizes look like (``AdapterConfigError`` is not used:
+            this is an option, not a file).
 
     Example:
         >>> parse_size("2GB"), parse_size("1MiB"), parse_size(1000)
         (2000000000, 1048576, 1000)
     """
+    hint = "give a positive size such as 5GB, 500MB, 2GiB or a number of bytes"
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"max_shard_size {size!r}: {hint}")
+    number: float
     if isinstance(size, int):
-        return size
-    text = size.strip().upper()
-    units = {
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "B": 1,
-    }
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+        number = size
+    else:
+        text = size.strip().upper()
+        units = {
+            "KIB": 2**10,
+            "MIB": 2**20,
+            "GIB": 2**30,
+            "TIB": 2**40,
+            "KB": 10**3,
+            "MB": 10**6,
+            "GB": 10**9,
+            "TB": 10**12,
+            "B": 1,
+        }
+        factor = 1
+        for unit, value in units.items():
+            if text.endswith(unit):
+                text, factor = text[: -len(unit)].strip(), value
+                break
+        try:
+            number = float(text) * factor
+        except ValueError:
+            raise ValueError(f"max_shard_size {size!r} is not a size: {hint}") from None
+    if not math.isfinite(number) or number < 1 or number > 2**50:
+        raise ValueError(f"max_shard_size {size!r} is out of range: {hint} (at most 1 PiB)")
+    return int(number)
 
 
 @dataclass(frozen=True)
