@@ -33,7 +33,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from loramerge.errors import LoraMergeError, OutputWriteError
+from loramerge.errors import AdapterNotFoundError, LoraMergeError, OutputWriteError
 
 __all__ = ["OutputBusyError", "atomic_directory", "remove_stale_temporaries"]
 
@@ -241,11 +241,34 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
                     ", ".join(signal.Signals(s).name for s in received),
                     final,
                 )
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, LoraMergeError):
+                raise
+            raise _os_error(e, tmp, final) from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     finally:
         _unlock(fd, lock)
+
+
+def _os_error(error: OSError, tmp: Path, final: Path) -> LoraMergeError:
+    """A raw ``OSError`` from inside the block, as loramerge's error: the output, or an input, named."""
+    name = str(error.filename) if error.filename else ""
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG) or name.startswith(str(tmp)):
+        shown = name.replace(str(tmp), str(final)) if name else str(final)
+        return OutputWriteError(
+            f"writing {shown!r} failed ({reason}); nothing was left behind and any previous output is unchanged. "
+            "Free space or choose another output."
+        )
+    if error.errno == errno.ENOENT:
+        return AdapterNotFoundError(
+            f"{name or 'an input file'!r} disappeared while it was being read ({reason}); nothing was written. "
+            "Do not change the inputs during a merge."
+        )
+    return OutputWriteError(f"{name or str(final)!r}: {reason}; nothing was written.")
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -63,6 +63,13 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
 
+def _human(nbytes: int) -> str:
+    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= factor:
+            return f"{nbytes / factor:.2f} {unit}"
+    return f"{nbytes} bytes"
+
+
 def parse_size(size: int | str) -> int:
     """Bytes from ``5GB``, ``500MB``, ``2GiB`` or a plain integer; a positive, finite size (at most 1 PiB).
 
@@ -551,7 +558,7 @@ class ShardWriter:
             raise OutputWriteError(
                 e.errno,
                 f"the disk is full while writing {what} into {self.root} (the output needs about "
-                f"{planned / 1e9:.2f} GB). Free space or choose another output directory; nothing was left behind.",
+                f"{_human(planned)}). Free space or choose another output directory; nothing was left behind.",
             ) from e
 
     def write(self, name: str, tensor: torch.Tensor, digest: bool = False) -> str | None:
