@@ -10,9 +10,11 @@ Faults are switched on by attributes of :class:`HubState` (``fail_lfs_oids``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import secrets
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -60,6 +62,7 @@ class HubState:
     repos: dict[str, Repo] = field(default_factory=dict)
     regular_only: bool = False  # answer "regular" to every preupload (no LFS)
     fail_lfs_oids: set[str] = field(default_factory=set)  # answer uploads of these objects with a 500
+    drop_lfs_oids: set[str] = field(default_factory=set)  # drop the connection on uploads of these objects
     lfs_puts: list[str] = field(default_factory=list)  # oids of successful LFS uploads
     requests: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -372,6 +375,11 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _lfs_put(self, repo_id: str, oid: str, body: bytes) -> None:
+        if oid in self.state.drop_lfs_oids:  # the connection drops mid-upload: no answer at all
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return None
         if oid in self.state.fail_lfs_oids:  # Retry-After keeps the client's own retries short
             self.send_response(500)
             self.send_header("Retry-After", "0")

@@ -44,6 +44,7 @@ def isolated_hub_client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server:
     )
     server.state.regular_only = False
     server.state.fail_lfs_oids.clear()
+    server.state.drop_lfs_oids.clear()
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +317,17 @@ def test_pushed_records_carry_no_local_absolute_paths(
         assert home.encode() not in data, f"{path.name} carries the local path {home}"
     record = json.loads((downloaded / "loramerge.json").read_text())
     assert record["lineage"][-1]["adapter"]["source"] == local["adapter"].name
+
+
+def test_a_connection_dropped_mid_upload_is_a_hub_error(
+    server: HubServer, local: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shards = sorted(local["merged"].glob("*.safetensors"))
+    victim = hashlib.sha256(shards[0].read_bytes()).hexdigest()
+    server.state.drop_lfs_oids.add(victim)
+    with pytest.raises(lm.HubError, match="failed|connect"):
+        lm.push_to_hub(local["merged"], "alice/dropped", token=WRITE, probe=False)
+    assert server.files("alice/dropped").keys() <= {".gitattributes"}  # nothing was committed
+    server.state.drop_lfs_oids.clear()
+    lm.push_to_hub(local["merged"], "alice/dropped", token=WRITE, probe=False)
+    assert server.files("alice/dropped")[shards[0].name] == shards[0].read_bytes()

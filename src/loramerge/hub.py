@@ -86,10 +86,14 @@ def hub_errors(what: str, repo_id: str, revision: str | None) -> Iterator[None]:
     rev = f" at revision {revision!r}" if revision else ""
     try:
         yield
-    except RuntimeError as e:  # the client wraps failed LFS uploads: judge by the HTTP error inside
-        if not isinstance(e.__cause__, HfHubHTTPError):
-            raise
-        raise _http_error(what, repo_id, rev, e.__cause__) from e
+    except RuntimeError as e:  # the client wraps failed LFS uploads: judge by the error inside
+        if isinstance(e.__cause__, HfHubHTTPError):
+            raise _http_error(what, repo_id, rev, e.__cause__) from e
+        inner = e.__cause__ or e.__context__ or e
+        raise HubError(
+            f"{what}: the transfer for {repo_id!r}{rev} failed ({type(inner).__name__}: {inner}); the connection "
+            "dropped or the server failed mid-transfer. Re-run the same call: what was uploaded is not sent again."
+        ) from e
     except LocalEntryNotFoundError as e:  # before EntryNotFoundError, its parent
         raise HubError(
             f"{what}: the Hub could not be reached for {repo_id!r}{rev} and nothing is cached for it "
