@@ -38,6 +38,7 @@ from loramerge.errors import (
 from loramerge.hub import HubError, HubVerification, push_to_hub, verify_hub
 from loramerge.lineage import LineageError, lineage
 from loramerge.loading import load_base
+from loramerge.publish import OutputBusyError
 from loramerge.quantized import QuantSpec
 from loramerge.receipts import Receipt, ReceiptError, load_receipt
 from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
@@ -96,6 +97,7 @@ __all__ = [
     "LoraMergeWarning",
     "MergeResult",
     "NonFiniteMergeError",
+    "OutputBusyError",
     "OutputCheck",
     "OutputWriteError",
     "QuantSpec",
