@@ -331,3 +331,16 @@ def test_a_connection_dropped_mid_upload_is_a_hub_error(
     server.state.drop_lfs_oids.clear()
     lm.push_to_hub(local["merged"], "alice/dropped", token=WRITE, probe=False)
     assert server.files("alice/dropped")[shards[0].name] == shards[0].read_bytes()
+
+
+def test_verify_hub_with_a_malformed_record_is_a_hub_error(server: HubServer, local: dict[str, Path]) -> None:
+    lm.push_to_hub(local["merged"], "alice/bad-record", token=WRITE, probe=False)
+    repo = server.state.repos["alice/bad-record"]
+    files = dict(repo.commits[repo.branches["main"]])
+    record = json.loads(files["loramerge.json"].data)
+    record["tensors"] = {"model.embed_tokens.weight": ["not", "a", "digest"]}
+    files["loramerge.json"] = type(files["loramerge.json"])(json.dumps(record).encode(), False)
+    repo.commits["e" * 40] = files
+    repo.branches["main"] = "e" * 40
+    with pytest.raises(lm.HubError, match="'tensors' entry.*corrupt"):
+        lm.verify_hub("alice/bad-record", token=WRITE)
