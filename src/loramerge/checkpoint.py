@@ -69,6 +69,7 @@ from loramerge.shards import (
     return_freed_memory_to_os,
     scan_file,
 )
+from loramerge.skeleton import kind_of, layer_kinds
 from loramerge.tolerance import Tolerance, ulp
 from loramerge.verification import (
     MAX_PROBE_OUTPUTS,
@@ -198,10 +199,41 @@ class AdapterMapping:
     replaced: dict[str, torch.Tensor]  # tensor name -> replacement
 
 
+def _weight_layout(
+    root: Path, module_name: str, mod: AdapterModule, shape: tuple[int, ...], layers: list[dict[str, str] | None]
+) -> str:
+    """``"linear"`` ([out, in]) or ``"conv1d"`` ([in, out], GPT-2) for a linear-like adapted weight, or
+    a problem. A non-square stored shape fits one layout only. A square one fits both, and the
+    adapter's ``fan_in_fan_out`` (saved once for all targets) cannot be trusted: the layer class of
+    the model the config builds (:mod:`loramerge.skeleton`) decides, as in adapter mode."""
+    candidates: tuple[Kind, ...] = ("linear", "conv1d")
+    fits = [k for k in candidates if _expected_shape(k, mod.update) == shape]
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        return mod.kind
+    if not layers:
+        layers.append(layer_kinds(root))
+    known = layers[0]
+    layer = kind_of(known, module_name) if known is not None else None
+    if layer in ("linear", "conv1d"):
+        return layer
+    why = (
+        "transformers cannot build this model from its config.json"
+        if known is None
+        else f"the model built from config.json has no unique Linear or Conv1D layer named {module_name!r}"
+    )
+    return (
+        f"the weight is square {shape}, so a Linear ([out, in]) and a GPT-2 Conv1D ([in, out]) store it alike, and "
+        f"{why}; merging it would be a guess. Merge in memory (loramerge.merge on the loaded model) instead."
+    )
+
+
 def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
     """Map every adapter entry to a checkpoint tensor, checking shapes; one error lists every problem."""
     names = set(reader.names)
     problems: list[tuple[str, str]] = []
+    layers: list[dict[str, str] | None] = []  # the model's layer kinds, built once if needed
     modules: dict[str, tuple[AdapterModule, Kind]] = {}
     biases: dict[str, AdapterModule] = {}
     for module_name, mod in adapter.modules.items():
@@ -211,10 +243,12 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
             continue
         shape = reader.tensors[tensor].shape
         kind: Kind = mod.kind
-        if _expected_shape(kind, mod.update) != shape and kind in ("linear", "conv1d"):
-            other: Kind = "conv1d" if kind == "linear" else "linear"
-            if _expected_shape(other, mod.update) == shape:
-                kind = other  # a GPT-2 style Conv1D layout the config did not flag (or the reverse)
+        if kind in ("linear", "conv1d"):
+            resolved = _weight_layout(reader.root, module_name, mod, shape, layers)
+            if isinstance(resolved, str) and resolved not in ("linear", "conv1d"):
+                problems.append((module_name, resolved))
+                continue
+            kind = cast(Kind, resolved)
         if _expected_shape(kind, mod.update) != shape:
             problems.append(
                 (module_name, f"{tensor} has shape {shape}; the adapter's A/B fit {_expected_shape(kind, mod.update)}")

@@ -1,0 +1,78 @@
+"""The base model's module tree without weights: transformers builds it from the checkpoint's
+``config.json`` on the ``meta`` device (no memory), and loramerge reads layer types from it.
+
+A checkpoint stores tensors, not layers: a square ``[n, n]`` weight is the same shape for an
+``nn.Linear`` (``[out, in]``) and for GPT-2's ``Conv1D`` (``[in, out]``), and an adapter's
+``fan_in_fan_out`` flag is saved once for all its targets (PEFT saves ``false`` when the last
+target was a Linear, even if others are Conv1D). The layer class decides, as it does in adapter mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["layer_kinds", "module_kind"]
+
+logger = logging.getLogger(__name__)
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """``"conv1d"`` (transformers' GPT-2 style ``Conv1D``), ``"linear"``, ``"embedding"``, ``"conv"``
+    or ``None`` for a module LoRA cannot target."""
+    name = type(module).__name__
+    if name == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _kinds(root: str, mtime: float) -> tuple[tuple[str, str], ...] | None:
+    try:
+        import transformers
+
+        config: Any = transformers.AutoConfig.from_pretrained(root, trust_remote_code=False)
+        archs = list(getattr(config, "architectures", None) or [])
+        cls: Any = getattr(transformers, archs[0], None) if archs else None
+        with torch.device("meta"):
+            auto: Any = transformers.AutoModel
+            model = cls(config) if cls is not None else auto.from_config(config)
+    except Exception as e:  # custom code, unknown architecture, a config transformers cannot read
+        logger.info("transformers cannot build %s from its config (%s); layer types unknown", root, e)
+        return None
+    out = []
+    for name, module in model.named_modules():
+        kind = module_kind(module)
+        if kind is not None and name:
+            out.append((name, kind))
+    return tuple(out)
+
+
+def layer_kinds(root: Path) -> dict[str, str] | None:
+    """Module path → layer kind (:func:`module_kind`) of the model checkpoint ``root`` describes, or
+    ``None`` when transformers cannot build it from its config (custom code, unknown architecture)."""
+    config = root / "config.json"
+    if not config.is_file():
+        return None
+    found = _kinds(str(root), config.stat().st_mtime)
+    return dict(found) if found is not None else None
+
+
+def kind_of(kinds: dict[str, str], module_name: str) -> str | None:
+    """The kind of ``module_name`` in ``kinds``: by exact name, else by a unique suffix match either
+    way (a checkpoint saved from another head class adds or drops a prefix such as ``model.``)."""
+    if module_name in kinds:
+        return kinds[module_name]
+    matches = {k for n, k in kinds.items() if n.endswith("." + module_name) or module_name.endswith("." + n)}
+    return matches.pop() if len(matches) == 1 else None

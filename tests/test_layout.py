@@ -1,0 +1,59 @@
+"""A checkpoint stores tensors, not layers: the layout of a square weight comes from the layer class
+of the model the config builds, never from the adapter's fan_in_fan_out flag or a shape guess."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import loramerge as lm
+from loramerge.tolerance import relative_errors
+
+
+def _gpt2_with_mixed_targets(tmp: Path) -> tuple[torch.nn.Module, object, Path, Path]:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=False)
+    base = GPT2LMHeadModel(config).eval()
+    base.save_pretrained(tmp / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(
+            copy.deepcopy(base),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "lm_head"], init_lora_weights=False),
+        )
+        pm.save_pretrained(tmp / "adapter")
+    return base, pm.eval(), tmp / "base", tmp / "adapter"
+
+
+def test_square_conv1d_weights_are_merged_in_their_layer_layout(tmp_path: Path) -> None:
+    base, pm, base_dir, adapter_dir = _gpt2_with_mixed_targets(tmp_path)
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved["fan_in_fan_out"] is False, "PEFT saved the flag of the last target (a Linear): the trap"
+    report = lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    assert report.passed
+    merged = lm.load_base(tmp_path / "merged").eval()
+    probes = lm.make_probes(merged)
+    with torch.no_grad():
+        err = relative_errors(merged(**probes).logits.double(), pm(**probes).logits.double())[0]
+    assert err < 1e-5, f"the merged checkpoint is {err:.3g} away from adapter mode"
+    in_memory = lm.merge(copy.deepcopy(base), lm.load_adapter(adapter_dir)).model.state_dict()
+    for name, tensor in merged.state_dict().items():
+        assert torch.equal(tensor, in_memory[name]), name
+
+
+def test_a_square_weight_of_a_model_transformers_cannot_build_is_refused(tmp_path: Path) -> None:
+    _, _, base_dir, adapter_dir = _gpt2_with_mixed_targets(tmp_path)
+    config = json.loads((base_dir / "config.json").read_text())
+    config["model_type"] = "custom-gpt2-with-remote-code"
+    config["architectures"] = ["CustomGPT2"]
+    (base_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(lm.AdapterMismatchError, match="square.*would be a guess"):
+        lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    assert not (tmp_path / "merged").exists()
