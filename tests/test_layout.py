@@ -57,3 +57,73 @@ def test_a_square_weight_of_a_model_transformers_cannot_build_is_refused(tmp_pat
     with pytest.raises(lm.AdapterMismatchError, match="square.*would be a guess"):
         lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", progress=False)
     assert not (tmp_path / "merged").exists()
+
+
+def _bart() -> torch.nn.Module:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    return BartForConditionalGeneration(
+        BartConfig(
+            vocab_size=96,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+        )
+    )
+
+
+def _t5() -> torch.nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=96,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_heads=4,
+            decoder_start_token_id=0,
+        )
+    )
+
+
+@pytest.mark.filterwarnings("ignore::loramerge.LoraMergeWarning")
+@pytest.mark.parametrize(
+    ("build", "targets"), [(_bart, ["shared", "q_proj"]), (_t5, ["shared", "q"])], ids=["bart", "t5"]
+)
+def test_a_delta_on_a_tied_shared_embedding_leaves_its_ties_alone(
+    tmp_path: Path, build: object, targets: list[str]
+) -> None:
+    """T5 and BART store one ``shared`` tensor for both embed_tokens and lm_head. Adapter mode adds
+    the delta to ``shared`` only; the merged checkpoint writes the others with the original values."""
+    torch.manual_seed(0)
+    base = build().eval()  # type: ignore[operator]
+    base.save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(
+            copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        )
+        pm.save_pretrained(tmp_path / "adapter")
+    pm.eval()
+    report = lm.merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", progress=False)
+    assert report.passed
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = lm.load_base(tmp_path / "merged").eval()
+    probes = lm.make_probes(merged)
+    with torch.no_grad():
+        err = relative_errors(merged(**probes).logits.double(), pm(**probes).logits.double())[0]
+    assert err < 1e-5, f"the merged checkpoint is {err:.3g} away from adapter mode"
+    in_memory = lm.merge(copy.deepcopy(base), lm.load_adapter(tmp_path / "adapter")).model.state_dict()
+    for name, tensor in merged.state_dict().items():
+        assert torch.equal(tensor, in_memory[name]), name

@@ -69,7 +69,7 @@ from loramerge.shards import (
     return_freed_memory_to_os,
     scan_file,
 )
-from loramerge.skeleton import kind_of, layer_kinds
+from loramerge.skeleton import kind_of, layer_kinds, tied_groups
 from loramerge.tolerance import Tolerance, ulp
 from loramerge.verification import (
     MAX_PROBE_OUTPUTS,
@@ -300,9 +300,28 @@ def _read_config(root: Path) -> dict[str, Any]:
 
 
 def _untie_plan(root: Path, reader: CheckpointReader, touched: set[str]) -> dict[str, str]:
-    """``{"lm_head.weight": <input embedding>}`` when the checkpoint ties its embeddings (stores one
-    tensor) and the adapter changes the input embedding: the output must then keep the original
-    values for the output embedding, as adapter mode does, and say so in its config."""
+    """``{tied name: stored name}`` for every tensor that shares storage with one the adapter changes
+    (the model's own tied-weights declarations, from the weightless model the config builds): in
+    adapter mode the others do not see the delta, so the output writes them with the original values
+    and says ``tie_word_embeddings=false``. T5 and BART tie ``shared`` to both ``embed_tokens`` and
+    ``lm_head``; decoder LMs tie ``lm_head`` to the input embedding. Without a buildable model, the
+    input-embedding / ``lm_head`` tie of the config is the only one known."""
+    groups = tied_groups(root)
+    if groups is not None:
+        plan: dict[str, str] = {}
+        for group in groups:
+            changed = sorted(n for n in group if n in touched and n in reader.tensors)
+            if changed:
+                plan.update({n: changed[0] for n in group if n not in reader.tensors})
+        if plan:
+            warnings.warn(
+                f"the checkpoint ties {sorted(plan)} to {sorted(set(plan.values()))}, which the adapter changes: the "
+                "output stores them with the original values (as adapter mode computes) and says "
+                "tie_word_embeddings=false in config.json.",
+                LoraMergeWarning,
+                stacklevel=3,
+            )
+        return plan
     config = _read_config(root)
     tied = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings", False))
     changed = sorted(n for n in touched if any(k in n for k in _INPUT_EMBEDDING_KEYS))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["layer_kinds", "module_kind"]
+__all__ = ["kind_of", "layer_kinds", "module_kind", "tied_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def module_kind(module: nn.Module) -> str | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _kinds(root: str, mtime: float) -> tuple[tuple[str, str], ...] | None:
+def _skeleton(root: str, mtime: float) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, ...], ...]] | None:
     try:
         import transformers
 
@@ -51,22 +51,37 @@ def _kinds(root: str, mtime: float) -> tuple[tuple[str, str], ...] | None:
     except Exception as e:  # custom code, unknown architecture, a config transformers cannot read
         logger.info("transformers cannot build %s from its config (%s); layer types unknown", root, e)
         return None
-    out = []
+    kinds = []
     for name, module in model.named_modules():
         kind = module_kind(module)
         if kind is not None and name:
-            out.append((name, kind))
-    return tuple(out)
+            kinds.append((name, kind))
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    groups = tuple(tuple(names) for names in owners.values() if len(names) > 1)
+    return tuple(kinds), groups
 
 
 def layer_kinds(root: Path) -> dict[str, str] | None:
     """Module path → layer kind (:func:`module_kind`) of the model checkpoint ``root`` describes, or
     ``None`` when transformers cannot build it from its config (custom code, unknown architecture)."""
+    found = _build(root)
+    return dict(found[0]) if found is not None else None
+
+
+def tied_groups(root: Path) -> list[tuple[str, ...]] | None:
+    """The parameter names that share one tensor in the model checkpoint ``root`` describes (its
+    own tied-weights declarations, as transformers ties them), or ``None`` when it cannot be built."""
+    found = _build(root)
+    return list(found[1]) if found is not None else None
+
+
+def _build(root: Path) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, ...], ...]] | None:
     config = root / "config.json"
     if not config.is_file():
         return None
-    found = _kinds(str(root), config.stat().st_mtime)
-    return dict(found) if found is not None else None
+    return _skeleton(str(root), config.stat().st_mtime)
 
 
 def kind_of(kinds: dict[str, str], module_name: str) -> str | None:
