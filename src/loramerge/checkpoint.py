@@ -291,6 +291,7 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
 
 
 _INPUT_EMBEDDING_KEYS = ("embed_tokens", "wte.", "word_embeddings", "embed_in")
+_TIEABLE_KEYS = ("embed", "shared", "wte", "wpe", "word_embeddings", "lm_head", "head", "output")
 
 
 def _read_config(root: Path) -> dict[str, Any]:
@@ -306,7 +307,9 @@ def _untie_plan(root: Path, reader: CheckpointReader, touched: set[str]) -> dict
     and says ``tie_word_embeddings=false``. T5 and BART tie ``shared`` to both ``embed_tokens`` and
     ``lm_head``; decoder LMs tie ``lm_head`` to the input embedding. Without a buildable model, the
     input-embedding / ``lm_head`` tie of the config is the only one known."""
-    groups = tied_groups(root)
+    # transformers ties embeddings and output heads only: the weightless model (2-3 s to build) is
+    # consulted when the adapter changes one of those
+    groups = tied_groups(root) if any(k in n for n in touched for k in _TIEABLE_KEYS) else []
     if groups is not None:
         plan: dict[str, str] = {}
         for group in groups:
