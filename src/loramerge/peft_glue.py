@@ -26,15 +26,11 @@ from loramerge.delta import Kind, LoraUpdate
 from loramerge.errors import AdapterMismatchError, LoraMergeWarning, UnsupportedAdapterError
 from loramerge.preserve import ModuleFlags
 from loramerge.quantized import is_quantized_layer
+from loramerge.skeleton import module_kind
 
 __all__ = ["LayerPlan", "adapter_mode", "attach", "check_compatible", "collect_plans", "unwrap"]
 
 logger = logging.getLogger(__name__)
-
-try:  # transformers' GPT-2 style Conv1D (weight stored as [in, out])
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers always has it
-    Conv1D = None  # type: ignore[assignment,misc]
 
 
 def base_layer_of(module: Any) -> nn.Module:
@@ -44,16 +40,7 @@ def base_layer_of(module: Any) -> nn.Module:
 
 def layer_kind(module: nn.Module) -> Kind | None:
     """The LoRA layer kind of a (possibly wrapped) module, or ``None`` when LoRA cannot target it."""
-    base = base_layer_of(module)
-    if isinstance(base, nn.Embedding):
-        return "embedding"
-    if Conv1D is not None and isinstance(base, Conv1D):
-        return "conv1d"
-    if isinstance(base, nn.Linear):
-        return "linear"
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return "conv"
-    return None
+    return cast(Kind | None, module_kind(base_layer_of(module)))
 
 
 def _expected_shapes(kind: Kind, base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
