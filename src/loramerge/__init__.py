@@ -13,13 +13,11 @@ The lifecycle, one function each::
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from loramerge.adapter import Adapter, AdapterModule, load_adapter
-from loramerge.benchmark import BenchReport, bench
-from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint, verify_checkpoint
 from loramerge.errors import (
     AdapterConfigError,
     AdapterMismatchError,
@@ -35,30 +33,46 @@ from loramerge.errors import (
     UnsupportedQuantizationError,
     VerificationError,
 )
-from loramerge.hub import HubError, HubVerification, push_to_hub, verify_hub
-from loramerge.lineage import LineageError, lineage
-from loramerge.loading import load_base
-from loramerge.publish import OutputBusyError
-from loramerge.quantized import QuantSpec
-from loramerge.receipts import Receipt, ReceiptError, load_receipt
-from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
-from loramerge.tolerance import Tolerance
-from loramerge.verification import make_probes, verify
 
 if TYPE_CHECKING:
+    from loramerge.adapter import Adapter, AdapterModule, load_adapter
+    from loramerge.benchmark import BenchReport, bench
+    from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint, verify_checkpoint
+    from loramerge.hub import HubError, HubVerification, push_to_hub, verify_hub
     from loramerge.inmemory import merge, unmerge
+    from loramerge.lineage_records import LineageError, lineage
+    from loramerge.loading import load_base
     from loramerge.peft_glue import attach
+    from loramerge.publish import OutputBusyError
+    from loramerge.quantized import QuantSpec
+    from loramerge.receipts import Receipt, ReceiptError, load_receipt
+    from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
     from loramerge.rounds import RoundResult, next_round, unmerge_rounds
+    from loramerge.tolerance import Tolerance
+    from loramerge.verification import make_probes, verify
 
-# Imported on first use: these pull in peft (and with it transformers and bitsandbytes), seconds of
-# start-up that the checkpoint tools and the command line do not need.
+# Everything but the errors is imported on first use: torch, safetensors, transformers and peft take
+# seconds to import, which `loramerge --version`, `--help` and a typo in a command do not need.
 _LAZY = {
-    "merge": "loramerge.inmemory",
-    "unmerge": "loramerge.inmemory",
+    **dict.fromkeys(("Adapter", "AdapterModule", "load_adapter"), "loramerge.adapter"),
+    **dict.fromkeys(("BenchReport", "bench"), "loramerge.benchmark"),
+    **dict.fromkeys(
+        ("CheckpointMergeReport", "merge_checkpoint", "unmerge_checkpoint", "verify_checkpoint"), "loramerge.checkpoint"
+    ),
+    **dict.fromkeys(("HubError", "HubVerification", "push_to_hub", "verify_hub"), "loramerge.hub"),
+    **dict.fromkeys(("merge", "unmerge"), "loramerge.inmemory"),
+    **dict.fromkeys(("LineageError", "lineage"), "loramerge.lineage_records"),
+    "load_base": "loramerge.loading",
     "attach": "loramerge.peft_glue",
-    "RoundResult": "loramerge.rounds",
-    "next_round": "loramerge.rounds",
-    "unmerge_rounds": "loramerge.rounds",
+    "OutputBusyError": "loramerge.publish",
+    "QuantSpec": "loramerge.quantized",
+    **dict.fromkeys(("Receipt", "ReceiptError", "load_receipt"), "loramerge.receipts"),
+    **dict.fromkeys(
+        ("LayerCheck", "MergeResult", "OutputCheck", "UnmergeResult", "VerificationReport"), "loramerge.reports"
+    ),
+    **dict.fromkeys(("RoundResult", "next_round", "unmerge_rounds"), "loramerge.rounds"),
+    "Tolerance": "loramerge.tolerance",
+    **dict.fromkeys(("make_probes", "verify"), "loramerge.verification"),
 }
 
 
@@ -67,6 +81,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if importlib.util.find_spec(f"loramerge.{name}") is not None:  # a submodule: loramerge.hub, ...
+        return importlib.import_module(f"loramerge.{name}")
     raise AttributeError(f"module 'loramerge' has no attribute {name!r}")
 
 

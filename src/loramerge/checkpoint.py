@@ -42,7 +42,7 @@ from loramerge.errors import (
 )
 from loramerge.hub import hub_path
 from loramerge.io import atomic_directory, read_json_object
-from loramerge.lineage import (
+from loramerge.lineage_records import (
     METADATA_KEY,
     check_last,
     drop_round,

@@ -16,18 +16,10 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from loramerge import __version__
-from loramerge.adapter import load_adapter
-from loramerge.benchmark import bench
-from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint, verify_checkpoint
 from loramerge.errors import LoraMergeError, VerificationError
-from loramerge.hub import push_to_hub, verify_hub
-from loramerge.io import read_json_object
-from loramerge.lineage import lineage
-from loramerge.loading import load_base, resolve_dtype
-from loramerge.quantized import QuantSpec, describe_checkpoint_quantization
-from loramerge.shards import CheckpointReader
-from loramerge.tolerance import Tolerance
-from loramerge.verification import verify
+
+# Commands import what they use when they run: `loramerge --version`, `--help` and argument errors
+# answer without importing torch (seconds).
 
 __all__ = ["main"]
 
@@ -117,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--endpoint", help="with --hub: Hub URL (default HF_ENDPOINT or huggingface.co)")
     ver.add_argument("--model", action="store_true", help="also load both models and check their outputs")
     ver.add_argument("--dtype", help="with --model: load both models in this dtype (default: as stored)")
-    ver.add_argument("--factor", type=float, default=Tolerance.factor, help="tolerance factor (default %(default)s)")
+    ver.add_argument("--factor", type=float, default=None, help="tolerance factor (default: Tolerance's, 2)")
     ver.add_argument("--json", action="store_true", help="print the report as JSON")
     push = sub.add_parser(
         "push", help="push a merged checkpoint or an adapter to the Hub with its model card and proof"
@@ -138,6 +130,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from loramerge.benchmark import bench
+
     report = bench(
         args.base,
         args.adapter,
@@ -155,6 +149,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _lineage(args: argparse.Namespace) -> int:
+    from loramerge.lineage_records import lineage
+
     rounds = lineage(args.path)
     if args.json:
         print(json.dumps(rounds, indent=2))
@@ -175,6 +171,8 @@ def _lineage(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
+    from loramerge.hub import push_to_hub
+
     info = push_to_hub(
         args.source,
         args.repo_id,
@@ -190,6 +188,10 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _inspect_checkpoint(root: Path, as_json: bool) -> int:
+    from loramerge.io import read_json_object
+    from loramerge.quantized import describe_checkpoint_quantization
+    from loramerge.shards import CheckpointReader
+
     config = read_json_object(root / "config.json", "config") if (root / "config.json").is_file() else {}
     reader = CheckpointReader(root)
     dtypes: dict[str, int] = {}
@@ -221,6 +223,8 @@ def _inspect(args: argparse.Namespace) -> int:
     root = Path(args.adapter)
     if (root / "config.json").is_file() and not (root / "adapter_config.json").is_file():
         return _inspect_checkpoint(root, args.json)
+    from loramerge.adapter import load_adapter
+
     adapter = load_adapter(args.adapter)
     if args.json:
         data = {
@@ -251,6 +255,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from loramerge.adapter import load_adapter
+    from loramerge.checkpoint import verify_checkpoint
+    from loramerge.hub import verify_hub
+    from loramerge.loading import load_base, resolve_dtype
+    from loramerge.verification import verify
+
     if args.hub:
         if args.base or args.adapter or args.merged:
             raise ValueError("--hub REPO_ID takes no BASE ADAPTER MERGED")
@@ -259,7 +269,9 @@ def _verify(args: argparse.Namespace) -> int:
         return 0 if hub_report.passed else 1
     if not (args.base and args.adapter and args.merged):
         raise ValueError("verify needs BASE ADAPTER MERGED, or --hub REPO_ID")
-    tolerance = Tolerance(factor=args.factor)
+    from loramerge.tolerance import Tolerance
+
+    tolerance = Tolerance(factor=args.factor) if args.factor is not None else Tolerance()
     adapter = load_adapter(args.adapter)
     report = verify_checkpoint(args.base, adapter, args.merged, tolerance=tolerance, progress=not args.json)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
@@ -274,6 +286,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _stream_command(args: argparse.Namespace) -> int:
+    from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint
+    from loramerge.quantized import QuantSpec
+
     report: CheckpointMergeReport
     try:
         if args.command == "merge":
@@ -348,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             from loramerge.demo import run_demo
+            from loramerge.loading import resolve_dtype
 
             dtype = resolve_dtype(args.dtype)
             assert dtype is not None

@@ -33,7 +33,7 @@ from torch import nn
 from loramerge.confine import confined_file, side_files
 from loramerge.errors import LoraMergeError, UnsafePathError
 from loramerge.io import read_json_object
-from loramerge.lineage import public_record
+from loramerge.lineage_records import public_record
 
 __all__ = ["HubError", "HubVerification", "hub_path", "push_to_hub", "verify_hub"]
 
@@ -450,7 +450,7 @@ def push_to_hub(
             fp = fingerprint(model)
         lineage_rounds = previous.get("lineage")
         if model is not None and lineage_rounds is None:
-            from loramerge.lineage import lineage as model_lineage
+            from loramerge.lineage_records import lineage as model_lineage
 
             lineage_rounds = model_lineage(model) or None
         _publicize_config(staging)

@@ -29,7 +29,7 @@ from loramerge.errors import (
     UnsupportedAdapterError,
     VerificationError,
 )
-from loramerge.lineage import (
+from loramerge.lineage_records import (
     adapter_fingerprint,
     check_last,
     drop_round,

@@ -21,7 +21,7 @@ from loramerge.adapter import load_adapter
 from loramerge.confine import confined_file
 from loramerge.errors import LoraMergeError
 from loramerge.inmemory import merge, unmerge
-from loramerge.lineage import fingerprint_of, lineage, set_model_lineage
+from loramerge.lineage_records import fingerprint_of, lineage, set_model_lineage
 from loramerge.receipts import ReceiptError
 from loramerge.reports import MergeResult, UnmergeResult
 
