@@ -155,3 +155,41 @@ def test_temporaries_of_a_killed_process_are_removed_by_the_next_run(tmp_path: P
         (tmp / "weights").write_text("next")
     assert (out / "weights").read_text() == "next"
     assert _leftovers(tmp_path) == [f".other.tmp-{os.getpid()}-alive"]
+
+
+STREAMING_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import loramerge.checkpoint as ckpt
+    real = ckpt.merge_tensor_
+    def slow(*args, **kwargs):
+        print("streaming", flush=True)
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+    ckpt.merge_tensor_ = slow
+    ckpt.merge_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_mid_stream_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
+    import torch
+
+    from conftest import CASES, make_base, save_adapter
+
+    case = next(c for c in CASES if c.id == "llama-linear-patterns")
+    base = make_base(case, torch.bfloat16)
+    base.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    adapter = save_adapter(base, case.lora, tmp_path / "adapter")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    args = [str(tmp_path / "base"), str(adapter), str(tmp_path / "out")]
+    proc = subprocess.Popen([sys.executable, "-c", STREAMING_CHILD, *args], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "streaming"
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")], "the merge is writing its temporary"
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert not (tmp_path / "out").exists()
+    assert _leftovers(tmp_path) == [], "temporary directory and lock removed"
