@@ -23,6 +23,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from loramerge.errors import InvalidArgumentError
+
 __all__ = ["BenchReport", "BenchRow", "bench"]
 
 MODES = ("base", "adapter", "merged")
@@ -221,7 +223,7 @@ def bench(
 
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
-        raise ValueError(f"unknown modes {unknown}; use {list(MODES)}")
+        raise InvalidArgumentError(f"unknown modes {unknown}; use {list(MODES)}")
     torch_dtype = resolve_dtype(dtype)
     loaded = load_adapter(adapter)
     rows: list[BenchRow] = []

@@ -33,6 +33,7 @@ from loramerge.delta import Kind, LoraUpdate, check_updates, merge_tensor_, unme
 from loramerge.directio import BufferPool
 from loramerge.errors import (
     AdapterMismatchError,
+    InvalidArgumentError,
     LoraMergeWarning,
     NonFiniteMergeError,
     UnmergeImpossibleError,
@@ -792,9 +793,11 @@ def merge_checkpoint(
         else load_adapter(adapter, revision=adapter_revision, token=token, endpoint=endpoint)
     )
     if qlora_base not in (None, "original", "simulated"):
-        raise ValueError(f"qlora_base={qlora_base!r}: use 'simulated' or 'original'")
+        raise InvalidArgumentError(f"qlora_base={qlora_base!r}: use 'simulated' or 'original'")
     if quantization is not None and qlora_base is None:
-        raise ValueError("quantization= describes a QLoRA base; pass qlora_base='simulated' or 'original' with it")
+        raise InvalidArgumentError(
+            "quantization= describes a QLoRA base; pass qlora_base='simulated' or 'original' with it"
+        )
     spec = QuantSpec.of(quantization) if qlora_base is not None else None
     method = checkpoint_quantization(_read_config(base_dir))
     if method is not None:
@@ -804,7 +807,7 @@ def merge_checkpoint(
                 "Merge into the unquantized base checkpoint instead (qlora_base='original' or 'simulated')."
             )
         if qlora_base is not None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{str(base_dir)!r} is already quantized with bitsandbytes: qlora_base= chooses between the 16-bit "
                 "weights and a simulation of them, which a pre-quantized checkpoint does not have. Leave it out."
             )
@@ -812,7 +815,7 @@ def merge_checkpoint(
             base_dir, loaded, out_dir, dtype, max_shard_size, overwrite, bool(verify), tolerance, started
         )
     if receipt and qlora_base == "simulated":
-        raise ValueError(
+        raise InvalidArgumentError(
             "receipt=True (--receipt) cannot be combined with qlora_base='simulated': a receipt restores the weights "
             "merged into, and those are the simulated quantized ones, not this checkpoint. Drop the receipt, or use "
             "qlora_base='original'."

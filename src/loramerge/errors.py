@@ -16,6 +16,7 @@ __all__ = [
     "AdapterConfigError",
     "AdapterMismatchError",
     "AdapterNotFoundError",
+    "InvalidArgumentError",
     "LoraMergeError",
     "LoraMergeWarning",
     "NonFiniteMergeError",
@@ -30,6 +31,11 @@ __all__ = [
 
 class LoraMergeError(Exception):
     """Root of every error loramerge raises on purpose."""
+
+
+class InvalidArgumentError(LoraMergeError, ValueError, TypeError):
+    """An argument or option has a value loramerge cannot use (``max_shard_size="abc"``,
+    ``Tolerance(factor=0)``, an unknown dtype, ...); the message names it and what it accepts."""
 
 
 class AdapterNotFoundError(LoraMergeError, FileNotFoundError):

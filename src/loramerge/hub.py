@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from loramerge.confine import confined_file, side_files
-from loramerge.errors import LoraMergeError, UnsafePathError
+from loramerge.errors import InvalidArgumentError, LoraMergeError, UnsafePathError
 from loramerge.io import read_json_object
 from loramerge.lineage_records import public_record
 
@@ -299,7 +299,7 @@ def _as_dict(report: Any) -> dict[str, Any] | None:
     if callable(to_dict):
         value = to_dict()
         return dict(value) if isinstance(value, Mapping) else None
-    raise TypeError(f"report= takes a loramerge report or a dict, not {type(report).__name__}")
+    raise InvalidArgumentError(f"report= takes a loramerge report or a dict, not {type(report).__name__}")
 
 
 def _stage(source: str | Path | nn.Module, staging: Path) -> tuple[Path, str, nn.Module | None]:

@@ -23,6 +23,7 @@ from loramerge.adapter import Adapter
 from loramerge.delta import LoraUpdate, check_updates, merge_tensor_, unmerge_tensor_
 from loramerge.errors import (
     AdapterMismatchError,
+    InvalidArgumentError,
     LoraMergeError,
     NonFiniteMergeError,
     UnmergeImpossibleError,
@@ -135,16 +136,16 @@ def _quant_plan(inner: nn.Module, dtype: str | torch.dtype | None, mode: str) ->
     layers = quantized_layers(inner)
     wanted = resolve_dtype(dtype)
     if mode not in ("dequantize", "requantize"):
-        raise ValueError(f"quantized={mode!r}: use 'dequantize' (default) or 'requantize'")
+        raise InvalidArgumentError(f"quantized={mode!r}: use 'dequantize' (default) or 'requantize'")
     if not layers:
         if wanted is not None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "dtype= sets the dtype of a dequantized (bitsandbytes) base; this model is not quantized. "
                 "Convert it with model.to(dtype) before merging instead."
             )
         return None
     if mode == "requantize" and wanted is not None:
-        raise ValueError("dtype= does not apply with quantized='requantize' (the base's own format is kept)")
+        raise InvalidArgumentError("dtype= does not apply with quantized='requantize' (the base's own format is kept)")
     formats = sorted({quant_format(m).describe() for m in layers.values()})
     target = wanted or torch.bfloat16
     return _QuantPlan(cast(QuantizedMode, mode), target, "; ".join(formats), len(layers))
@@ -416,7 +417,7 @@ def _merge(
     receipt: Receipt | None = None
     if want_receipt:
         if len(names) != 1 or any(p.quantized for p in plans):
-            raise ValueError(
+            raise InvalidArgumentError(
                 "receipt=True needs exactly one adapter merged into a non-quantized base (merge adapters one at a time)"
             )
         receipt = Receipt(fingerprint)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loramerge.errors import AdapterNotFoundError, UnsafeFormatError
+from loramerge.errors import AdapterNotFoundError, InvalidArgumentError, UnsafeFormatError
 from loramerge.hub import hub_path
 from loramerge.io import read_json_object
 
@@ -45,7 +45,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     try:
         return _DTYPES[str(dtype).lower().replace("torch.", "")]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
 
 def load_base(

@@ -22,7 +22,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from loramerge.errors import UnsupportedQuantizationError
+from loramerge.errors import InvalidArgumentError, UnsupportedQuantizationError
 from loramerge.tolerance import ulp
 
 __all__ = [
@@ -510,9 +510,11 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if self.quant_type not in ("nf4", "fp4", "int8"):
-            raise ValueError(f"quant_type {self.quant_type!r}: use 'nf4', 'fp4' or 'int8'")
+            raise InvalidArgumentError(f"quant_type {self.quant_type!r}: use 'nf4', 'fp4' or 'int8'")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise ValueError(f"blocksize {self.blocksize}: bitsandbytes supports powers of two from 32 to 4096")
+            raise InvalidArgumentError(
+                f"blocksize {self.blocksize}: bitsandbytes supports powers of two from 32 to 4096"
+            )
 
     @classmethod
     def of(cls, value: Any) -> QuantSpec:
@@ -530,7 +532,7 @@ class QuantSpec:
             if getattr(value, "load_in_8bit", False):
                 return cls(quant_type="int8", double_quant=False)
             return cls(quant_type=str(value.bnb_4bit_quant_type), double_quant=bool(value.bnb_4bit_use_double_quant))
-        raise TypeError(f"cannot read a quantization spec from {type(value).__name__}")
+        raise InvalidArgumentError(f"cannot read a quantization spec from {type(value).__name__}")
 
     def describe(self) -> str:
         """E.g. ``nf4, double quantization, blocks of 64``."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from loramerge.errors import LoraMergeError
+from loramerge.errors import InvalidArgumentError, LoraMergeError
 
 __all__ = ["Receipt", "ReceiptError", "TensorReceipt", "load_receipt"]
 
@@ -233,4 +233,4 @@ def as_receipt(value: Receipt | str | Path | Mapping[str, object]) -> Receipt:
         return value
     if isinstance(value, (str, Path)):
         return load_receipt(value)
-    raise TypeError(f"receipt= takes a Receipt or a path, not {type(value).__name__}")
+    raise InvalidArgumentError(f"receipt= takes a Receipt or a path, not {type(value).__name__}")

@@ -31,7 +31,13 @@ from safetensors import SafetensorError, safe_open
 
 from loramerge.confine import confined_file, side_files
 from loramerge.directio import BufferPool, SequentialWriter, byte_view, pread_exact, read_blocks
-from loramerge.errors import AdapterConfigError, AdapterNotFoundError, LoraMergeError, OutputWriteError
+from loramerge.errors import (
+    AdapterConfigError,
+    AdapterNotFoundError,
+    InvalidArgumentError,
+    LoraMergeError,
+    OutputWriteError,
+)
 
 __all__ = [
     "CheckpointReader",
@@ -83,7 +89,7 @@ def parse_size(size: int | str) -> int:
     """
     hint = "give a positive size such as 5GB, 500MB, 2GiB or a number of bytes"
     if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise ValueError(f"max_shard_size {size!r}: {hint}")
+        raise InvalidArgumentError(f"max_shard_size {size!r}: {hint}")
     number: float
     if isinstance(size, int):
         number = size
@@ -108,9 +114,9 @@ def parse_size(size: int | str) -> int:
         try:
             number = float(text) * factor
         except ValueError:
-            raise ValueError(f"max_shard_size {size!r} is not a size: {hint}") from None
+            raise InvalidArgumentError(f"max_shard_size {size!r} is not a size: {hint}") from None
     if not math.isfinite(number) or number < 1 or number > 2**50:
-        raise ValueError(f"max_shard_size {size!r} is out of range: {hint} (at most 1 PiB)")
+        raise InvalidArgumentError(f"max_shard_size {size!r} is out of range: {hint} (at most 1 PiB)")
     return int(number)
 
 

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from loramerge.errors import InvalidArgumentError
+
 __all__ = ["Tolerance", "reference_dtype", "ulp", "unit_roundoff"]
 
 _SIGNIFICAND_BITS: dict[torch.dtype, int] = {
@@ -45,7 +47,7 @@ def unit_roundoff(dtype: torch.dtype) -> float:
         0.00390625
     """
     if dtype not in _SIGNIFICAND_BITS:
-        raise ValueError(f"unit_roundoff: {dtype} is not a supported floating-point dtype")
+        raise InvalidArgumentError(f"unit_roundoff: {dtype} is not a supported floating-point dtype")
     return 2.0 ** (-_SIGNIFICAND_BITS[dtype])
 
 
@@ -71,7 +73,7 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         [0.0078125, 0.015625]
     """
     if dtype not in _SIGNIFICAND_BITS:
-        raise ValueError(f"ulp: {dtype} is not a supported floating-point dtype")
+        raise InvalidArgumentError(f"ulp: {dtype} is not a supported floating-point dtype")
     p = _SIGNIFICAND_BITS[dtype]
     if dtype == torch.float64:
         xf, int_dtype, mantissa, exp_mask = x.to(torch.float64), torch.int64, 52, 0x7FF0000000000000
@@ -114,9 +116,9 @@ class Tolerance:
         for name in ("factor", "ulp"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"Tolerance.{name} must be a positive finite number, got {value!r}")
+                raise InvalidArgumentError(f"Tolerance.{name} must be a positive finite number, got {value!r}")
         if self.floor is not None and not (math.isfinite(self.floor) and self.floor >= 0):
-            raise ValueError(f"Tolerance.floor must be None or a finite number >= 0, got {self.floor!r}")
+            raise InvalidArgumentError(f"Tolerance.floor must be None or a finite number >= 0, got {self.floor!r}")
 
     def floor_for(self, dtype: torch.dtype) -> float:
         """The relative floor used for a model or layer computing in ``dtype``."""
