@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import loramerge as lm
 from loramerge.tolerance import relative_errors
+from test_modes import ARCHS
 
 
 def _gpt2_with_mixed_targets(tmp: Path) -> tuple[torch.nn.Module, object, Path, Path]:
@@ -60,38 +61,11 @@ def test_a_square_weight_of_a_model_transformers_cannot_build_is_refused(tmp_pat
 
 
 def _bart() -> torch.nn.Module:
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    return BartForConditionalGeneration(
-        BartConfig(
-            vocab_size=96,
-            d_model=32,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
-            max_position_embeddings=64,
-        )
-    )
+    return ARCHS["bart"][0]()
 
 
 def _t5() -> torch.nn.Module:
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    return T5ForConditionalGeneration(
-        T5Config(
-            vocab_size=96,
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=1,
-            num_decoder_layers=1,
-            num_heads=4,
-            decoder_start_token_id=0,
-        )
-    )
+    return ARCHS["t5"][0]()
 
 
 @pytest.mark.filterwarnings("ignore::loramerge.LoraMergeWarning")
