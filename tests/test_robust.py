@@ -174,3 +174,29 @@ def test_a_crash_inside_unmerge_verification_is_a_verification_error(
     with pytest.raises(VerificationError, match="could not run after the unmerge") as e:
         loramerge.unmerge(merged, adapter)
     assert e.value.result is not None and e.value.result.model is merged
+
+
+def test_a_mistake_shared_by_the_merge_and_its_own_reference_is_caught_by_peft_s_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wrong scale read the same way by the merge and by loramerge's own per-layer reference is
+    self-consistent; PEFT's own layer (the oracle) is not fooled, and names the layer."""
+    import dataclasses
+
+    import loramerge.peft_glue as glue
+
+    real = glue._lora_update
+
+    def wrong_scale(*args: Any, **kwargs: Any) -> Any:
+        up = real(*args, **kwargs)
+        return dataclasses.replace(up, scale=up.scale * 1.1)
+
+    monkeypatch.setattr(glue, "_lora_update", wrong_scale)
+    torch.manual_seed(0)
+    pm = peft(tiny_llama().eval(), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(VerificationError, match="against PEFT's own LoRA layer") as e:
+        loramerge.merge(pm, check_outputs=False)  # only the per-layer checks
+    failed = [c for c in e.value.report.layers if not c.passed]
+    assert failed and all("PEFT's own LoRA layer" in c.reason for c in failed)
+    assert not any("on probe vectors" in c.reason for c in failed), "loramerge's own reference was fooled, as designed"
+    assert {c.name for c in failed} == {c.name for c in e.value.report.layers}

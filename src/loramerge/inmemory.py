@@ -68,8 +68,10 @@ from loramerge.verification import (
     bias_of,
     exact_layer_output,
     loses_precision,
+    oracle_check,
     output_check,
     output_subset,
+    peft_layer_output,
     probe_batch,
     probe_inputs,
     reference_outputs,
@@ -427,6 +429,7 @@ def _merge(
                 receipt.originals[f"{module_name}.{pname}"] = p.detach().cpu().clone()
     notes: list[str] = []
     layer_probes: list[LayerProbe] = []
+    oracles: dict[str, torch.Tensor | None] = {}
     base_errors: dict[str, float] = {}
     problems: list[str] = []
     if verify:
@@ -445,6 +448,8 @@ def _merge(
         if verify and not problems:
             probe = LayerProbe(plan.name, plan.kind, weight, bias_of(plan.layer), ups, seed, MAX_PROBE_OUTPUTS)
             layer_probes.append(probe)
+            if not plan.quantized:  # PEFT's own layer, as adapter mode runs it: the independent reference
+                oracles[plan.name] = peft_layer_output(inner.get_submodule(plan.name), probe)
             if plan.quantized and qplan is not None and qplan.mode == "requantize":
                 base_errors[plan.name] = relative_errors(probe.outputs(weight, bias_of(plan.layer)), probe.reference)[0]
     _raise_problems(problems, "merging")
@@ -574,6 +579,7 @@ def _merge(
                 merged_w = plan.weight.detach()
                 out = probe.outputs(merged_w, bias_of(plan.layer))
                 check = probe.check(out, tol, st.relative_residual, st.max_ulp, "", probe.storage(merged_w))
+                check = oracle_check(check, out, oracles.get(plan.name))
                 layers.append(dataclasses.replace(check, dtype=str(merged_w.dtype).replace("torch.", "")))
             if model_ref is not None and batch is not None:
                 with keep_layout(plain):  # re-quantized layers too

@@ -730,6 +730,41 @@ class LayerProbe:
         )
 
 
+def peft_layer_output(module: nn.Module, probe: LayerProbe) -> torch.Tensor | None:
+    """What PEFT's own LoRA layer (``module``, the wrapper adapter mode runs, with its active
+    adapters) computes on ``probe``'s inputs, run in the probe's reference dtype and restricted to
+    its output features: an oracle that shares no code with loramerge's merge math.
+
+    ``None`` where it cannot be run this way (convolutions, whose probes are flattened patches, and
+    quantized base layers, whose weights cannot be widened).
+    """
+    if probe.kind == "conv" or quantized_layers(module):
+        return None
+    x = probe.x_exact
+    with widened(module, probe.ref_dtype), torch.no_grad(), preserved(module):
+        module.eval()
+        out = cast(torch.Tensor, module(x)).to(probe.ref_dtype)
+    if probe.idx is not None:
+        out = out.index_select(-1, probe.idx.to(out.device))
+    return out
+
+
+def oracle_check(check: LayerCheck, value: torch.Tensor, oracle: torch.Tensor | None) -> LayerCheck:
+    """``check`` (from :meth:`LayerProbe.check`) also judged against PEFT's own layer output
+    (:func:`peft_layer_output`), under the same limit: a mistake shared by loramerge's merge and its
+    own reference (a scale, a layout) cannot pass both."""
+    if oracle is None:
+        return check
+    err, _ = relative_errors(value, oracle)
+    if math.isfinite(err) and err <= check.limit:
+        return check
+    reason = (
+        f"output error {err:.3g} against PEFT's own LoRA layer exceeds the limit {check.limit:.3g}: loramerge's "
+        "merge and PEFT's adapter mode disagree on this layer"
+    )
+    return dataclasses.replace(check, passed=False, reason="; ".join(r for r in (check.reason, reason) if r))
+
+
 def weight_space_check(
     kind: Kind, base_w: torch.Tensor, merged_w: torch.Tensor, updates: Sequence[LoraUpdate], tolerance: Tolerance
 ) -> tuple[float, float, str]:
@@ -864,6 +899,7 @@ def _verify(
     )
     merged_params = dict(merged.named_parameters(remove_duplicate=False))
     layers: list[LayerCheck] = []
+    judged: list[tuple[LayerProbe, torch.Tensor]] = []
     touched: set[str] = set()
     for name, mod in adapter.modules.items():
         kind = kinds[name]
@@ -882,6 +918,12 @@ def _verify(
         probe = LayerProbe(name, kind, base_w, base_b.detach() if base_b is not None else None, [update], seed)
         out = probe.outputs(merged_w.detach(), merged_b.detach() if merged_b is not None else None)
         layers.append(probe.check(out, tol, rel, max_ulp, reason, probe.storage(merged_w)))
+        judged.append((probe, out))
+    if not quantized and judged:  # PEFT's own layers, attached to the base as adapter mode runs them
+        with adapter_mode(base, [adapter]) as peft_model:
+            inner = cast(nn.Module, cast(Any, peft_model).base_model.model)
+            oracles = [peft_layer_output(inner.get_submodule(p.name), p) for p, _ in judged]
+        layers = [oracle_check(c, out, o) for c, (_, out), o in zip(layers, judged, oracles, strict=True)]
     changed: list[str] = []
     checked = 0
     merged_state = merged.state_dict()
