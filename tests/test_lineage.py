@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -358,3 +360,35 @@ def test_checkpoint_with_a_wrong_or_corrupt_receipt_writes_nothing(tmp_path: Pat
         lm.unmerge_checkpoint(tmp_path / "m0", a0, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_bench_interleaves_the_modes_and_says_when_numbers_are_noise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import loramerge.benchmark as benchmark
+
+    torch.manual_seed(0)
+    base = tiny_llama().to(torch.float32).eval()
+    base.save_pretrained(tmp_path / "base")
+    adapter = save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}, tmp_path / "a")
+    order: list[tuple[str, str]] = []
+    real_warm, real_run = benchmark._Case.warm_up, benchmark._Case.run_once
+
+    def warm(self: Any) -> None:
+        order.append(("warm", self.mode))
+        real_warm(self)
+
+    def run(self: Any) -> None:
+        order.append(("run", self.mode))
+        real_run(self)
+
+    monkeypatch.setattr(benchmark._Case, "warm_up", warm)
+    monkeypatch.setattr(benchmark._Case, "run_once", run)
+    report = lm.bench(tmp_path / "base", adapter, dtype="fp32", prompt_len=8, new_tokens=2, batches=(1,), repeats=3)
+    modes = ["base", "adapter", "merged"]
+    assert order == [("warm", m) for m in modes] + [("run", m) for _ in range(3) for m in modes]
+    assert any("too small for these throughputs to mean anything" in n for n in report.notes)
+    # base and merged have the same shapes: a gap beyond their spread is reported as noise
+    rows = [dataclasses.replace(r, prefill_tps=r.prefill_tps * (3 if r.mode == "base" else 1)) for r in report.rows]
+    assert any("measurement noise" in n for n in benchmark._spread_notes(rows, 10**9))
+    assert not benchmark._spread_notes([r for r in report.rows if r.mode == "adapter"], 10**9)

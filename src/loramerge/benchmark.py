@@ -1,11 +1,13 @@
 """Adapter mode or merged? Measure it: base vs PEFT adapter mode vs merged, on your model and hardware.
 
-For each mode the model is built fresh (the base, the base with the adapter attached, the base
-with the adapter merged) and timed on random token ids: prefill (one forward over the prompt) and
-decode (one token at a time with the KV cache), at each batch size. The first run of each
-measurement is reported apart (warm-up: allocation, kernel selection); then ``repeats`` runs give
-the median and the spread. Peak memory is the accelerator's allocator peak on CUDA, and the
-process's peak resident memory on the CPU (reset before each mode where Linux allows it).
+The three models (the base, the base with the adapter attached, the base with the adapter merged)
+are built once and held together, then timed on the same random token ids: prefill (one forward
+over the prompt) and decode (one token at a time with the KV cache), at each batch size. Each mode
+is first warmed up at the measured shapes (those first runs are reported apart: allocation, kernel
+selection); then the modes are timed interleaved, one run of each in turn per repetition, so that
+a slow minute of the machine falls on all of them alike. The report gives the median and the
+spread of ``repeats`` runs, and says when base and merged (the same shapes) differ by more than
+their spread, or when the model is too small for the numbers to mean anything.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -122,18 +125,6 @@ def _reset_peak(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
@@ -142,47 +133,96 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _measure(
-    model: nn.Module, mode: str, batch: int, prompt_len: int, new_tokens: int, repeats: int, vocab: int, seed: int
-) -> BenchRow:
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed + batch)
-    ids = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(device)
-    step_ids = torch.randint(0, vocab, (batch, new_tokens), generator=gen).to(device)
-    call = cast(Callable[..., Any], model)
+class _Case:
+    """One mode at one batch size: its inputs, timing closures and the times gathered."""
 
-    def prefill() -> None:
-        call(input_ids=ids, use_cache=False)
+    def __init__(
+        self, model: nn.Module, mode: str, batch: int, prompt_len: int, new_tokens: int, vocab: int, seed: int
+    ):
+        self.model, self.mode, self.batch = model, mode, batch
+        self.prompt_len, self.new_tokens = prompt_len, new_tokens
+        self.device = next(model.parameters()).device
+        gen = torch.Generator().manual_seed(seed + batch)  # the same inputs for every mode
+        self.ids = torch.randint(0, vocab, (batch, prompt_len), generator=gen).to(self.device)
+        self.step_ids = torch.randint(0, vocab, (batch, new_tokens), generator=gen).to(self.device)
+        self.prefill_times: list[float] = []
+        self.decode_times: list[float] = []
+        self.first_prefill = self.first_decode = math.nan
+        self.extra_mb = 0.0
 
-    def decode() -> None:
-        out = call(input_ids=ids, use_cache=True)
+    def prefill(self) -> None:
+        cast(Callable[..., Any], self.model)(input_ids=self.ids, use_cache=False)
+
+    def decode(self) -> None:
+        call = cast(Callable[..., Any], self.model)
+        out = call(input_ids=self.ids, use_cache=True)
         past = out.past_key_values
-        for i in range(new_tokens):
-            out = call(input_ids=step_ids[:, i : i + 1], past_key_values=past, use_cache=True)
+        for i in range(self.new_tokens):
+            out = call(input_ids=self.step_ids[:, i : i + 1], past_key_values=past, use_cache=True)
             past = out.past_key_values
 
-    with torch.inference_mode():
-        _reset_peak(device)
-        first_prefill = _timed(prefill, device)
-        prefill_times = [_timed(prefill, device) for _ in range(repeats)]
-        first_decode = _timed(decode, device)
-        decode_times = [_timed(decode, device) - statistics.median(prefill_times) for _ in range(repeats)]
-        peak = _peak_mb(device)
-    prefill_tps = [batch * prompt_len / t for t in prefill_times]
-    decode_tps = [batch * new_tokens / max(t, 1e-9) for t in decode_times]
-    return BenchRow(
-        mode,
-        batch,
-        statistics.median(prefill_tps),
-        min(prefill_tps),
-        max(prefill_tps),
-        statistics.median(decode_tps),
-        min(decode_tps),
-        max(decode_tps),
-        first_prefill,
-        first_decode,
-        peak,
-    )
+    def warm_up(self) -> None:
+        _reset_peak(self.device)
+        before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        self.first_prefill = _timed(self.prefill, self.device)
+        self.first_decode = _timed(self.decode, self.device)
+        if self.device.type == "cuda":
+            self.extra_mb = (torch.cuda.max_memory_allocated(self.device) - before) / 2**20
+
+    def run_once(self) -> None:
+        self.prefill_times.append(_timed(self.prefill, self.device))
+        self.decode_times.append(_timed(self.decode, self.device))
+
+    def row(self) -> BenchRow:
+        prefill_tps = [self.batch * self.prompt_len / t for t in self.prefill_times]
+        # decode time excludes the prefill that starts it (the median prefill of the same repetitions)
+        prefill_s = statistics.median(self.prefill_times)
+        decode_tps = [self.batch * self.new_tokens / max(t - prefill_s, 1e-9) for t in self.decode_times]
+        weights_mb = (
+            sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())) / 2**20
+        )
+        return BenchRow(
+            self.mode,
+            self.batch,
+            statistics.median(prefill_tps),
+            min(prefill_tps),
+            max(prefill_tps),
+            statistics.median(decode_tps),
+            min(decode_tps),
+            max(decode_tps),
+            self.first_prefill,
+            self.first_decode,
+            weights_mb + self.extra_mb,
+        )
+
+
+def _spread_notes(rows: Sequence[BenchRow], params: int) -> list[str]:
+    """Say when the numbers cannot be trusted: base and merged have the same shapes, so a gap between
+    them larger than their spread is noise, not a property of the modes."""
+    notes = []
+    by = {(r.mode, r.batch): r for r in rows}
+    for (mode, batch), base in sorted(by.items()):
+        merged = by.get(("merged", batch))
+        if mode != "base" or merged is None:
+            continue
+        for metric in ("prefill_tps", "decode_tps"):
+            a, b = getattr(base, metric), getattr(merged, metric)
+            spread = max(
+                getattr(base, metric + "_max") - getattr(base, metric + "_min"),
+                getattr(merged, metric + "_max") - getattr(merged, metric + "_min"),
+            )
+            if abs(a - b) > spread:
+                notes.append(
+                    f"base and merged {metric.split('_')[0]} at batch {batch} differ by {abs(a - b):.3g} tok/s, more than "
+                    f"their spread ({spread:.3g}); they have the same shapes, so this is measurement noise: repeat with "
+                    "more repeats or a larger model"
+                )
+    if params < 50_000_000:
+        notes.append(
+            f"the model has {params / 1e6:.1f}M parameters: too small for these throughputs to mean anything about "
+            "adapter mode vs merged on real models (scheduling and Python overhead dominate)"
+        )
+    return notes
 
 
 def bench(
@@ -226,8 +266,14 @@ def bench(
         raise InvalidArgumentError(f"unknown modes {unknown}; use {list(MODES)}")
     torch_dtype = resolve_dtype(dtype)
     loaded = load_adapter(adapter)
-    rows: list[BenchRow] = []
-    notes = ["merged model built with loramerge.merge(verify=False); adapter mode is PEFT's LoRA forward"]
+    notes = [
+        "merged model built with loramerge.merge(verify=False); adapter mode is PEFT's LoRA forward",
+        "modes are held in memory together and timed interleaved (one run of each mode in turn, per repetition), "
+        "after a warm-up of each at the measured shapes; peak MB is the model's weights plus, on CUDA, the peak "
+        "memory its runs allocate",
+    ]
+    models: dict[str, nn.Module] = {}
+    vocab = 100
     for mode in modes:
         model: nn.Module = load_base(base, dtype=torch_dtype, device=device)
         vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 100)
@@ -235,13 +281,24 @@ def bench(
             model = attach(model, loaded)
         elif mode == "merged":
             model = merge(model, loaded, verify=False).model
-        model.eval()
+        models[mode] = model.eval()
+    params = sum(p.numel() for p in next(iter(models.values())).parameters())
+    rows: list[BenchRow] = []
+    with torch.inference_mode():
         for batch in batches:
-            rows.append(_measure(model, mode, int(batch), prompt_len, new_tokens, repeats, vocab, seed))
-        del model
-        gc.collect()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+            cases = [_Case(models[m], m, int(batch), prompt_len, new_tokens, vocab, seed) for m in modes]
+            for case in cases:
+                case.warm_up()
+            for _ in range(repeats):
+                for case in cases:
+                    case.run_once()
+            rows.extend(case.row() for case in cases)
+    rows.sort(key=lambda r: (list(modes).index(r.mode), r.batch))
+    notes.extend(_spread_notes(rows, params))
+    del models
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     return BenchReport(
