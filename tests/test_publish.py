@@ -151,10 +151,12 @@ def test_temporaries_of_a_killed_process_are_removed_by_the_next_run(tmp_path: P
     left = [n for n in _leftovers(tmp_path) if ".tmp-" in n]
     assert left, "SIGKILL cannot clean up"
     (tmp_path / f".other.tmp-{os.getpid()}-alive").mkdir()  # a live process's temporary is left alone
+    (tmp_path / ".tool.tmp-999999999-x").mkdir()  # a dead process's, but another tool's: left alone
     with atomic_directory(out) as tmp:
         (tmp / "weights").write_text("next")
     assert (out / "weights").read_text() == "next"
-    assert _leftovers(tmp_path) == [f".other.tmp-{os.getpid()}-alive"]
+    assert not (out / publish.MARKER).exists()
+    assert _leftovers(tmp_path) == [f".other.tmp-{os.getpid()}-alive", ".tool.tmp-999999999-x"]
 
 
 STREAMING_CHILD = textwrap.dedent(

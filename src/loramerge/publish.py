@@ -39,6 +39,7 @@ __all__ = ["OutputBusyError", "atomic_directory", "remove_stale_temporaries"]
 
 logger = logging.getLogger(__name__)
 
+MARKER = ".loramerge-temporary"  # inside every temporary directory, so that only ours are ever removed
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-[A-Za-z0-9_]+)?$")
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -75,6 +76,8 @@ def remove_stale_temporaries(parent: Path) -> list[str]:
     for entry in entries:
         match = _STALE.match(entry.name)
         if match is None or _alive(int(match["pid"])) or entry.is_symlink() or not entry.is_dir():
+            continue
+        if not (entry / MARKER).is_file():  # not one of loramerge's: never touch another tool's directory
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry.name)
@@ -228,6 +231,7 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
             os.chmod(tmp, 0o777 & ~_umask())
+            (tmp / MARKER).write_bytes(b"")
         except OSError as e:
             raise OutputWriteError(f"cannot create a directory beside {str(final)!r} ({e.strerror}).") from e
         try:
@@ -272,6 +276,8 @@ def _os_error(error: OSError, tmp: Path, final: Path) -> LoraMergeError:
 
 
 def _publish(tmp: Path, final: Path) -> None:
+    with contextlib.suppress(OSError):
+        (tmp / MARKER).unlink()  # the published directory is no temporary
     try:
         if not final.exists():
             os.rename(tmp, final)
@@ -282,10 +288,14 @@ def _publish(tmp: Path, final: Path) -> None:
         logger.info("renameat2(RENAME_EXCHANGE) is not available here; replacing %s with two renames", final)
         backup = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.rename(final, backup)
+        with contextlib.suppress(OSError):
+            (backup / MARKER).write_bytes(b"")  # removable by a later run if this one dies now
         try:
             os.rename(tmp, final)
         except OSError:
             os.rename(backup, final)  # put the old one back
+            with contextlib.suppress(OSError):
+                (final / MARKER).unlink()
             raise
         shutil.rmtree(backup, ignore_errors=True)
     except OSError as e:
