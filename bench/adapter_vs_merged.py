@@ -1,8 +1,9 @@
 """Benchmark: adapter mode or merged? ``loramerge.bench`` on a random Qwen2- or Llama-shaped model.
 
 Creates a random bf16 checkpoint of the chosen shape and an r=16 adapter on all seven projections,
-then runs :func:`loramerge.bench` (base, PEFT adapter mode, merged; prefill and decode tokens/s at
-each batch size, warm-up apart, median of the repeats, peak memory) and writes the table and JSON.
+then runs :func:`loramerge.bench` (base, PEFT adapter mode, merged, held together, warmed up at
+the measured shapes and timed interleaved; prefill and decode tokens/s at each batch size, median
+and spread of the repeats, memory) and writes the table and JSON.
 
 Usage::
 
