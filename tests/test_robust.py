@@ -48,24 +48,46 @@ def peft(model: nn.Module, **kwargs: Any) -> Any:
         ),
     ],
 )
-def test_variants_with_extra_layer_state_are_refused_before_any_change(variant: dict[str, Any]) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_variants_with_extra_layer_state_are_merged_by_peft_s_own_layer(
+    variant: dict[str, Any], dtype: torch.dtype
+) -> None:
+    """KaSA's and BD-LoRA's layers hold more than A, B and a scale: PEFT's own layer merges them
+    (on a widened copy, rounded once), and PEFT's own layer in adapter mode is the check."""
     torch.manual_seed(0)
-    pm = peft(MLP(), r=4, lora_alpha=8, target_modules=["lin0", "lin1"], **variant)
+    pm = peft(MLP().to(dtype), r=4, lora_alpha=8, target_modules=["lin0", "lin1"], **variant)
     pm.eval()
-    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
-    x = torch.randn(4, 16)
+    x = torch.randn(64, 16).to(dtype)
     with torch.no_grad():
-        adapter_out = pm(x)
-    with pytest.raises(UnsupportedAdapterError, match="merge_and_unload") as e:
-        loramerge.merge(pm, probes={"x": x})
-    assert "nothing was changed" in str(e.value).lower()
-    assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters())
+        adapter_out = pm(x).double()
+    result = loramerge.merge(pm, probes={"x": x})
+    assert result.passed and result.report.outputs is not None
+    assert {c.name for c in result.report.layers} == {"lin0", "lin1"}
     with torch.no_grad():
-        assert torch.equal(pm(x), adapter_out), "the PeftModel still runs in adapter mode"
+        merged_out = result.model(x).double()
+    rel = float((merged_out - adapter_out).norm() / adapter_out.norm())
+    assert rel < (1e-5 if dtype == torch.float32 else 3e-2), rel
 
 
-def test_an_unknown_variant_on_a_layer_is_refused() -> None:
-    """A LoRA variant the config check does not know yet is still caught on the layer."""
+def test_a_variant_merged_wrongly_fails_its_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: a PEFT-merged layer whose result is off by 1 % fails against PEFT's own layer."""
+    import loramerge.inmemory as inmemory
+
+    real = inmemory.peft_merged
+
+    def off(*args: Any, **kwargs: Any) -> Any:
+        weight, bias = real(*args, **kwargs)
+        return weight * 1.01, bias
+
+    monkeypatch.setattr(inmemory, "peft_merged", off)
+    torch.manual_seed(0)
+    pm = peft(MLP(), r=4, lora_alpha=8, target_modules=["lin0", "lin1"], kasa_config=KasaConfig())
+    with pytest.raises(VerificationError, match="against PEFT's own LoRA layer"):
+        loramerge.merge(pm, probes={"x": torch.randn(8, 16)})
+
+
+def test_a_variant_peft_cannot_merge_is_refused_before_any_change() -> None:
+    """A LoRA variant PEFT's own layer cannot merge is refused with PEFT's reason, nothing changed."""
 
     class FutureVariant:
         pass
@@ -73,8 +95,10 @@ def test_an_unknown_variant_on_a_layer_is_refused() -> None:
     torch.manual_seed(0)
     pm = peft(MLP(), r=4, lora_alpha=8, target_modules=["lin0"])
     pm.base_model.model.lin0.lora_variant["default"] = FutureVariant()
-    with pytest.raises(UnsupportedAdapterError, match="FutureVariant LoRA layer"):
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    with pytest.raises(UnsupportedAdapterError, match="PEFT cannot merge this LoRA layer.*nothing was changed"):
         loramerge.merge(pm, probes={"x": torch.randn(4, 16)})
+    assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters())
 
 
 def test_dora_still_merges_through_the_variant_check() -> None:
@@ -200,3 +224,21 @@ def test_a_mistake_shared_by_the_merge_and_its_own_reference_is_caught_by_peft_s
     assert failed and all("PEFT's own LoRA layer" in c.reason for c in failed)
     assert not any("on probe vectors" in c.reason for c in failed), "loramerge's own reference was fooled, as designed"
     assert {c.name for c in failed} == {c.name for c in e.value.report.layers}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dora_on_an_embedding_is_merged_by_peft_s_own_layer(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    pm = peft(
+        tiny_llama().to(dtype).eval(), r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], use_dora=True
+    )
+    pm.eval()
+    probes = loramerge.make_probes(pm, seed=2)
+    with torch.no_grad():
+        adapter_out = pm(**probes).logits.double()
+    result = loramerge.merge(pm)
+    assert result.passed and result.report.outputs is not None
+    with torch.no_grad():
+        merged_out = result.model(**probes).logits.double()
+    rel = float((merged_out - adapter_out).norm() / adapter_out.norm())
+    assert rel < (1e-5 if dtype == torch.float32 else 3e-2), rel

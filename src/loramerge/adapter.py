@@ -201,9 +201,17 @@ class Adapter:
         return "\n".join(lines)
 
 
-def check_mergeable_settings(raw: Mapping[str, Any], where: str) -> None:
+# Variants whose layer PEFT itself merges: with ``layer_variants=True`` (a live PeftModel), loramerge
+# merges them through PEFT's own layer and proves the result against that layer.
+_PEFT_MERGED_VARIANTS = ("velora_config", "monteclora_config", "use_bdlora", "kasa_config")
+
+
+def check_mergeable_settings(raw: Mapping[str, Any], where: str, *, layer_variants: bool = False) -> None:
     """Raise :class:`~loramerge.UnsupportedAdapterError` when an adapter config (a dict, as in
-    ``adapter_config.json``) uses a PEFT feature or LoRA variant loramerge does not merge."""
+    ``adapter_config.json``) uses a PEFT feature or LoRA variant loramerge does not merge.
+
+    ``layer_variants=True``: the variants PEFT's own layer merges are allowed (an in-memory merge
+    has those layers)."""
     peft_type = raw.get("peft_type", "LORA")
     peft_type = getattr(peft_type, "value", peft_type)
     if str(peft_type).upper() != "LORA":
@@ -212,6 +220,8 @@ def check_mergeable_settings(raw: Mapping[str, Any], where: str) -> None:
         )
     for key, why in _UNSUPPORTED_SETTINGS.items():
         value = raw.get(key)
+        if layer_variants and key in _PEFT_MERGED_VARIANTS:
+            continue
         if value:  # None, False and empty containers mean "not used"
             raise UnsupportedAdapterError(
                 f"{where}: {key}={value!r} is set: {why}. Nothing was changed. Merge it with PEFT's "

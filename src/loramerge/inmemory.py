@@ -20,7 +20,7 @@ from peft import PeftModel
 from torch import nn
 
 from loramerge.adapter import Adapter
-from loramerge.delta import LoraUpdate, check_updates, merge_tensor_, unmerge_tensor_
+from loramerge.delta import LoraUpdate, TensorStats, check_updates, merge_tensor_, unmerge_tensor_
 from loramerge.errors import (
     AdapterMismatchError,
     InvalidArgumentError,
@@ -40,7 +40,16 @@ from loramerge.lineage_records import (
     set_model_lineage,
 )
 from loramerge.loading import resolve_dtype
-from loramerge.peft_glue import LayerPlan, adapter_mode, attach, check_compatible, collect_plans, untie_shared, unwrap
+from loramerge.peft_glue import (
+    LayerPlan,
+    adapter_mode,
+    attach,
+    check_compatible,
+    collect_plans,
+    peft_merged,
+    untie_shared,
+    unwrap,
+)
 from loramerge.preserve import ModuleFlags, preserved
 from loramerge.quantized import (
     check_supported,
@@ -69,6 +78,7 @@ from loramerge.verification import (
     exact_layer_output,
     loses_precision,
     oracle_check,
+    oracle_only_check,
     output_check,
     output_subset,
     peft_layer_output,
@@ -418,9 +428,10 @@ def _merge(
     fingerprint = adapter_fingerprint({p.name: [u for _, u in p.updates] for p in plans})
     receipt: Receipt | None = None
     if want_receipt:
-        if len(names) != 1 or any(p.quantized for p in plans):
+        if len(names) != 1 or any(p.quantized or p.via_peft for p in plans):
             raise InvalidArgumentError(
-                "receipt=True needs exactly one adapter merged into a non-quantized base (merge adapters one at a time)"
+                "receipt=True needs exactly one adapter merged into a non-quantized base, without LoRA variants that "
+                "PEFT's own layer merges (merge adapters one at a time)"
             )
         receipt = Receipt(fingerprint)
         for module_name in saved:
@@ -430,6 +441,7 @@ def _merge(
     notes: list[str] = []
     layer_probes: list[LayerProbe] = []
     oracles: dict[str, torch.Tensor | None] = {}
+    peft_results: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     base_errors: dict[str, float] = {}
     problems: list[str] = []
     if verify:
@@ -438,7 +450,12 @@ def _merge(
     for plan in plans:
         ups = [u for _, u in plan.updates]
         weight = plan.weight
-        if plan.quantized:
+        if plan.via_peft:  # merged by PEFT's own layer, now, on a widened copy: refused before any change
+            module = inner.get_submodule(plan.name)
+            peft_results[plan.name] = peft_merged(module, [a for a, _ in plan.updates], weight.dtype, plan.name)
+            if not all(bool(torch.isfinite(t).all()) for t in peft_results[plan.name] if t is not None):
+                problems.append(f"{plan.name}: PEFT's merge of this layer is not finite")
+        elif plan.quantized:
             assert qplan is not None
             exact = checked_dequantize(plan.layer, plan.name, seed=seed)
             weight = exact.to(compute_dtype(plan.layer))  # exact: the layer computes in that dtype
@@ -446,10 +463,13 @@ def _merge(
         else:
             problems += [f"{plan.name}: {m}" for m in check_updates(ups, weight)]
         if verify and not problems:
-            probe = LayerProbe(plan.name, plan.kind, weight, bias_of(plan.layer), ups, seed, MAX_PROBE_OUTPUTS)
+            own = [] if plan.via_peft else ups  # loramerge's own math does not model a variant
+            probe = LayerProbe(plan.name, plan.kind, weight, bias_of(plan.layer), own, seed, MAX_PROBE_OUTPUTS)
             layer_probes.append(probe)
             if not plan.quantized:  # PEFT's own layer, as adapter mode runs it: the independent reference
                 oracles[plan.name] = peft_layer_output(inner.get_submodule(plan.name), probe)
+            if plan.via_peft and oracles[plan.name] is None:
+                problems.append(f"{plan.name}: PEFT's layer cannot be run on probes to prove its merge")
             if plan.quantized and qplan is not None and qplan.mode == "requantize":
                 base_errors[plan.name] = relative_errors(probe.outputs(weight, bias_of(plan.layer)), probe.reference)[0]
     _raise_problems(problems, "merging")
@@ -496,6 +516,15 @@ def _merge(
             flags.carry(plan.layer, new_layer)
             cast(Any, inner.get_submodule(plan.name)).base_layer = new_layer
             plans[i] = dataclasses.replace(plan, layer=new_layer, quantized=qplan.mode == "requantize")
+            continue
+        if plan.via_peft:
+            new_weight, peft_bias = peft_results.pop(plan.name)
+            with torch.no_grad():
+                before = plan.weight.detach().float()
+                plan.weight.copy_(new_weight)
+                if peft_bias is not None:
+                    cast(torch.Tensor, plan.layer.bias).copy_(peft_bias)
+            stats[plan.name] = TensorStats(delta_norm=float((new_weight.float() - before).norm()))
             continue
         new_bias = _merged_bias(plan.layer, ups)
         originals = _receipt_originals(plan, new_bias) if receipt is not None else {}
@@ -578,8 +607,12 @@ def _merge(
                     continue
                 merged_w = plan.weight.detach()
                 out = probe.outputs(merged_w, bias_of(plan.layer))
-                check = probe.check(out, tol, st.relative_residual, st.max_ulp, "", probe.storage(merged_w))
-                check = oracle_check(check, out, oracles.get(plan.name))
+                oracle = oracles.get(plan.name)
+                if plan.via_peft and oracle is not None:
+                    check = oracle_only_check(probe, out, oracle, tol, probe.storage(merged_w))
+                else:
+                    check = probe.check(out, tol, st.relative_residual, st.max_ulp, "", probe.storage(merged_w))
+                    check = oracle_check(check, out, oracle)
                 layers.append(dataclasses.replace(check, dtype=str(merged_w.dtype).replace("torch.", "")))
             if model_ref is not None and batch is not None:
                 with keep_layout(plain):  # re-quantized layers too

@@ -7,6 +7,7 @@ tensors (:mod:`loramerge.delta`) and typed adapters (:mod:`loramerge.adapter`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import warnings
@@ -253,6 +254,7 @@ class LayerPlan:
     layer: nn.Module  # the base layer (owns .weight / .bias)
     updates: list[tuple[str, LoraUpdate]]
     quantized: bool = False  # a bitsandbytes base layer: .weight is packed, see loramerge.quantized
+    via_peft: bool = False  # a LoRA variant loramerge does not model: merged by PEFT's own layer
 
     @property
     def weight(self) -> torch.Tensor:
@@ -260,7 +262,7 @@ class LayerPlan:
         return cast(torch.Tensor, self.layer.weight)
 
 
-def _lora_update(module: LoraLayer, adapter_name: str, kind: Kind, name: str) -> LoraUpdate:
+def _lora_update(module: LoraLayer, adapter_name: str, kind: Kind, name: str, via_peft: bool = False) -> LoraUpdate:
     m = cast(Any, module)
     if kind == "embedding":
         a, b = m.lora_embedding_A[adapter_name], m.lora_embedding_B[adapter_name]
@@ -268,7 +270,7 @@ def _lora_update(module: LoraLayer, adapter_name: str, kind: Kind, name: str) ->
         a, b = m.lora_A[adapter_name].weight, m.lora_B[adapter_name].weight
     magnitude = None
     if adapter_name in m.lora_magnitude_vector:
-        if kind not in ("linear", "conv1d"):
+        if kind not in ("linear", "conv1d") and not via_peft:
             raise UnsupportedAdapterError(
                 f"{name}: DoRA on {kind} layers is not supported yet; DoRA on linear layers is."
             )
@@ -283,19 +285,53 @@ def _lora_update(module: LoraLayer, adapter_name: str, kind: Kind, name: str) ->
     return LoraUpdate(kind, a.detach(), b.detach(), float(m.scaling[adapter_name]), magnitude=magnitude, bias=bias)
 
 
-def _check_variants(module: Any, adapter_names: Sequence[str], name: str) -> None:
-    """Refuse LoRA variants whose layer computes more than ``W x + scale * B A x`` (DoRA aside):
-    their extra state (KaSA's singular values, BD-LoRA's blocks, ...) would be silently dropped."""
+def _needs_peft(module: Any, adapter_names: Sequence[str], kind: Kind, name: str) -> bool:
+    """Whether this layer holds state loramerge's own math does not model (a PEFT LoRA variant other
+    than DoRA on a linear layer, or DoRA on an embedding), so that PEFT's own layer must merge it.
+
+    Raises:
+        UnsupportedAdapterError: For convolutions with such state: PEFT's layer could merge them, but
+            loramerge cannot run that layer on its probes to prove the result.
+    """
     variants = cast(dict[str, Any], getattr(module, "lora_variant", None) or {})
+    magnitudes = cast(Any, getattr(module, "lora_magnitude_vector", None) or {})
+    special = []
     for adapter_name in adapter_names:
         variant = variants.get(adapter_name)
-        if variant is None or type(variant).__name__.startswith("Dora"):
-            continue
+        dora = adapter_name in magnitudes
+        if (variant is not None and not type(variant).__name__.startswith("Dora")) or (dora and kind == "embedding"):
+            special.append(type(variant).__name__ if variant is not None else "DoRA")
+    if special and kind == "conv":
         raise UnsupportedAdapterError(
-            f"{name}: adapter {adapter_name!r} is a {type(variant).__name__} LoRA layer, which holds state beyond "
-            "lora_A, lora_B and a scale; loramerge does not merge it yet, and nothing was changed. "
-            "Merge it with PEFT's merge_and_unload()."
+            f"{name}: {special[0]} on a convolution is not supported yet (its merge could not be proven on probes); "
+            "nothing was changed. Merge it with PEFT's merge_and_unload()."
         )
+    return bool(special)
+
+
+def peft_merged(
+    module: nn.Module, adapter_names: Sequence[str], dtype: torch.dtype, name: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight (and bias) PEFT's own layer merges ``adapter_names`` into, computed on a copy of this
+    one layer widened to fp32 (fp64 for fp32 weights) and rounded once to ``dtype``.
+
+    Raises:
+        UnsupportedAdapterError: PEFT itself cannot merge the layer (its reason is given).
+    """
+    weight = cast(torch.Tensor, base_layer_of(module).weight)
+    wide = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    clone = copy.deepcopy(module).to(wide)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cast(Any, clone).merge(safe_merge=True, adapter_names=list(adapter_names))
+    except Exception as e:  # PEFT's own refusal (aLoRA, Arrow, ...) or failure
+        raise UnsupportedAdapterError(
+            f"{name}: PEFT cannot merge this LoRA layer ({type(e).__name__}: {e}); nothing was changed."
+        ) from e
+    merged = base_layer_of(clone)
+    bias = cast(torch.Tensor | None, getattr(merged, "bias", None))
+    return cast(torch.Tensor, merged.weight).detach().to(dtype), None if bias is None else bias.detach().to(dtype)
 
 
 def collect_plans(peft_model: PeftModel, adapter_names: Sequence[str]) -> tuple[list[LayerPlan], dict[str, str]]:
@@ -313,7 +349,7 @@ def collect_plans(peft_model: PeftModel, adapter_names: Sequence[str]) -> tuple[
     for adapter_name in adapter_names:
         config = peft_model.peft_config[adapter_name]
         raw = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
-        check_mergeable_settings(raw, f"adapter {adapter_name!r}")
+        check_mergeable_settings(raw, f"adapter {adapter_name!r}", layer_variants=True)
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
             owners = [a for a in adapter_names if a in module.modules_to_save]
@@ -337,7 +373,10 @@ def collect_plans(peft_model: PeftModel, adapter_names: Sequence[str]) -> tuple[
                 "call peft_model.unmerge_adapter() first, then loramerge.merge()."
             )
         if is_quantized_layer(base_layer_of(module)):  # whichever LoRA class PEFT wrapped it in
-            _check_variants(module, active, name)
+            if _needs_peft(module, active, "linear", name):
+                raise UnsupportedAdapterError(
+                    f"{name}: a LoRA variant on a quantized layer is not supported; nothing was changed."
+                )
             updates = [(a, _lora_update(module, a, "linear", name)) for a in active]
             plans.append(LayerPlan(name, "linear", base_layer_of(module), updates, quantized=True))
             continue
@@ -352,9 +391,9 @@ def collect_plans(peft_model: PeftModel, adapter_names: Sequence[str]) -> tuple[
                 f"{name}: LoRA layer type {type(module).__module__}.{type(module).__name__} is not supported "
                 "(of quantized layers, loramerge merges bitsandbytes 4-bit and 8-bit ones)."
             )
-        _check_variants(module, active, name)
-        updates = [(a, _lora_update(module, a, kind, name)) for a in active]
-        plans.append(LayerPlan(name, kind, base_layer_of(module), updates))
+        via_peft = _needs_peft(module, active, kind, name)
+        updates = [(a, _lora_update(module, a, kind, name, via_peft)) for a in active]
+        plans.append(LayerPlan(name, kind, base_layer_of(module), updates, via_peft=via_peft))
     return plans, saved
 
 

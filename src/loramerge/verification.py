@@ -765,6 +765,33 @@ def oracle_check(check: LayerCheck, value: torch.Tensor, oracle: torch.Tensor | 
     return dataclasses.replace(check, passed=False, reason="; ".join(r for r in (check.reason, reason) if r))
 
 
+def oracle_only_check(
+    probe: LayerProbe, value: torch.Tensor, oracle: torch.Tensor, tolerance: Tolerance, storage: float
+) -> LayerCheck:
+    """The per-layer check of a layer merged by PEFT's own layer (a variant loramerge does not
+    model): judged against PEFT's adapter-mode layer alone, allowing ``factor`` times the rounding of
+    storing the merged weight plus a quarter of the floor."""
+    err, _ = relative_errors(value, oracle)
+    ref_rms = float(oracle.double().pow(2).mean().sqrt())
+    s_err = storage / ref_rms if ref_rms > 0 else 0.0
+    limit = tolerance.factor * s_err + tolerance.floor_for(probe.dtype) / 4
+    ok = math.isfinite(err) and err <= limit
+    reason = "" if ok else f"output error {err:.3g} against PEFT's own LoRA layer exceeds the limit {limit:.3g}"
+    return LayerCheck(
+        probe.name,
+        probe.kind,
+        str(probe.dtype).replace("torch.", ""),
+        math.nan,
+        math.nan,
+        err,
+        math.nan,
+        s_err,
+        limit,
+        ok,
+        reason,
+    )
+
+
 def weight_space_check(
     kind: Kind, base_w: torch.Tensor, merged_w: torch.Tensor, updates: Sequence[LoraUpdate], tolerance: Tolerance
 ) -> tuple[float, float, str]:
