@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import BdLoraConfig, KasaConfig
+from peft.tuners.lora import BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig
 from torch import nn
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
@@ -35,7 +35,7 @@ def peft(model: nn.Module, **kwargs: Any) -> Any:
     torch.manual_seed(3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return get_peft_model(model, LoraConfig(init_lora_weights=False, **kwargs))
+        return get_peft_model(model, LoraConfig(**{"init_lora_weights": False, **kwargs}))
 
 
 @pytest.mark.parametrize(
@@ -46,6 +46,9 @@ def peft(model: nn.Module, **kwargs: Any) -> Any:
             dict(use_bdlora=BdLoraConfig(target_modules_bd_a=["lin0"], target_modules_bd_b=["lin1"], nblocks=2)),
             id="bdlora",
         ),
+        pytest.param(dict(velora_config=VeloraConfig()), id="velora"),
+        pytest.param(dict(monteclora_config=MontecloraConfig()), id="monteclora"),
+        pytest.param(dict(init_lora_weights="mica"), id="mica"),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
