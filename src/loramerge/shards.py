@@ -339,7 +339,7 @@ class CheckpointReader:
             confined_file(self.root, INDEX_NAME, "safetensors index")
             weight_map = _read_weight_map(index)
             for name, file in weight_map.items():
-                confined_file(self.root, file, f"{INDEX_NAME}: the shard of {name!r}", must_exist=False)
+                confined_file(self.root, file, f"{str(index)!r}: the shard of {name!r}", must_exist=False)
             files = sorted(set(weight_map.values()))
         elif os.path.lexists(self.root / SINGLE_NAME):
             confined_file(self.root, SINGLE_NAME, "weights file")
