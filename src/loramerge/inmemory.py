@@ -328,39 +328,36 @@ def merge(
         >>> result.report.passed  # doctest: +SKIP
         True
     """
-    with preserved(cast(nn.Module, model.base_model.model) if isinstance(model, PeftModel) else model) as flags:
-        return _attach_and_merge(
-            model,
-            adapters,
-            flags,
-            adapter_names,
-            verify,
-            tolerance or Tolerance(),
-            probes,
-            check_outputs,
-            seed,
-            dtype,
-            quantized,
-            receipt,
-        )
-
-
-def _attach_and_merge(
-    model: nn.Module,
-    adapters: Adapter | Sequence[Adapter] | None,
-    flags: ModuleFlags,
-    adapter_names: Sequence[str] | None,
-    verify: bool,
-    tol: Tolerance,
-    probes: Probes | None,
-    check_outputs: CheckOutputs,
-    seed: int,
-    dtype: str | torch.dtype | None,
-    quantized: QuantizedMode,
-    receipt: bool,
-) -> MergeResult:
-    attached: dict[str, Adapter] = {}
     was_plain = not isinstance(model, PeftModel)
+    inner = cast(nn.Module, model.base_model.model) if isinstance(model, PeftModel) else model
+    with preserved(inner) as flags:
+        peft_model, attached = _attach_all(model, adapters)
+        sources = {n: str(a.path) for n, a in attached.items() if a.path is not None}
+        try:
+            with keep_layout(peft_model):
+                return _merge(
+                    peft_model,
+                    flags,
+                    adapter_names,
+                    verify,
+                    tolerance or Tolerance(),
+                    probes,
+                    check_outputs,
+                    seed,
+                    dtype,
+                    quantized,
+                    receipt,
+                    sources,
+                )
+        except Exception as e:
+            if attached and was_plain and not isinstance(e, VerificationError):
+                unwrap(peft_model)  # refused before any change: take off the adapters attached here, too
+            raise
+
+
+def _attach_all(model: nn.Module, adapters: Adapter | Sequence[Adapter] | None) -> tuple[PeftModel, dict[str, Adapter]]:
+    """``model`` with ``adapters`` attached in order (a ``PeftModel``), and the adapters by their names there."""
+    attached: dict[str, Adapter] = {}
     if adapters is not None:
         for i, adapter in enumerate([adapters] if isinstance(adapters, Adapter) else list(adapters)):
             taken = set(model.peft_config) if isinstance(model, PeftModel) else set()
@@ -373,27 +370,7 @@ def _attach_and_merge(
         raise AdapterMismatchError(
             f"merge() needs a PeftModel or adapters to attach; got a plain {type(model).__name__} and no adapters."
         )
-    sources = {n: str(a.path) for n, a in attached.items() if a.path is not None}
-    try:
-        with keep_layout(model):
-            return _merge(
-                model,
-                flags,
-                adapter_names,
-                verify,
-                tol,
-                probes,
-                check_outputs,
-                seed,
-                dtype,
-                quantized,
-                receipt,
-                sources,
-            )
-    except Exception as e:
-        if attached and was_plain and not isinstance(e, VerificationError) and isinstance(model, PeftModel):
-            unwrap(model)  # refused before any change: take off the adapters attached here, too
-        raise
+    return model, attached
 
 
 def _merge(
