@@ -54,6 +54,7 @@ from loramerge.lineage_records import (
     write_record,
 )
 from loramerge.loading import resolve_dtype
+from loramerge.oracle import judge_by_peft
 from loramerge.quantized import QuantSpec, bnb_config, checkpoint_quantization, quantizable, simulate
 from loramerge.receipts import FILENAME as RECEIPT_FILE
 from loramerge.receipts import Receipt, ReceiptError, as_receipt, load_receipt
@@ -861,7 +862,7 @@ def merge_checkpoint(
             mod, kind = mapping.modules[name]
             up = _updates_for(mod, kind)
             if name in mapping.replaced:  # a saved embedding base: adapter mode applies the delta to it
-                tensor = mapping.replaced[name].to(tensor.dtype)
+                tensor = mapping.replaced[name].to(tensor.dtype, copy=True)  # merged into in place below
             work = tensor if target is None else tensor.to(target)
             source: torch.Tensor | None = None
             if spec is not None and quantized and kind == "linear":
@@ -914,7 +915,12 @@ def merge_checkpoint(
         return tensor  # untouched but converted to ``dtype`` on the way out
 
     def model_check(tmp: Path, report: VerificationReport) -> VerificationReport:
-        if verify != "model":
+        if qlora_base != "simulated":  # adapter mode on this base is the reference (not on a simulated one)
+            report = _judged(report, base_dir, tmp, loaded, mapping, target, 0)
+        else:
+            note = "not judged against PEFT's own layers: the weights merged into are simulated, not this checkpoint's"
+            report = dataclasses.replace(report, notes=(*report.notes, note))
+        if verify != "model" or not report.passed:
             return report
         from loramerge.loading import load_base
         from loramerge.verification import verify as verify_models
@@ -1123,7 +1129,7 @@ def verify_checkpoint(
     if missing:
         notes.append(f"tensors present in only one checkpoint: {missing[:10]}")
     passed = all(c.passed for c in layers) and not changed and not missing
-    return VerificationReport(
+    report = VerificationReport(
         operation="verify",
         passed=passed,
         tolerance=tol,
@@ -1132,6 +1138,37 @@ def verify_checkpoint(
         unchanged_checked=checked,
         unexpected_changes=tuple(sorted(changed + missing)),
         notes=tuple(notes),
+    )
+    return _judged(report, Path(base), Path(merged), loaded, mapping, dtype, seed)
+
+
+def _judged(
+    report: VerificationReport,
+    base: Path,
+    merged: Path,
+    adapter: Adapter,
+    mapping: AdapterMapping,
+    dtype: torch.dtype | None,
+    seed: int,
+) -> VerificationReport:
+    """``report`` (loramerge's own checks of a merged checkpoint) joined with the judgement of PEFT's
+    own layers (:mod:`loramerge.oracle`): a layer PEFT's adapter mode disagrees with fails, and a
+    tensor loramerge's mapping changed that adapter mode leaves alone must equal the base's."""
+    judged = judge_by_peft(base, merged, adapter, report.tolerance, dtype, seed, list(report.layers))
+    wrong = list(judged.unexpected)
+    base_reader, merged_reader = CheckpointReader(base), CheckpointReader(merged)
+    for name in sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)):
+        if judged.leaves_alone(name) and name in merged_reader.tensors and name in base_reader.tensors:
+            expected = base_reader.get(name) if dtype is None else base_reader.get(name).to(dtype)
+            if not torch.equal(merged_reader.get(name), expected):
+                wrong.append(name)  # changed, and adapter mode leaves it alone
+    unexpected = tuple(sorted(set(report.unexpected_changes) | set(wrong)))
+    return dataclasses.replace(
+        report,
+        passed=report.passed and all(c.passed for c in judged.layers) and not wrong,
+        layers=tuple(judged.layers),
+        unexpected_changes=unexpected,
+        notes=(*report.notes, judged.note),
     )
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-__all__ = ["kind_of", "layer_kinds", "module_kind", "tied_groups"]
+__all__ = ["kind_of", "layer_kinds", "meta_model", "module_kind", "tied_groups", "tied_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,30 +37,45 @@ def module_kind(module: nn.Module) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=8)
-def _skeleton(root: str, mtime: float) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, ...], ...]] | None:
+def meta_model(root: Path) -> nn.Module | str:
+    """The model ``root/config.json`` describes, built by transformers on the ``meta`` device (its
+    ``architectures[0]`` class, else ``AutoModel``; no code from the checkpoint is run), or the
+    reason it cannot be built (custom code, unknown architecture, a config transformers cannot read)."""
+    if not (root / "config.json").is_file():
+        return f"{str(root)!r} has no config.json"
     try:
         import transformers
 
-        config: Any = transformers.AutoConfig.from_pretrained(root, trust_remote_code=False)
+        config: Any = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False)
         archs = list(getattr(config, "architectures", None) or [])
         cls: Any = getattr(transformers, archs[0], None) if archs else None
         with torch.device("meta"):
             auto: Any = transformers.AutoModel
-            model = cls(config) if cls is not None else auto.from_config(config)
+            return cast(nn.Module, cls(config) if cls is not None else auto.from_config(config))
     except Exception as e:  # custom code, unknown architecture, a config transformers cannot read
         logger.info("transformers cannot build %s from its config (%s); layer types unknown", root, e)
+        return f"transformers cannot build the model from {str(root / 'config.json')!r} ({type(e).__name__}: {e})"
+
+
+def tied_names(model: nn.Module) -> tuple[tuple[str, ...], ...]:
+    """The parameter names of ``model`` that share one tensor, each group in registration order."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    return tuple(tuple(names) for names in owners.values() if len(names) > 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _skeleton(root: str, mtime: float) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, ...], ...]] | None:
+    model = meta_model(Path(root))
+    if isinstance(model, str):
         return None
     kinds = []
     for name, module in model.named_modules():
         kind = module_kind(module)
         if kind is not None and name:
             kinds.append((name, kind))
-    owners: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
-    groups = tuple(tuple(names) for names in owners.values() if len(names) > 1)
-    return tuple(kinds), groups
+    return tuple(kinds), tied_names(model)
 
 
 def layer_kinds(root: Path) -> dict[str, str] | None:

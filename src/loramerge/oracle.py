@@ -1,0 +1,447 @@
+"""The reference a checkpoint merge is judged against: PEFT's adapter mode, rebuilt without weights.
+
+A check must not share code with what it checks. :mod:`loramerge.checkpoint` plans a merge from
+tensor names and the adapter file; this module asks transformers and PEFT instead. transformers
+builds the base model from the checkpoint's ``config.json`` on the ``meta`` device (no memory),
+PEFT wraps and loads the adapter into it as ``PeftModel.from_pretrained(..., low_cpu_mem_usage=True)``
+does, and every LoRA layer PEFT made is then run on seeded probes, with its base weight read from
+the base checkpoint, against the same base layer holding the merged weight. Which module is adapted,
+its layer class (so Linear or GPT-2 ``Conv1D`` layout), its scale, its variant, and which stored
+tensors are tied to it all come from transformers and PEFT: none from loramerge's own plan or
+delta math. Every tensor tied to an adapted one must still hold what adapter mode uses for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from loramerge.adapter import Adapter
+from loramerge.reports import LayerCheck
+from loramerge.shards import CheckpointReader
+from loramerge.skeleton import meta_model, module_kind, tied_names
+from loramerge.tolerance import Tolerance, reference_dtype, relative_errors, ulp, unit_roundoff
+
+__all__ = ["AdapterMode", "Judgement", "OracleResult", "adapter_mode", "check_merged_checkpoint", "judge_by_peft"]
+
+logger = logging.getLogger(__name__)
+
+PROBES = 16  # probe inputs per layer
+ADAPTER = "default"
+
+
+@dataclass
+class AdapterMode:
+    """The base model as PEFT's adapter mode runs it, without base weights.
+
+    Attributes:
+        layers: PEFT's LoRA layer for each adapted module path (LoRA factors loaded, base weight a
+            placeholder unless the adapter file itself carries one).
+        saved: Parameters whose value adapter mode takes from the adapter, not the base
+            (``modules_to_save`` copies, biases trained with ``bias="all"``, saved base layers).
+        groups: Parameter names of the base model that share one tensor.
+        prefix: The model's ``base_model_prefix`` (checkpoints saved by another head class add or drop it).
+    """
+
+    layers: dict[str, nn.Module]
+    saved: dict[str, torch.Tensor]
+    groups: tuple[tuple[str, ...], ...]
+    prefix: str
+    placeholders: set[int]
+    alive: list[torch.Tensor]
+
+
+def _placeholder(param: torch.Tensor) -> nn.Parameter:
+    """A CPU stand-in of ``param``'s shape that takes no memory (stride 0), so that PEFT keeps the
+    loaded LoRA factors on the CPU instead of moving them to the meta device of their base layer."""
+    return nn.Parameter(torch.zeros((), dtype=param.dtype).expand(param.shape), requires_grad=False)
+
+
+def _model_name(peft_name: str) -> str | None:
+    """A parameter name of the wrapped model as the base model names it (``None``: PEFT's own)."""
+    if "lora_" in peft_name or ".original_module." in peft_name:
+        return None
+    return peft_name.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER}.", ".")
+
+
+def adapter_mode(root: Path, adapter: Adapter) -> AdapterMode | str:
+    """Build :class:`AdapterMode` for the checkpoint at ``root``, or say why it cannot be built."""
+    from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    model = meta_model(root)
+    if isinstance(model, str):
+        return model
+    groups = tied_names(model)
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    allowed = {f.name for f in dataclasses.fields(LoraConfig)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = LoraConfig(**{k: v for k, v in adapter.config.items() if k in allowed})
+            config.inference_mode = True
+            peft_model = PeftModel(model, config, adapter_name=ADAPTER, low_cpu_mem_usage=True)
+            inner = cast(nn.Module, peft_model.base_model.model)
+            layers = {n: cast(nn.Module, m) for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
+            placeholders: set[int] = set()
+            alive: list[torch.Tensor] = []  # kept, so that no loaded tensor can reuse a placeholder's id
+            for layer in layers.values():
+                base = cast(Any, layer).get_base_layer()
+                for pname, p in list(base.named_parameters(recurse=False)):
+                    if p.is_meta:
+                        alive.append(_placeholder(p))
+                        setattr(base, pname, alive[-1])
+                        placeholders.add(id(alive[-1]))
+            result = set_peft_model_state_dict(
+                peft_model,
+                {k: v.clone() for k, v in adapter.tensors.items()},
+                adapter_name=ADAPTER,
+                low_cpu_mem_usage=True,
+            )
+    except Exception as e:  # PEFT's own refusal: the adapter does not fit what the config builds
+        return f"PEFT cannot load the adapter into the model the config builds ({type(e).__name__}: {e})"
+    unused = sorted(getattr(result, "unexpected_keys", []) or [])
+    unloaded = sorted(n for n, p in peft_model.named_parameters() if "lora_" in n and p.is_meta)
+    if unused or unloaded:
+        return (
+            "the adapter's tensors do not fit the module names of the model the config builds "
+            f"(unused: {unused[:3]}, not loaded: {unloaded[:3]})"
+        )
+    saved: dict[str, torch.Tensor] = {}
+    for name, p in inner.named_parameters(remove_duplicate=False):
+        key = _model_name(name)
+        if key is not None and not p.is_meta and id(p) not in placeholders:
+            saved[key] = p.detach()
+    return AdapterMode(layers, saved, groups, prefix, placeholders, alive)
+
+
+@dataclass(frozen=True)
+class OracleResult:
+    """What the oracle found about a merged checkpoint.
+
+    Attributes:
+        layers: One check per LoRA layer PEFT made, against PEFT's own layer.
+        problems: Other tensors that do not hold what adapter mode uses, each with the reason.
+        changed: The merged checkpoint's tensor names adapter mode changes or adds (adapted
+            weights and biases, replaced tensors, untied copies); every other tensor must equal the base's.
+        added: Of ``changed``, those the base checkpoint does not store (untied copies).
+    """
+
+    layers: tuple[LayerCheck, ...]
+    problems: tuple[str, ...]
+    changed: frozenset[str]
+    added: frozenset[str]
+
+
+class _Names:
+    """Model parameter names resolved to one checkpoint's stored tensors, ties included."""
+
+    def __init__(self, reader: CheckpointReader, prefix: str, groups: tuple[tuple[str, ...], ...]):
+        self.reader, self.prefix = reader, prefix
+        self.stored = set(reader.stored)
+        self.group = {name: g for g in groups for name in g}
+
+    def direct(self, param: str) -> str | None:
+        """The stored tensor saved under ``param``'s name (allowing the model's base prefix)."""
+        candidates = [param]
+        if self.prefix:
+            candidates.append(f"{self.prefix}.{param}")
+            if param.startswith(self.prefix + "."):
+                candidates.append(param[len(self.prefix) + 1 :])
+        return next((c for c in candidates if c in self.stored), None)
+
+    def provided(self, param: str) -> str | None:
+        """The stored tensor whose value ``param`` gets when the checkpoint is loaded. transformers
+        (5.x) ties a parameter the checkpoint does not store to the member of its tie group that it
+        does store, and leaves members stored with different values untied (with a warning)."""
+        for member in (param, *self.group.get(param, ())):
+            found = self.direct(member)
+            if found is not None:
+                return found
+        return None
+
+
+def _seed(name: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"oracle:{seed}:{name}".encode()).digest()[:4], "little")
+
+
+def _probes(base: nn.Module, name: str, seed: int, dtype: torch.dtype) -> torch.Tensor | str:
+    """Seeded inputs for ``base`` (built from its own attributes): token ids for an embedding,
+    vectors for a linear layer, small images of one output position or two for a convolution."""
+    gen = torch.Generator().manual_seed(_seed(name, seed))
+    kind = module_kind(base)
+    if kind == "embedding":
+        return torch.randint(0, int(cast(Any, base).num_embeddings), (PROBES,), generator=gen)
+    if kind == "linear":
+        return torch.randn(PROBES, int(cast(Any, base).in_features), generator=gen, dtype=dtype)
+    if kind == "conv1d":
+        return torch.randn(PROBES, int(cast(Any, base).weight.shape[0]), generator=gen, dtype=dtype)
+    if kind == "conv":
+        conv = cast(Any, base)
+        spatial = [(k - 1) * d + s + 1 for k, d, s in zip(conv.kernel_size, conv.dilation, conv.stride, strict=True)]
+        return torch.randn(PROBES, int(conv.in_channels), *spatial, generator=gen, dtype=dtype)
+    return f"PEFT wrapped a {type(base).__name__}, which the oracle cannot probe"
+
+
+@contextmanager
+def _holding(base: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``base`` with its parameters replaced by ``values`` for the duration, then put back."""
+    saved = {n: getattr(base, n) for n in values}
+    try:
+        for n, v in values.items():
+            setattr(base, n, nn.Parameter(v, requires_grad=False))
+        yield
+    finally:
+        for n, p in saved.items():
+            setattr(base, n, p)
+
+
+def _rounding_variance(layer: Any, merged: torch.Tensor, wide: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
+    """Per-element variance of the rounding a faithful merge may add beyond storing ``W + ΔW``
+    (the rule of :func:`~loramerge.verification.merge_rounding_variance`), with ``ΔW`` and
+    ``|s| |B| |A|`` taken from PEFT's own layer (``get_delta_weight``) in the layer's layout."""
+    variance = ulp(merged, stored).to(wide.dtype).pow(2) / 12
+    if stored == torch.float64:
+        return variance
+    u32 = unit_roundoff(torch.float32)
+    if ADAPTER in getattr(layer, "lora_magnitude_vector", {}):
+        return variance + (3 * u32 * wide.abs()).pow(2) / 3
+    try:
+        with torch.no_grad():
+            delta = layer.get_delta_weight(ADAPTER).to(wide.dtype)
+            if ADAPTER in layer.lora_embedding_A:
+                factors = [layer.lora_embedding_A[ADAPTER], layer.lora_embedding_B[ADAPTER]]
+            else:
+                factors = [*layer.lora_A[ADAPTER].parameters(), *layer.lora_B[ADAPTER].parameters()]
+            originals = [f.detach().clone() for f in factors]
+            for f in factors:
+                f.abs_()
+            bound = layer.get_delta_weight(ADAPTER).to(wide.dtype).abs()
+            for f, o in zip(factors, originals, strict=True):
+                f.copy_(o)
+    except Exception:  # a variant without a plain ΔW: storing the weight is all that is allowed
+        return variance
+    rank = int(layer.r.get(ADAPTER, 1))
+    rounding: torch.Tensor = ulp(delta, stored).to(wide.dtype).pow(2) / 12
+    arithmetic: torch.Tensor = ((rank + 2) * u32 * bound).pow(2) / 3
+    return variance + rounding + arithmetic
+
+
+def _layer_check(
+    name: str,
+    layer: Any,
+    base_values: dict[str, torch.Tensor],
+    merged_values: dict[str, torch.Tensor],
+    tol: Tolerance,
+    seed: int,
+) -> LayerCheck:
+    base = layer.get_base_layer()
+    stored = merged_values["weight"].dtype
+    wide = reference_dtype(stored)
+    kind = module_kind(base) or type(base).__name__
+    x = _probes(base, name, seed, wide)
+    if isinstance(x, str):
+        return LayerCheck(name, kind, str(stored)[6:], math.nan, math.nan, math.nan, math.nan, 0, 0, False, x)
+    with torch.no_grad(), _holding(base, {n: v.to(wide) for n, v in base_values.items()}):
+        lora = [
+            m
+            for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+            for m in [getattr(layer, attr, None)]
+            if m is not None
+        ]
+        previous = [(p, p.data) for m in lora for p in m.parameters()]
+        for p, data in previous:
+            p.data = data.to(wide, copy=True)
+        try:
+            training = layer.training
+            layer.eval()
+            reference = cast(torch.Tensor, layer(x)).to(wide)
+            merged_w = merged_values["weight"].to(wide)
+            variance = _rounding_variance(layer, merged_values["weight"], merged_w, stored)
+        finally:
+            layer.train(training)
+            for p, data in previous:
+                p.data = data
+        with _holding(base, {n: v.to(wide) for n, v in merged_values.items()}):
+            value = cast(torch.Tensor, base(x)).to(wide)
+        bias = merged_values.get("bias")  # its rounding adds to every output, as the bias does
+        spread_bias = {} if bias is None else {"bias": ulp(bias, stored).to(wide).pow(2) / 12}
+        with _holding(base, {"weight": variance, **spread_bias}):
+            spread = cast(torch.Tensor, base(x if kind == "embedding" else x.pow(2))).to(wide)
+    err, _ = relative_errors(value, reference)
+    ref_rms = float(reference.double().pow(2).mean().sqrt())
+    s_err = float(spread.double().clamp(min=0).mean().sqrt()) / ref_rms if ref_rms > 0 else 0.0
+    limit = tol.factor * s_err + tol.floor_for(stored) / 4
+    ok = math.isfinite(err) and err <= limit
+    reason = (
+        ""
+        if ok
+        else (
+            f"output error {err:.3g} against PEFT's own LoRA layer (adapter mode, built from config.json and the "
+            f"adapter file) exceeds the limit {limit:.3g}"
+        )
+    )
+    return LayerCheck(name, kind, str(stored)[6:], math.nan, math.nan, err, math.nan, s_err, limit, ok, reason)
+
+
+def _convert(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def check_merged_checkpoint(
+    base_root: Path,
+    merged_root: Path,
+    adapter: Adapter,
+    tolerance: Tolerance,
+    *,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    mode: AdapterMode | None = None,
+) -> OracleResult | str:
+    """Judge the checkpoint at ``merged_root`` against adapter mode on ``base_root`` (see the module
+    docstring), or say why adapter mode cannot be rebuilt (then nothing was checked).
+
+    ``dtype``: the merge converted every floating tensor to it (the base is compared after the same
+    conversion)."""
+    built = mode if mode is not None else adapter_mode(base_root, adapter)
+    if isinstance(built, str):
+        return built
+    mode = built
+    base_reader, merged_reader = CheckpointReader(base_root), CheckpointReader(merged_root)
+    merged_model = meta_model(merged_root)
+    merged_groups = mode.groups if isinstance(merged_model, str) else tied_names(merged_model)
+    base_names = _Names(base_reader, mode.prefix, mode.groups)
+    merged_names = _Names(merged_reader, mode.prefix, merged_groups)
+    problems: list[str] = []
+    changed: set[str] = set()
+    covered: set[str] = set()  # model parameters whose adapter-mode value was checked
+    checks: list[LayerCheck] = []
+
+    def read(names: _Names, param: str, what: str) -> torch.Tensor | None:
+        stored = names.provided(param)
+        if stored is None:
+            problems.append(f"{param}: the {what} checkpoint holds no tensor for it (nor for a tensor tied to it)")
+            return None
+        return names.reader.get(stored)
+
+    for name, layer in mode.layers.items():
+        base = cast(Any, layer).get_base_layer()
+        base_values: dict[str, torch.Tensor] = {}
+        merged_values: dict[str, torch.Tensor] = {}
+        for pname, p in base.named_parameters(recurse=False):
+            param = f"{name}.{pname}"
+            covered.add(param)
+            if id(p) not in mode.placeholders:
+                original: torch.Tensor | None = p.detach()  # the adapter file carries this base tensor
+            else:
+                original = read(base_names, param, "base")
+            got = read(merged_names, param, "merged")
+            if original is None or got is None:
+                continue
+            base_values[pname] = _convert(original, dtype if dtype is not None else got.dtype)
+            merged_values[pname] = got
+            stored = merged_names.provided(param)
+            lora_bias = bool(cast(Any, layer).lora_bias.get(ADAPTER, False))
+            if stored is not None and (pname == "weight" or lora_bias or id(p) not in mode.placeholders):
+                changed.add(stored)
+        if "weight" in merged_values:
+            checks.append(_layer_check(name, layer, base_values, merged_values, tolerance, seed))
+    for param, value in mode.saved.items():
+        if param in covered:
+            continue
+        covered.add(param)
+        got = read(merged_names, param, "merged")
+        stored = merged_names.provided(param)
+        if got is None or stored is None:
+            continue
+        changed.add(stored)
+        expected = _convert(value, got.dtype)
+        if got.shape != expected.shape or not torch.equal(got, expected):
+            problems.append(f"{stored}: differs from the adapter's copy, which adapter mode uses instead of the base's")
+    for group in mode.groups:  # the other members of a tie keep the value adapter mode gives them
+        if not any(member in covered for member in group):
+            continue
+        for member in group:
+            if member in covered:
+                continue
+            stored = merged_names.provided(member)
+            original = read(base_names, member, "base")
+            got = read(merged_names, member, "merged")
+            if stored is None or original is None or got is None:
+                continue
+            changed.add(stored)
+            if got.shape != original.shape or not torch.equal(got, _convert(original, got.dtype)):
+                problems.append(
+                    f"{member}: tied to an adapted tensor in the base model, but adapter mode leaves it unchanged; "
+                    f"the merged checkpoint gives it the value of {stored}, which differs"
+                )
+    added = frozenset(changed - set(base_reader.stored))
+    return OracleResult(tuple(checks), tuple(problems), frozenset(changed), added)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """loramerge's own per-layer checks, joined with the oracle's (:func:`judge_by_peft`).
+
+    Attributes:
+        layers: Every layer check; a layer failing against PEFT's own layer fails, with that reason.
+        note: How the reference was made, for the report.
+        unexpected: Tensors that do not hold what adapter mode uses.
+        changed: The tensors adapter mode changes (``None`` when the oracle could not be built).
+    """
+
+    layers: list[LayerCheck]
+    note: str
+    unexpected: list[str]
+    changed: frozenset[str] | None
+
+    def leaves_alone(self, name: str) -> bool:
+        """Whether adapter mode certainly leaves the stored tensor ``name`` as it is in the base."""
+        return self.changed is not None and name not in self.changed
+
+
+def judge_by_peft(
+    base_root: Path,
+    merged_root: Path,
+    adapter: Adapter,
+    tolerance: Tolerance,
+    dtype: torch.dtype | None,
+    seed: int,
+    own: list[LayerCheck],
+) -> Judgement:
+    """Run :func:`check_merged_checkpoint` and join its layer checks with loramerge's ``own``."""
+    result = check_merged_checkpoint(base_root, merged_root, adapter, tolerance, dtype=dtype, seed=seed)
+    if isinstance(result, str):
+        note = (
+            f"not judged against PEFT's own layers: {result}; the per-tensor checks follow loramerge's own "
+            "mapping of the adapter (exact names, no shape guesses)"
+        )
+        return Judgement(list(own), note, [], None)
+    by_name = {c.name: c for c in result.layers}
+    layers = []
+    for check in own:
+        oracle = by_name.pop(check.name, None)
+        if oracle is not None and not oracle.passed:
+            reason = "; ".join(r for r in (check.reason, oracle.reason) if r)
+            check = dataclasses.replace(check, passed=False, reason=reason)
+        layers.append(check)
+    layers += by_name.values()  # layers PEFT adapts that loramerge's own mapping did not
+    names = sorted({p.split(":", 1)[0] for p in result.problems})
+    note = (
+        f"judged against PEFT's own LoRA layers ({len(result.layers)}), built from config.json and the adapter "
+        "file on a weightless model and run on seeded probes; ties and replaced tensors checked"
+    )
+    if result.problems:
+        note += ". Not as adapter mode: " + "; ".join(result.problems[:5])
+    return Judgement(layers, note, names, result.changed)
