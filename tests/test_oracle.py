@@ -8,6 +8,7 @@ test_checkpoint.py and test_matrix.py."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -42,7 +43,7 @@ def test_a_transposed_layout_passes_loramerges_own_check_but_not_peft(
     assert "transformer.h.0.attn.c_proj" in message and "PEFT's own LoRA layer" in message
     assert "c_attn: output error" not in message, "the non-square layers were merged right and must pass"
     # the same merge without the oracle: loramerge's own checks share the mistake and pass it
-    monkeypatch.setattr(ckpt, "_judged", lambda report, *args: report)
+    monkeypatch.setattr(ckpt, "_judged", lambda report, *args, **kwargs: report)
     assert lm.merge_checkpoint(base, adapter, tmp_path / "unjudged", progress=False).passed
 
 
@@ -56,7 +57,8 @@ def test_a_wrong_scale_fails_against_peft(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(ckpt, "_updates_for", five_percent_off)
     message = _verified_merge_fails(base, adapter, tmp_path / "merged")
-    for layer in ("transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj", "lm_head"):
+    # one layer of each family is run through PEFT's layer inside merge_checkpoint
+    for layer in ("transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj", "lm_head"):
         assert f"layer {layer}: output error" in message and "PEFT's own LoRA layer" in message, layer
 
 
@@ -94,7 +96,10 @@ def test_verify_checkpoint_is_judged_by_peft_and_says_so(tmp_path: Path) -> None
     base, adapter, merged = _merged(tmp_path)
     report = lm.verify_checkpoint(base, adapter, merged)
     assert report.passed
-    assert any("judged against PEFT's own LoRA layers (7)" in n for n in report.notes), report.notes
+    assert any("judged against PEFT's own LoRA layers (all 7)" in n for n in report.notes), report.notes
+    merged_report = lm.merge_checkpoint(base, adapter, tmp_path / "again", progress=False).verification
+    assert merged_report is not None
+    assert any("(4 of 7 (one per layer family" in n for n in merged_report.notes), merged_report.notes
 
 
 def test_a_corrupted_layer_fails_by_name(tmp_path: Path) -> None:
@@ -152,3 +157,26 @@ def test_merging_does_not_change_the_adapter_it_was_given(tmp_path: Path) -> Non
     assert all(torch.equal(before[k], v) for k, v in adapter.tensors.items())
     first, second = load_file(tmp_path / "m1" / "model.safetensors"), load_file(tmp_path / "m2" / "model.safetensors")
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_one_layer_merged_unlike_its_family_is_run_through_peft(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside merge_checkpoint PEFT's layer runs for one layer per family; a layer the merge gave
+    another scale than its family (as a misread alpha_pattern would) is its own family."""
+    _, _, base, adapter = _gpt2_with_mixed_targets(tmp_path)
+    odd = "transformer.h.1.attn.c_attn"
+
+    def misread(mod: Any) -> Any:
+        return dataclasses.replace(mod, scale=mod.scale * 1.05) if mod.name == odd else mod
+
+    original_map = ckpt.map_adapter
+
+    def mapping(reader: Any, adapter: Any) -> Any:
+        found = original_map(reader, adapter)
+        found.modules = {k: (misread(m), kind) for k, (m, kind) in found.modules.items()}
+        return found
+
+    monkeypatch.setattr(ckpt, "map_adapter", mapping)
+    message = _verified_merge_fails(base, adapter, tmp_path / "merged")
+    assert f"layer {odd}: output error" in message and "PEFT's own LoRA layer" in message

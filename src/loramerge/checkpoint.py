@@ -916,7 +916,7 @@ def merge_checkpoint(
 
     def model_check(tmp: Path, report: VerificationReport) -> VerificationReport:
         if qlora_base != "simulated":  # adapter mode on this base is the reference (not on a simulated one)
-            report = _judged(report, base_dir, tmp, loaded, mapping, target, 0)
+            report = _judged(report, base_dir, tmp, loaded, mapping, target, 0, every_layer=False)
         else:
             note = "not judged against PEFT's own layers: the weights merged into are simulated, not this checkpoint's"
             report = dataclasses.replace(report, notes=(*report.notes, note))
@@ -1150,11 +1150,13 @@ def _judged(
     mapping: AdapterMapping,
     dtype: torch.dtype | None,
     seed: int,
+    every_layer: bool = True,
 ) -> VerificationReport:
     """``report`` (loramerge's own checks of a merged checkpoint) joined with the judgement of PEFT's
     own layers (:mod:`loramerge.oracle`): a layer PEFT's adapter mode disagrees with fails, and a
     tensor loramerge's mapping changed that adapter mode leaves alone must equal the base's."""
-    judged = judge_by_peft(base, merged, adapter, report.tolerance, dtype, seed, list(report.layers))
+    plan = {mod.name: (kind, mod.scale, mod.rank, mod.use_dora) for mod, kind in mapping.modules.values()}
+    judged = judge_by_peft(base, merged, adapter, report.tolerance, dtype, seed, list(report.layers), every_layer, plan)
     wrong = list(judged.unexpected)
     base_reader, merged_reader = CheckpointReader(base), CheckpointReader(merged)
     for name in sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)):

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,12 +136,14 @@ class OracleResult:
         changed: The merged checkpoint's tensor names adapter mode changes or adds (adapted
             weights and biases, replaced tensors, untied copies); every other tensor must equal the base's.
         added: Of ``changed``, those the base checkpoint does not store (untied copies).
+        adapted: How many LoRA layers PEFT made (``len(layers)`` unless ``every_layer=False``).
     """
 
     layers: tuple[LayerCheck, ...]
     problems: tuple[str, ...]
     changed: frozenset[str]
     added: frozenset[str]
+    adapted: int = 0
 
 
 class _Names:
@@ -295,6 +297,23 @@ def _layer_check(
     return LayerCheck(name, kind, str(stored)[6:], math.nan, math.nan, err, math.nan, s_err, limit, ok, reason)
 
 
+def layer_family(name: str, layer: nn.Module) -> tuple[Any, ...]:
+    """What a LoRA layer shares with the others of its kind: its base layer's class and weight
+    shape, the last part of its module name, and PEFT's rank, scale, variant and ``lora_bias`` for it."""
+    m = cast(Any, layer)
+    base = m.get_base_layer()
+    variant = (getattr(m, "lora_variant", None) or {}).get(ADAPTER)
+    return (
+        type(base).__name__,
+        tuple(base.weight.shape),
+        name.rsplit(".", 1)[-1],
+        int(m.r.get(ADAPTER, 0)),
+        float(m.scaling.get(ADAPTER, 0.0)),
+        type(variant).__name__,
+        bool(m.lora_bias.get(ADAPTER, False)),
+    )
+
+
 def _convert(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
@@ -308,9 +327,19 @@ def check_merged_checkpoint(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     mode: AdapterMode | None = None,
+    every_layer: bool = True,
+    plan: Mapping[str, Any] | None = None,
 ) -> OracleResult | str:
     """Judge the checkpoint at ``merged_root`` against adapter mode on ``base_root`` (see the module
     docstring), or say why adapter mode cannot be rebuilt (then nothing was checked).
+
+    ``every_layer=False`` runs PEFT's layer for one layer of each :func:`layer_family` (and every
+    layer tied to another tensor or carrying a saved base) instead of all: the mistakes only this
+    check can see (a layout, a scale, a variant, a tie) are the same for every layer of a family,
+    while loramerge's own per-layer probes and the digests of every tensor cover each layer. Which
+    tensors change is still decided for every layer. ``plan`` (module name → what the merge did
+    with it, e.g. its layout and scale) splits families further, so that a layer the merge treated
+    unlike the rest of its family is run through PEFT's layer too.
 
     ``dtype``: the merge converted every floating tensor to it (the base is compared after the same
     conversion)."""
@@ -335,13 +364,26 @@ def check_merged_checkpoint(
             return None
         return names.reader.get(stored)
 
+    tied = {member for group in mode.groups for member in group}
+    families: set[tuple[Any, ...]] = set()
     for name, layer in mode.layers.items():
         base = cast(Any, layer).get_base_layer()
         base_values: dict[str, torch.Tensor] = {}
         merged_values: dict[str, torch.Tensor] = {}
-        for pname, p in base.named_parameters(recurse=False):
+        params = dict(base.named_parameters(recurse=False))
+        special = any(f"{name}.{n}" in tied or id(p) not in mode.placeholders for n, p in params.items())
+        family = (*layer_family(name, layer), (plan or {}).get(name))
+        judge = every_layer or special or family not in families
+        families.add(family)
+        for pname, p in params.items():
             param = f"{name}.{pname}"
             covered.add(param)
+            if not judge:  # which tensors change is still decided, from PEFT's layer
+                lora_bias = bool(cast(Any, layer).lora_bias.get(ADAPTER, False))
+                stored = merged_names.provided(param)
+                if stored is not None and (pname == "weight" or lora_bias):
+                    changed.add(stored)
+                continue
             if id(p) not in mode.placeholders:
                 original: torch.Tensor | None = p.detach()  # the adapter file carries this base tensor
             else:
@@ -387,7 +429,7 @@ def check_merged_checkpoint(
                     f"the merged checkpoint gives it the value of {stored}, which differs"
                 )
     added = frozenset(changed - set(base_reader.stored))
-    return OracleResult(tuple(checks), tuple(problems), frozenset(changed), added)
+    return OracleResult(tuple(checks), tuple(problems), frozenset(changed), added, len(mode.layers))
 
 
 @dataclass(frozen=True)
@@ -419,9 +461,13 @@ def judge_by_peft(
     dtype: torch.dtype | None,
     seed: int,
     own: list[LayerCheck],
+    every_layer: bool = True,
+    plan: Mapping[str, Any] | None = None,
 ) -> Judgement:
     """Run :func:`check_merged_checkpoint` and join its layer checks with loramerge's ``own``."""
-    result = check_merged_checkpoint(base_root, merged_root, adapter, tolerance, dtype=dtype, seed=seed)
+    result = check_merged_checkpoint(
+        base_root, merged_root, adapter, tolerance, dtype=dtype, seed=seed, every_layer=every_layer, plan=plan
+    )
     if isinstance(result, str):
         note = (
             f"not judged against PEFT's own layers: {result}; the per-tensor checks follow loramerge's own "
@@ -438,9 +484,15 @@ def judge_by_peft(
         layers.append(check)
     layers += by_name.values()  # layers PEFT adapts that loramerge's own mapping did not
     names = sorted({p.split(":", 1)[0] for p in result.problems})
+    judged = (
+        f"all {result.adapted}"
+        if len(result.layers) == result.adapted
+        else f"{len(result.layers)} of {result.adapted} (one per layer family: class, shape, name, rank, scale, "
+        "variant; every tied one)"
+    )
     note = (
-        f"judged against PEFT's own LoRA layers ({len(result.layers)}), built from config.json and the adapter "
-        "file on a weightless model and run on seeded probes; ties and replaced tensors checked"
+        f"judged against PEFT's own LoRA layers ({judged}), built from config.json and the adapter file on a "
+        "weightless model and run on seeded probes; which tensors change, ties and replaced tensors checked for all"
     )
     if result.problems:
         note += ". Not as adapter mode: " + "; ".join(result.problems[:5])
