@@ -18,7 +18,7 @@ import hashlib
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,10 +149,24 @@ class OracleResult:
 class _Names:
     """Model parameter names resolved to one checkpoint's stored tensors, ties included."""
 
-    def __init__(self, reader: CheckpointReader, prefix: str, groups: tuple[tuple[str, ...], ...]):
+    def __init__(
+        self,
+        reader: CheckpointReader,
+        prefix: str,
+        groups: tuple[tuple[str, ...], ...] | Callable[[], tuple[tuple[str, ...], ...]],
+    ):
         self.reader, self.prefix = reader, prefix
         self.stored = set(reader.stored)
-        self.group = {name: g for g in groups for name in g}
+        self._groups = groups
+        self._group: dict[str, tuple[str, ...]] | None = None
+
+    @property
+    def group(self) -> dict[str, tuple[str, ...]]:
+        """Parameter name → its tie group (built on first use: it may need the weightless model)."""
+        if self._group is None:
+            groups = self._groups() if callable(self._groups) else self._groups
+            self._group = {name: g for g in groups for name in g}
+        return self._group
 
     def direct(self, param: str) -> str | None:
         """The stored tensor saved under ``param``'s name (allowing the model's base prefix)."""
@@ -348,8 +362,12 @@ def check_merged_checkpoint(
         return built
     mode = built
     base_reader, merged_reader = CheckpointReader(base_root), CheckpointReader(merged_root)
-    merged_model = meta_model(merged_root)
-    merged_groups = mode.groups if isinstance(merged_model, str) else tied_names(merged_model)
+    groups = mode.groups
+
+    def merged_groups() -> tuple[tuple[str, ...], ...]:  # the ties transformers applies when loading the output
+        model = meta_model(merged_root)
+        return groups if isinstance(model, str) else tied_names(model)
+
     base_names = _Names(base_reader, mode.prefix, mode.groups)
     merged_names = _Names(merged_reader, mode.prefix, merged_groups)
     problems: list[str] = []
