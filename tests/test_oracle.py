@@ -180,3 +180,22 @@ def test_one_layer_merged_unlike_its_family_is_run_through_peft(
     monkeypatch.setattr(ckpt, "map_adapter", mapping)
     message = _verified_merge_fails(base, adapter, tmp_path / "merged")
     assert f"layer {odd}: output error" in message and "PEFT's own LoRA layer" in message
+
+
+def test_an_unmerge_with_a_wrong_scale_fails_against_peft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unmerge's own check re-merges with the same update it subtracted, so it passes a wrong
+    scale; PEFT's adapter mode on the restored base must reproduce the merged input, and does not."""
+    _, adapter, merged = _merged(tmp_path)
+    restored = lm.unmerge_checkpoint(merged, adapter, tmp_path / "restored", progress=False)
+    assert restored.passed and restored.verification is not None
+    assert any("judged against PEFT's own LoRA layers" in n for n in restored.verification.notes)
+    right = ckpt._updates_for
+
+    def five_percent_off(mod: Any, kind: Any) -> LoraUpdate:
+        up = right(mod, kind)
+        return LoraUpdate(up.kind, up.lora_A, up.lora_B, up.scale * 1.05, up.magnitude, up.bias)
+
+    monkeypatch.setattr(ckpt, "_updates_for", five_percent_off)
+    with pytest.raises(lm.VerificationError, match="PEFT's own LoRA layer"):
+        lm.unmerge_checkpoint(merged, adapter, tmp_path / "wrong", progress=False)
+    assert not (tmp_path / "wrong").exists()

@@ -1151,6 +1151,7 @@ def _judged(
     dtype: torch.dtype | None,
     seed: int,
     every_layer: bool = True,
+    rounded_base: bool = False,
 ) -> VerificationReport:
     """``report`` (loramerge's own checks of a merged checkpoint) joined with the judgement of PEFT's
     own layers (:mod:`loramerge.oracle`): a layer PEFT's adapter mode disagrees with fails, and a
@@ -1317,6 +1318,10 @@ def unmerge_checkpoint(
         verify,
         tol,
         started,
+        # PEFT's adapter mode on the restored base must compute what the merged input stores
+        extra_check=lambda tmp, report: _judged(
+            report, tmp, merged_dir, loaded, mapping, None, seed, every_layer=False, rounded_base=True
+        ),
         record=record,
         extra_metadata={METADATA_KEY: json.dumps(remaining, default=str)},
     )

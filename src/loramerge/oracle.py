@@ -261,6 +261,7 @@ def _layer_check(
     merged_values: dict[str, torch.Tensor],
     tol: Tolerance,
     seed: int,
+    rounded_base: bool = False,
 ) -> LayerCheck:
     base = layer.get_base_layer()
     stored = merged_values["weight"].dtype
@@ -285,6 +286,8 @@ def _layer_check(
             reference = cast(torch.Tensor, layer(x)).to(wide)
             merged_w = merged_values["weight"].to(wide)
             variance = _rounding_variance(layer, merged_values["weight"], merged_w, stored)
+            if rounded_base:
+                variance = variance + ulp(base_values["weight"], stored).to(wide).pow(2) / 12
         finally:
             layer.train(training)
             for p, data in previous:
@@ -343,6 +346,7 @@ def check_merged_checkpoint(
     mode: AdapterMode | None = None,
     every_layer: bool = True,
     plan: Mapping[str, Any] | None = None,
+    rounded_base: bool = False,
 ) -> OracleResult | str:
     """Judge the checkpoint at ``merged_root`` against adapter mode on ``base_root`` (see the module
     docstring), or say why adapter mode cannot be rebuilt (then nothing was checked).
@@ -353,7 +357,9 @@ def check_merged_checkpoint(
     while loramerge's own per-layer probes and the digests of every tensor cover each layer. Which
     tensors change is still decided for every layer. ``plan`` (module name → what the merge did
     with it, e.g. its layout and scale) splits families further, so that a layer the merge treated
-    unlike the rest of its family is run through PEFT's layer too.
+    unlike the rest of its family is run through PEFT's layer too. ``rounded_base``: the base was
+    itself computed and rounded (an unmerge's output, judged by merging it again): its rounding is
+    allowed too.
 
     ``dtype``: the merge converted every floating tensor to it (the base is compared after the same
     conversion)."""
@@ -416,7 +422,7 @@ def check_merged_checkpoint(
             if stored is not None and (pname == "weight" or lora_bias or id(p) not in mode.placeholders):
                 changed.add(stored)
         if "weight" in merged_values:
-            checks.append(_layer_check(name, layer, base_values, merged_values, tolerance, seed))
+            checks.append(_layer_check(name, layer, base_values, merged_values, tolerance, seed, rounded_base))
     for param, value in mode.saved.items():
         if param in covered:
             continue
@@ -481,10 +487,19 @@ def judge_by_peft(
     own: list[LayerCheck],
     every_layer: bool = True,
     plan: Mapping[str, Any] | None = None,
+    rounded_base: bool = False,
 ) -> Judgement:
     """Run :func:`check_merged_checkpoint` and join its layer checks with loramerge's ``own``."""
     result = check_merged_checkpoint(
-        base_root, merged_root, adapter, tolerance, dtype=dtype, seed=seed, every_layer=every_layer, plan=plan
+        base_root,
+        merged_root,
+        adapter,
+        tolerance,
+        dtype=dtype,
+        seed=seed,
+        every_layer=every_layer,
+        plan=plan,
+        rounded_base=rounded_base,
     )
     if isinstance(result, str):
         note = (
