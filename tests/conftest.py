@@ -216,7 +216,7 @@ def save_adapter(
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **lora))
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**{"init_lora_weights": False, **lora}))
         gen = torch.Generator().manual_seed(seed + 100)
         with torch.no_grad():
             for name, p in peft_model.named_parameters():

@@ -21,6 +21,7 @@ import pytest
 import torch
 import transformers as tf
 from peft import PeftModel
+from peft.tuners.lora import MontecloraConfig, VeloraConfig
 from safetensors.torch import load_file
 from torch import nn
 
@@ -131,6 +132,15 @@ MATRIX: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
         _decoder("LlamaForCausalLM", "LlamaConfig"),
         {"target_modules": ["embed_tokens", "q_proj", "lm_head"]},
     ),
+    "llama-velora": (
+        _decoder("LlamaForCausalLM", "LlamaConfig"),
+        {"target_modules": ATTN, "velora_config": VeloraConfig(init_type="random")},
+    ),
+    "llama-monteclora": (
+        _decoder("LlamaForCausalLM", "LlamaConfig"),
+        {"target_modules": ATTN, "monteclora_config": MontecloraConfig()},
+    ),
+    "llama-mica": (_decoder("LlamaForCausalLM", "LlamaConfig"), {"target_modules": ATTN, "init_lora_weights": "mica"}),
     "minilm-real-weights": (_no_dropout("minilm-real"), {"target_modules": ["query", "value", "dense"]}),
 }
 

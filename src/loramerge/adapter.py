@@ -43,14 +43,17 @@ _UNSUPPORTED_SETTINGS: dict[str, str] = {
     "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts) is not supported yet",
     "use_qalora": "QA-LoRA pools inputs and cannot be expressed as a weight delta here",
     "alora_invocation_tokens": "activated LoRA (aLoRA) applies only after invocation tokens; it has no weight delta",
-    "velora_config": "VeLoRA changes the forward pass",
-    "monteclora_config": "MonteCLoRA samples its adapter weights",
     "use_bdlora": "block-diagonal LoRA is not supported yet",
     "arrow_config": "Arrow routing mixes adapters per token",
     "kasa_config": "KaSA is not supported yet",
 }
 # Initialisations that also rewrite the base weights: the adapter is only valid on that rewritten base.
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "mica", "lora_ga", "lora-ga")
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
+# Variants that compute plain LoRA at inference and merge as plain LoRA (PEFT's own merge is
+# ``W + s B A`` for them): VeLoRA compresses activations for the backward pass only, MonteCLoRA
+# samples A only in training, MiCA only chooses how B is initialized (from the base's minor singular
+# vectors, leaving the base as it is). Their saved training state is not part of the merge.
+TRAINING_STATE = re.compile(r"\.(lora_velora_embed|lora_monteclora_sampler\.[A-Za-z_]+)$")
 
 Bias = Literal["none", "all", "lora_only"]
 
@@ -203,7 +206,7 @@ class Adapter:
 
 # Variants whose layer PEFT itself merges: with ``layer_variants=True`` (a live PeftModel), loramerge
 # merges them through PEFT's own layer and proves the result against that layer.
-_PEFT_MERGED_VARIANTS = ("velora_config", "monteclora_config", "use_bdlora", "kasa_config")
+_PEFT_MERGED_VARIANTS = ("use_bdlora", "kasa_config")
 
 
 def check_mergeable_settings(raw: Mapping[str, Any], where: str, *, layer_variants: bool = False) -> None:
@@ -300,6 +303,8 @@ def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
             raise UnsupportedAdapterError(
                 f"{where}: tensor {key!r} is a trainable-tokens delta, which is not supported yet."
             )
+        if TRAINING_STATE.search(name):  # VeLoRA's or MonteCLoRA's training state: not part of the merge
+            continue
         match = _LORA_KEY.match(name)
         if match and not tensors[key].is_floating_point():
             problems.append(

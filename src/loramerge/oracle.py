@@ -27,7 +27,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from loramerge.adapter import Adapter
+from loramerge.adapter import TRAINING_STATE, Adapter
 from loramerge.reports import LayerCheck
 from loramerge.shards import CheckpointReader
 from loramerge.skeleton import meta_model, module_kind, tied_names
@@ -91,24 +91,21 @@ def adapter_mode(root: Path, adapter: Adapter) -> AdapterMode | str:
             warnings.simplefilter("ignore")
             config = LoraConfig(**{k: v for k, v in adapter.config.items() if k in allowed})
             config.inference_mode = True
+            # Every base parameter becomes a CPU stand-in that takes no memory before PEFT wraps the
+            # model, so that PEFT initializes its layers (and keeps the loaded factors) on the CPU.
+            placeholders: set[int] = set()
+            alive: list[torch.Tensor] = []  # kept, so that no loaded tensor can reuse a placeholder's id
+            for module in model.modules():
+                for pname, p in list(module.named_parameters(recurse=False)):
+                    if p.is_meta:
+                        alive.append(_placeholder(p))
+                        setattr(module, pname, alive[-1])
+                        placeholders.add(id(alive[-1]))
             peft_model = PeftModel(model, config, adapter_name=ADAPTER, low_cpu_mem_usage=True)
             inner = cast(nn.Module, peft_model.base_model.model)
             layers = {n: cast(nn.Module, m) for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
-            placeholders: set[int] = set()
-            alive: list[torch.Tensor] = []  # kept, so that no loaded tensor can reuse a placeholder's id
-            for layer in layers.values():
-                base = cast(Any, layer).get_base_layer()
-                for pname, p in list(base.named_parameters(recurse=False)):
-                    if p.is_meta:
-                        alive.append(_placeholder(p))
-                        setattr(base, pname, alive[-1])
-                        placeholders.add(id(alive[-1]))
-            result = set_peft_model_state_dict(
-                peft_model,
-                {k: v.clone() for k, v in adapter.tensors.items()},
-                adapter_name=ADAPTER,
-                low_cpu_mem_usage=True,
-            )
+            tensors = {k: v.clone() for k, v in adapter.tensors.items() if not TRAINING_STATE.search(k)}
+            result = set_peft_model_state_dict(peft_model, tensors, adapter_name=ADAPTER, low_cpu_mem_usage=True)
     except Exception as e:  # PEFT's own refusal: the adapter does not fit what the config builds
         return f"PEFT cannot load the adapter into the model the config builds ({type(e).__name__}: {e})"
     unused = sorted(getattr(result, "unexpected_keys", []) or [])
