@@ -376,7 +376,7 @@ class _Pipeline:
         written: dict[str, str] | None,
     ):
         self.reader, self.names, self.writer, self.passthrough = reader, names, writer, passthrough
-        self.written = written  # name -> SHA-256 of the bytes written, recorded by the writer's thread
+        self.written = written  # name -> digest (XXH3-128) of the bytes written, recorded by the writer's thread
         self.buffers = BufferPool(3)
         self.reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-read")
         self.writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-write")
@@ -456,7 +456,7 @@ class _Pipeline:
 class _Expectations:
     """What the written checkpoint must hold, gathered while streaming: digests and layer probes."""
 
-    digests: dict[str, str] = field(default_factory=dict)  # SHA-256 of the bytes written (the writer's thread)
+    digests: dict[str, str] = field(default_factory=dict)  # XXH3-128 of the bytes written (the writer's thread)
     unchanged: set[str] = field(default_factory=set)
     checks: dict[str, Callable[[torch.Tensor], LayerCheck]] = field(default_factory=dict)
 
@@ -483,7 +483,7 @@ def _fixed_check(layer: LayerCheck) -> Callable[[torch.Tensor], LayerCheck]:
 
 class _Verifier:
     """Re-reads each shard as soon as it is complete, in a background thread, while later shards
-    are still being merged: every tensor's SHA-256 must be the one computed when it was written
+    are still being merged: every tensor's digest (XXH3-128) must be the one computed when it was written
     (for untouched tensors, that of the base's bytes), and every adapted tensor, as read back, must
     pass its layer probe."""
 
@@ -521,7 +521,7 @@ class _Verifier:
         self.pool.shutdown(wait=True)
         wrong += (set(names) ^ set(seen)) | (set(names) ^ set(CheckpointReader(root).names))  # missing or unexpected
         notes = (
-            "re-read from disk: every tensor's SHA-256 checked, adapted tensors probed as read back "
+            "re-read from disk: every tensor's XXH3-128 digest checked, adapted tensors probed as read back "
             f"(a seeded sample of up to {MAX_PROBE_OUTPUTS} output features each); no model was run",
         )
         passed = all(c.passed for c in layers) and not wrong

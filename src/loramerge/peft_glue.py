@@ -106,6 +106,12 @@ def check_compatible(model: nn.Module, adapter: Adapter) -> dict[str, Kind]:
             problems.append((name, "no such module in the model"))
             continue
         kind = layer_kind(found)
+        if kind is None and isinstance(base_layer_of(found), nn.MultiheadAttention):
+            raise UnsupportedAdapterError(
+                f"{name}: LoRA on an nn.MultiheadAttention layer (PEFT adapts its packed in_proj_weight and "
+                "out_proj together) is not supported by loramerge yet; nothing was changed. The adapter fits this "
+                "model: merge it with PEFT's merge_and_unload(), or keep it in adapter mode."
+            )
         if kind is None:
             problems.append((name, f"is a {type(base_layer_of(found)).__name__}, which LoRA cannot target"))
             continue
@@ -386,6 +392,12 @@ def collect_plans(peft_model: PeftModel, adapter_names: Sequence[str]) -> tuple[
             kind = "conv"
         elif type(module) is lora_layer.Linear:
             kind = "conv1d" if module.fan_in_fan_out else "linear"
+        elif isinstance(module, lora_layer.MultiheadAttention):
+            raise UnsupportedAdapterError(
+                f"{name}: LoRA on an nn.MultiheadAttention layer (PEFT adapts its packed in_proj_weight and "
+                "out_proj together) is not supported by loramerge yet; nothing was changed. Merge it with PEFT's "
+                "merge_and_unload(), or keep it in adapter mode."
+            )
         else:
             raise UnsupportedAdapterError(
                 f"{name}: LoRA layer type {type(module).__module__}.{type(module).__name__} is not supported "

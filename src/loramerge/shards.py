@@ -275,12 +275,12 @@ def _stored_tensors(root: Path, file: str) -> tuple[dict[str, str], list[tuple[T
 def scan_file(path: Path, keep: set[str]) -> Iterator[tuple[str, str, torch.Tensor | None]]:
     """Every tensor of one safetensors file, read front to back in large blocks
     (:func:`~loramerge.directio.read_blocks`, bypassing the page cache where possible):
-    ``(name, SHA-256 of its bytes, tensor)``, in file order, where ``tensor`` is given only for
+    ``(name, digest of its bytes (:func:`new_hasher`), tensor)``, in file order, where ``tensor`` is given only for
     names in ``keep`` (``None`` otherwise) and is valid until the next step."""
     _, entries = _stored_tensors(path.parent, path.name)
     buffers = BufferPool(1)
     k = 0
-    hasher = hashlib.sha256()
+    hasher = new_hasher()
     held: torch.Tensor | None = None
 
     def done(info: TensorInfo) -> tuple[str, str, torch.Tensor | None]:
@@ -289,7 +289,7 @@ def scan_file(path: Path, keep: set[str]) -> Iterator[tuple[str, str, torch.Tens
 
     def begin(info: TensorInfo) -> None:
         nonlocal hasher, held
-        hasher = hashlib.sha256()
+        hasher = new_hasher()
         if held is not None:
             buffers.give(held)
             held = None
@@ -427,6 +427,24 @@ class CheckpointReader:
 
     def close(self) -> None:
         """Nothing to release (files are opened per tensor); kept for symmetry."""
+
+
+def new_hasher() -> Any:
+    """The digest that checks written bytes against the bytes read back (XXH3-128, about 10 GB/s on
+    one core, against SHA-256's 1.2 GB/s, measured on the development machine). It guards against
+    corruption between loramerge's own write and read, not against an adversary: the digests that
+    records carry (:func:`tensor_digest`) stay SHA-256."""
+    import xxhash
+
+    return xxhash.xxh3_128()
+
+
+def fast_digest(tensor: torch.Tensor) -> str:
+    """:func:`new_hasher`'s digest of a tensor's bytes in its stored layout."""
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    hasher = new_hasher()
+    hasher.update(byte_view(data))
+    return str(hasher.hexdigest())
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -569,18 +587,19 @@ class ShardWriter:
 
     def write(self, name: str, tensor: torch.Tensor, digest: bool = False) -> str | None:
         """Write the next tensor of the plan (it must be the one the plan expects); with ``digest``,
-        return the SHA-256 of its bytes."""
+        return the digest of its bytes (:func:`fast_digest`)."""
         data = tensor.detach().contiguous().cpu()
         file = self._next(name, tuple(data.shape), data.dtype, data.numel() * data.element_size())
         with self._disk_errors(name):
             file.write(data)
-        return tensor_digest(data) if digest else None
+        return fast_digest(data) if digest else None
 
     def copy(self, name: str, source: Path, offset: int, nbytes: int, digest: bool = False) -> str | None:
         """Write the next tensor of the plan by copying its ``nbytes`` bytes from the file ``source``
-        at ``offset`` (never held in memory as a whole); with ``digest``, return their SHA-256."""
+        at ``offset`` (never held in memory as a whole); with ``digest``, return their digest
+        (:func:`new_hasher`)."""
         file = self._next(name, None, None, nbytes)
-        hasher = hashlib.sha256() if digest else None
+        hasher = new_hasher() if digest else None
         fd = os.open(source, os.O_RDONLY)
         try:
             with self._disk_errors(name):
