@@ -220,19 +220,26 @@ def _holding(base: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]
             setattr(base, n, p)
 
 
-def _rounding_variance(layer: Any, merged: torch.Tensor, wide: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
+def _squared_ulp(t: torch.Tensor, stored: torch.dtype, wide: torch.dtype, divisor: float) -> torch.Tensor:
+    """``ulp(t)² / divisor`` in ``wide``, computed in place (one full-size temporary at a time)."""
+    out = ulp(t, stored).to(wide)
+    return out.pow_(2).div_(divisor)
+
+
+def _rounding_variance(layer: Any, merged: torch.Tensor, wide: torch.dtype, stored: torch.dtype) -> torch.Tensor:
     """Per-element variance of the rounding a faithful merge may add beyond storing ``W + ΔW``
     (the rule of :func:`~loramerge.verification.merge_rounding_variance`), with ``ΔW`` and
-    ``|s| |B| |A|`` taken from PEFT's own layer (``get_delta_weight``) in the layer's layout."""
-    variance = ulp(merged, stored).to(wide.dtype).pow(2) / 12
+    ``|s| |B| |A|`` taken from PEFT's own layer (``get_delta_weight``) in the layer's layout.
+    Built in place, so that at most two full-size temporaries live at once."""
+    variance = _squared_ulp(merged, stored, wide, 12)
     if stored == torch.float64:
         return variance
     u32 = unit_roundoff(torch.float32)
     if ADAPTER in getattr(layer, "lora_magnitude_vector", {}):
-        return variance + (3 * u32 * wide.abs()).pow(2) / 3
+        return variance.add_(merged.to(wide).abs_().mul_(3 * u32).pow_(2).div_(3))
     try:
         with torch.no_grad():
-            delta = layer.get_delta_weight(ADAPTER).to(wide.dtype)
+            variance.add_(_squared_ulp(layer.get_delta_weight(ADAPTER), stored, wide, 12))
             if ADAPTER in layer.lora_embedding_A:
                 factors = [layer.lora_embedding_A[ADAPTER], layer.lora_embedding_B[ADAPTER]]
             else:
@@ -240,15 +247,33 @@ def _rounding_variance(layer: Any, merged: torch.Tensor, wide: torch.Tensor, sto
             originals = [f.detach().clone() for f in factors]
             for f in factors:
                 f.abs_()
-            bound = layer.get_delta_weight(ADAPTER).to(wide.dtype).abs()
-            for f, o in zip(factors, originals, strict=True):
-                f.copy_(o)
+            try:
+                bound = layer.get_delta_weight(ADAPTER).to(wide).abs_()
+            finally:
+                for f, o in zip(factors, originals, strict=True):
+                    f.copy_(o)
     except Exception:  # a variant without a plain ΔW: storing the weight is all that is allowed
         return variance
     rank = int(layer.r.get(ADAPTER, 1))
-    rounding: torch.Tensor = ulp(delta, stored).to(wide.dtype).pow(2) / 12
-    arithmetic: torch.Tensor = ((rank + 2) * u32 * bound).pow(2) / 3
-    return variance + rounding + arithmetic
+    return variance.add_(bound.mul_((rank + 2) * u32).pow_(2).div_(3))
+
+
+@contextmanager
+def _lora_widened(layer: Any, wide: torch.dtype) -> Iterator[None]:
+    """``layer``'s LoRA parameters as ``wide`` copies and the layer in eval mode, for the duration."""
+    parts = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    modules = [m for attr in parts for m in [getattr(layer, attr, None)] if m is not None]
+    previous = [(p, p.data) for m in modules for p in m.parameters()]
+    training = layer.training
+    try:
+        for p, data in previous:
+            p.data = data.to(wide, copy=True)
+        layer.eval()
+        yield
+    finally:
+        layer.train(training)
+        for p, data in previous:
+            p.data = data
 
 
 def _layer_check(
@@ -267,34 +292,20 @@ def _layer_check(
     x = _probes(base, name, seed, wide)
     if isinstance(x, str):
         return LayerCheck(name, kind, str(stored)[6:], math.nan, math.nan, math.nan, math.nan, 0, 0, False, x)
-    with torch.no_grad(), _holding(base, {n: v.to(wide) for n, v in base_values.items()}):
-        lora = [
-            m
-            for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-            for m in [getattr(layer, attr, None)]
-            if m is not None
-        ]
-        previous = [(p, p.data) for m in lora for p in m.parameters()]
-        for p, data in previous:
-            p.data = data.to(wide, copy=True)
-        try:
-            training = layer.training
-            layer.eval()
-            reference = cast(torch.Tensor, layer(x)).to(wide)
-            merged_w = merged_values["weight"].to(wide)
-            variance = _rounding_variance(layer, merged_values["weight"], merged_w, stored)
-            if rounded_base:
-                variance = variance + ulp(base_values["weight"], stored).to(wide).pow(2) / 12
-        finally:
-            layer.train(training)
-            for p, data in previous:
-                p.data = data
+    with torch.no_grad():
+        with _lora_widened(layer, wide):
+            with _holding(base, {n: v.to(wide) for n, v in base_values.items()}):
+                reference = cast(torch.Tensor, layer(x)).to(wide)
+            variance = _rounding_variance(layer, merged_values["weight"], wide, stored)
+        if rounded_base:
+            variance.add_(_squared_ulp(base_values["weight"], stored, wide, 12))
         with _holding(base, {n: v.to(wide) for n, v in merged_values.items()}):
             value = cast(torch.Tensor, base(x)).to(wide)
         bias = merged_values.get("bias")  # its rounding adds to every output, as the bias does
-        spread_bias = {} if bias is None else {"bias": ulp(bias, stored).to(wide).pow(2) / 12}
+        spread_bias = {} if bias is None else {"bias": _squared_ulp(bias, stored, wide, 12)}
         with _holding(base, {"weight": variance, **spread_bias}):
             spread = cast(torch.Tensor, base(x if kind == "embedding" else x.pow(2))).to(wide)
+        del variance
     err, _ = relative_errors(value, reference)
     ref_rms = float(reference.double().pow(2).mean().sqrt())
     s_err = float(spread.double().clamp(min=0).mean().sqrt()) / ref_rms if ref_rms > 0 else 0.0
