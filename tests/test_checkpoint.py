@@ -245,8 +245,7 @@ def test_cli_merge_verify_unmerge(tmp_path: Path, capsys: pytest.CaptureFixture[
 )
 def test_corruption_on_the_way_to_disk_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, victim: str) -> None:
     """One bit flipped between the writer's buffer and the disk (after the bytes were hashed) fails
-    ``verify="full"``, names the tensor, and publishes nothing (the default level does not re-read
-    the bytes, and says so)."""
+    the verification, names the tensor, and publishes nothing."""
     _, base_dir, adapter_dir = _prepare(tmp_path, "llama-linear-patterns", torch.bfloat16)
     lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "clean", progress=False)
     file, offset = CheckpointReader(tmp_path / "clean").location(victim)  # the layout is deterministic
@@ -261,7 +260,7 @@ def test_corruption_on_the_way_to_disk_is_caught(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(directio, "pwrite_all", flipping)
     with pytest.raises(lm.VerificationError, match=victim.split(".")[-2]) as info:
-        lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False, verify="full")
+        lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "out", progress=False)
     assert flipped["n"] == 1 and file.name == "model.safetensors"
     assert victim in info.value.report.unexpected_changes
     assert not (tmp_path / "out").exists()
@@ -305,15 +304,3 @@ def test_shard_truncated_after_opening_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(lm.AdapterConfigError, match="truncated while in use"):
         writer.copy(name, path, offset, reader.tensors[name].nbytes)
     writer.abort()
-
-
-def test_the_default_level_says_it_did_not_reread_and_full_says_it_did(tmp_path: Path) -> None:
-    _, base_dir, adapter_dir = _prepare(tmp_path, "llama-linear-patterns", torch.bfloat16)
-    default = lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "default", progress=False).verification
-    full = lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "full", progress=False, verify="full").verification
-    assert default is not None and full is not None and default.passed and full.passed
-    assert any("were not re-read" in n for n in default.notes) and default.unchanged_checked == 0
-    assert any("re-read from disk" in n for n in full.notes) and full.unchanged_checked > 0
-    assert [c.name for c in default.layers] == [c.name for c in full.layers]
-    with pytest.raises(lm.InvalidArgumentError, match="verify="):
-        lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "x", verify="fast")  # type: ignore[arg-type]

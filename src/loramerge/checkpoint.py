@@ -482,31 +482,19 @@ def _fixed_check(layer: LayerCheck) -> Callable[[torch.Tensor], LayerCheck]:
 
 
 class _Verifier:
-    """Checks what is written, at one of two levels.
+    """Re-reads each shard as soon as it is complete, in a background thread, while later shards
+    are still being merged: every tensor's digest (XXH3-128) must be the one computed when it was written
+    (for untouched tensors, that of the base's bytes), and every adapted tensor, as read back, must
+    pass its layer probe."""
 
-    ``reread=False`` (the default ``verify=True``): every adapted tensor passes its layer probe as it
-    goes to the writer, and the finished output's headers are parsed again (every shard must hold
-    exactly the planned tensors, in a layout that covers each file). ``reread=True``
-    (``verify="full"``): each shard is re-read from disk as soon as it is complete, in a background
-    thread while later shards are still being merged; every tensor's digest must be the one
-    computed when it was written (for untouched tensors, that of the base's bytes), and every
-    adapted tensor, as read back, must pass its layer probe."""
-
-    def __init__(self, expect: _Expectations, reread: bool):
-        self.expect, self.reread = expect, reread
+    def __init__(self, expect: _Expectations):
+        self.expect = expect
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramerge-verify")
         self.futures: list[Future[tuple[list[str], list[LayerCheck], list[str]]]] = []
-        self.checked: list[LayerCheck] = []  # made in memory, as the tensors were written
 
     def shard_written(self, path: Path) -> None:
         """Queue ``path`` for checking (called by the writer when a shard is closed)."""
-        if self.reread:
-            self.futures.append(self.pool.submit(self._check, path))
-
-    def written(self, name: str, tensor: torch.Tensor) -> None:
-        """Without a re-read: check ``tensor`` as it goes to the writer (exactly the bytes written)."""
-        if not self.reread and name in self.expect.checks:
-            self.checked.append(self.expect.checks.pop(name)(tensor))
+        self.futures.append(self.pool.submit(self._check, path))
 
     def _check(self, path: Path) -> tuple[list[str], list[LayerCheck], list[str]]:
         seen: list[str] = []
@@ -523,29 +511,19 @@ class _Verifier:
     def report(self, root: Path, names: list[str], tol: Tolerance, operation: str) -> VerificationReport:
         """Wait for every shard's check and put them together; the checkpoint must hold exactly ``names``."""
         seen: list[str] = []
-        layers: list[LayerCheck] = list(self.checked)
-        wrong: list[str] = sorted(self.expect.checks) if not self.reread else []  # planned checks never made
+        layers: list[LayerCheck] = []
+        wrong: list[str] = []
         for future in self.futures:
             s, lay, w = future.result()
             seen += s
             layers += lay
             wrong += w
         self.pool.shutdown(wait=True)
-        written = CheckpointReader(root).names  # every header parsed again, strictly
-        if not self.reread:
-            seen = list(written)
-        wrong += (set(names) ^ set(seen)) | (set(names) ^ set(written))  # missing or unexpected
-        if self.reread:
-            note = (
-                "re-read from disk: every tensor's XXH3-128 digest checked, adapted tensors probed as read back "
-                f"(a seeded sample of up to {MAX_PROBE_OUTPUTS} output features each); no model was run"
-            )
-        else:
-            note = (
-                "adapted tensors probed as written (a seeded sample of up to "
-                f"{MAX_PROBE_OUTPUTS} output features each), the output's headers parsed again; the bytes on disk "
-                "were not re-read (verify='full' re-reads and compares every tensor's digest); no model was run"
-            )
+        wrong += (set(names) ^ set(seen)) | (set(names) ^ set(CheckpointReader(root).names))  # missing or unexpected
+        notes = (
+            "re-read from disk: every tensor's XXH3-128 digest checked, adapted tensors probed as read back "
+            f"(a seeded sample of up to {MAX_PROBE_OUTPUTS} output features each); no model was run",
+        )
         passed = all(c.passed for c in layers) and not wrong
         return VerificationReport(
             operation,  # type: ignore[arg-type]
@@ -553,9 +531,9 @@ class _Verifier:
             tol,
             tuple(layers),
             None,
-            unchanged_checked=len(self.expect.unchanged) if self.reread else 0,
+            unchanged_checked=len(self.expect.unchanged),
             unexpected_changes=tuple(sorted(set(wrong))),
-            notes=(note,),
+            notes=notes,
         )
 
     def abort(self) -> None:
@@ -600,8 +578,7 @@ def _stream(
             _untie_config(tmp)
         order = [t.name for shard in plan for t in shard]
         writer = ShardWriter(tmp, plan, metadata, on_close=verifier.shard_written if verifier is not None else None)
-        digests = verifier.expect.digests if verifier is not None and verifier.reread else None
-        pipe = _Pipeline(reader, order, writer, passthrough, digests)
+        pipe = _Pipeline(reader, order, writer, passthrough, verifier.expect.digests if verifier is not None else None)
         bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc=desc, disable=not progress)
         threads = torch.get_num_threads()
         torch.set_num_threads(_compute_threads(threads))
@@ -611,8 +588,6 @@ def _stream(
                     result = transform(name, tensor)
                     if dtype is not None and result.is_floating_point():
                         result = result.to(dtype)
-                    if verifier is not None:
-                        verifier.written(name, result)
                     pipe.write(name, result)
                     del tensor, result  # the writer holds it now; do not keep it alive through the next read
                 bar.update(reader.tensors[name].nbytes)
@@ -667,7 +642,7 @@ def _publish(
     max_shard_size: int | str,
     overwrite: bool,
     progress: bool,
-    verify: bool | Literal["full"],
+    verify: bool,
     tol: Tolerance,
     started: float,
     extra_check: Callable[[Path, VerificationReport], VerificationReport] | None = None,
@@ -680,7 +655,7 @@ def _publish(
     atomically."""
     expect.unchanged.update(passthrough)
     reports: list[VerificationReport] = []
-    verifier = _Verifier(expect, reread=verify == "full") if verify else None
+    verifier = _Verifier(expect) if verify else None
 
     def finalize(tmp: Path) -> None:
         if verifier is None:
@@ -740,7 +715,7 @@ def merge_checkpoint(
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
-    verify: bool | Literal["full", "model"] = True,
+    verify: bool | Literal["model"] = True,
     tolerance: Tolerance | None = None,
     progress: bool = True,
     qlora_base: Literal["original", "simulated"] | None = None,
@@ -765,12 +740,9 @@ def merge_checkpoint(
         dtype: Convert every floating tensor to this dtype (default: keep each tensor's dtype).
         max_shard_size: Largest shard, in bytes or as ``"5GB"`` / ``"500MB"``.
         overwrite: Replace an existing ``out`` (only once the new one is complete and verified).
-        verify: Check the result before publishing it. ``True``: every adapted tensor is probed
-            as it is written and judged, one layer per family, against PEFT's own layer read back
-            from the output; the output's headers are parsed again. ``"full"``: also re-read every
-            byte from disk and compare each tensor's digest with what was written (see
-            :doc:`/checkpoints`). ``"model"``: ``"full"``, then load base and result and run the
-            whole-model output check of :func:`~loramerge.verify` (needs both models in memory).
+        verify: Run :func:`verify_checkpoint` on the result before publishing it; ``"model"`` also
+            loads base and result and runs the whole-model output check of :func:`~loramerge.verify`
+            (needs both models in memory).
         tolerance: Settings of the tolerance rule.
         progress: Show a progress bar (tensors and bytes).
         qlora_base: For an adapter trained as QLoRA on a quantized copy of this 16-bit base:
@@ -823,8 +795,6 @@ def merge_checkpoint(
     )
     if qlora_base not in (None, "original", "simulated"):
         raise InvalidArgumentError(f"qlora_base={qlora_base!r}: use 'simulated' or 'original'")
-    if verify not in (True, False, "full", "model"):
-        raise InvalidArgumentError(f"verify={verify!r}: use True, False, 'full' or 'model'")
     if quantization is not None and qlora_base is None:
         raise InvalidArgumentError(
             "quantization= describes a QLoRA base; pass qlora_base='simulated' or 'original' with it"
@@ -983,7 +953,7 @@ def merge_checkpoint(
         max_shard_size,
         overwrite,
         progress,
-        "full" if verify in ("full", "model") else bool(verify),
+        bool(verify),
         tol,
         started,
         model_check,
@@ -1212,7 +1182,7 @@ def unmerge_checkpoint(
     *,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
-    verify: bool | Literal["full"] = True,
+    verify: bool = True,
     tolerance: Tolerance | None = None,
     dora_norms: Mapping[str, torch.Tensor] | None = None,
     originals: Mapping[str, torch.Tensor] | None = None,
@@ -1228,9 +1198,6 @@ def unmerge_checkpoint(
     tensor with the adapter applied reproduces the merged tensor's outputs on probe vectors within
     the tolerance rule; every other tensor is copied byte for byte. The same limits as the
     in-memory unmerge apply: DoRA needs ``dora_norms``, replaced tensors need ``originals``.
-    ``verify="full"`` also re-reads every byte written and compares digests, as in
-    :func:`merge_checkpoint`; PEFT's adapter mode on the restored base must reproduce the merged
-    input (one layer per family).
 
     With a receipt (``receipt=`` a path or :class:`~loramerge.Receipt`; by default the
     ``loramerge-receipt.safetensors`` the merge wrote into ``merged``, when the lineage says it
@@ -1249,8 +1216,6 @@ def unmerge_checkpoint(
         VerificationError: The result is out of tolerance (nothing is left on disk).
     """
     started = time.perf_counter()
-    if verify not in (True, False, "full"):
-        raise InvalidArgumentError(f"verify={verify!r}: use True, False or 'full'")
     merged_dir, out_dir = Path(merged), Path(out)
     loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     reader = CheckpointReader(merged_dir)

@@ -50,7 +50,6 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-shard-size", default="5GB", help="largest output shard (default %(default)s)")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     merge.add_argument("--no-verify", action="store_true", help="skip verification")
-    merge.add_argument("--verify-full", action="store_true", help="also re-read every byte written and compare digests")
     merge.add_argument("--verify-model", action="store_true", help="also load both models and check their outputs")
     merge.add_argument(
         "--qlora-base",
@@ -79,9 +78,6 @@ def _parser() -> argparse.ArgumentParser:
     unmerge.add_argument("--max-shard-size", default="5GB", help="largest output shard (default %(default)s)")
     unmerge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     unmerge.add_argument("--no-verify", action="store_true", help="skip verification")
-    unmerge.add_argument(
-        "--verify-full", action="store_true", help="also re-read every byte written and compare digests"
-    )
     unmerge.add_argument("--receipt", type=Path, help="receipt file (default: the one the merge wrote into MERGED)")
     unmerge.add_argument("--no-receipt", action="store_true", help="ignore any receipt (plain unmerge, error bound)")
     unmerge.add_argument("--force", action="store_true", help="unmerge even if ADAPTER is not the last one merged")
@@ -296,9 +292,7 @@ def _stream_command(args: argparse.Namespace) -> int:
     report: CheckpointMergeReport
     try:
         if args.command == "merge":
-            mode: bool | Literal["full", "model"] = (
-                False if args.no_verify else "model" if args.verify_model else "full" if args.verify_full else True
-            )
+            mode: bool | Literal["model"] = False if args.no_verify else ("model" if args.verify_model else True)
             quant = {
                 k: v
                 for k, v in (
@@ -332,7 +326,7 @@ def _stream_command(args: argparse.Namespace) -> int:
                 args.output,
                 max_shard_size=args.max_shard_size,
                 overwrite=args.overwrite,
-                verify=False if args.no_verify else "full" if args.verify_full else True,
+                verify=not args.no_verify,
                 receipt=False if args.no_receipt else args.receipt,
                 force=args.force,
             )
