@@ -392,3 +392,29 @@ def test_bench_interleaves_the_modes_and_says_when_numbers_are_noise(
     rows = [dataclasses.replace(r, prefill_tps=r.prefill_tps * (3 if r.mode == "base" else 1)) for r in report.rows]
     assert any("measurement noise" in n for n in benchmark._spread_notes(rows, 10**9))
     assert not benchmark._spread_notes([r for r in report.rows if r.mode == "adapter"], 10**9)
+
+
+def test_unmerge_rounds_does_not_follow_a_lineage_read_from_a_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lineage loaded with a checkpoint is someone else's record: its ``source`` names a directory
+    relative to wherever the process runs. unmerge_rounds reads only the directories it is given,
+    and only if each holds the adapter the round recorded."""
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    adapter = save_adapter(base, lora, tmp_path / "adapter")
+    other = save_adapter(base, lora, tmp_path / "other", seed=7)
+    merged = lm.merge(copy.deepcopy(base), lm.load_adapter(adapter))
+    merged.model.save_pretrained(tmp_path / "merged")  # the lineage travels in config.json
+    model = lm.load_base(tmp_path / "merged")
+    assert lm.lineage(model)[-1]["adapter"]["source"] == "adapter"  # a public name, not a path
+    monkeypatch.chdir(tmp_path)  # where a directory of that name happens to exist
+    with pytest.raises(lm.LoraMergeError, match="adapters="):
+        lm.unmerge_rounds(model)
+    with pytest.raises(lm.LineageError, match="fingerprint"):
+        lm.unmerge_rounds(model, adapters=[other])
+    restored = lm.unmerge_rounds(model, adapters=[adapter])[-1]
+    assert restored.passed
+    for name, tensor in restored.model.state_dict().items():
+        assert float((tensor - base.state_dict()[name]).abs().max()) <= 1e-6, name

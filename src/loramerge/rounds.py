@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -19,9 +20,9 @@ from torch import nn
 
 from loramerge.adapter import load_adapter
 from loramerge.confine import confined_file
-from loramerge.errors import LoraMergeError
+from loramerge.errors import InvalidArgumentError, LoraMergeError
 from loramerge.inmemory import merge, unmerge
-from loramerge.lineage_records import fingerprint_of, lineage, set_model_lineage
+from loramerge.lineage_records import LineageError, fingerprint_of, lineage, set_model_lineage
 from loramerge.receipts import ReceiptError
 from loramerge.reports import MergeResult, UnmergeResult
 
@@ -97,6 +98,7 @@ def next_round(
         )
     if rounds:  # name this round by where its adapter now lives
         rounds[-1]["adapter"]["source"] = str(saved)
+        _SAVED_HERE.add((str(saved), saved_fingerprint))
         if result.receipt is not None:
             result.receipt.save(saved / RECEIPT_NAME)
             rounds[-1]["receipt"] = str(saved / RECEIPT_NAME)
@@ -106,17 +108,42 @@ def next_round(
     return RoundResult(fresh, result, saved, len(rounds))
 
 
+# Adapter directories this process saved in next_round, with their fingerprints: the only
+# ``source`` entries of a lineage that unmerge_rounds follows without being told (a lineage read
+# from a checkpoint's config is a record someone else may have written).
+_SAVED_HERE: set[tuple[str, str]] = set()
+
+
 def unmerge_rounds(
-    model: nn.Module, count: int = 1, *, receipts: bool = True, **unmerge_kwargs: Any
+    model: nn.Module,
+    count: int = 1,
+    *,
+    adapters: Sequence[str | Path] | None = None,
+    receipts: bool = True,
+    **unmerge_kwargs: Any,
 ) -> list[UnmergeResult]:
     """Take the last ``count`` rounds off ``model`` (newest first), with their saved adapters and
     receipts (byte-exact; a receipt a round recorded must still be beside its adapter, else
     :class:`~loramerge.ReceiptError`; ``receipts=False`` does plain unmerges). A ``PeftModel`` from
     :func:`next_round` has its fresh, not yet merged LoRA removed first.
 
+    Args:
+        model: The model whose lineage records the rounds.
+        count: How many rounds to take off.
+        adapters: The adapter directory of each of those rounds, newest first. Needed for rounds
+            that :func:`next_round` did not save in this process (a lineage read from a checkpoint
+            is someone else's record: its ``source`` names are never followed); each must hold the
+            adapter the round recorded (its SHA-256 fingerprint).
+        receipts: Use the receipts the rounds recorded.
+        **unmerge_kwargs: Passed on to :func:`~loramerge.unmerge`.
+
     Returns:
         One :class:`~loramerge.UnmergeResult` per round, newest first (``results[-1].model`` is the
         model with those rounds removed).
+
+    Raises:
+        LineageError: An adapter is not the one its round recorded.
+        LoraMergeError: A round's adapter directory is not known: pass ``adapters=``.
 
     Example:
         >>> start = unmerge_rounds(model, count=3)[-1].model  # doctest: +SKIP
@@ -125,16 +152,30 @@ def unmerge_rounds(
     rounds = lineage(plain)
     if count > len(rounds):
         raise LoraMergeError(f"the model holds {len(rounds)} round(s); cannot unmerge {count}.")
+    if adapters is not None and len(adapters) != count:
+        raise InvalidArgumentError(f"adapters= names {len(adapters)} directories for {count} round(s); give one each.")
     results = []
-    for entry in reversed(rounds[len(rounds) - count :]):
-        source = entry["adapter"].get("source")
-        if not source or not Path(source).is_dir():
+    for i, entry in enumerate(reversed(rounds[len(rounds) - count :])):
+        recorded = str(entry["adapter"].get("source") or "")
+        fingerprint = str(entry["adapter"].get("sha256") or "")
+        if adapters is not None:
+            source = Path(adapters[i])
+        elif (recorded, fingerprint) in _SAVED_HERE:
+            source = Path(recorded)
+        else:
             raise LoraMergeError(
-                f"the adapter of this round ({source!r}) is not a directory on this machine; unmerge it with "
-                "loramerge.unmerge(model, load_adapter(...)) instead."
+                f"round {len(rounds) - i} names its adapter {recorded!r}, which this process did not save: a lineage "
+                "read from a checkpoint is not followed to a directory. Pass adapters=[...] with the adapter "
+                "directory of each round to undo, newest first."
             )
-        receipt = _round_receipt(entry, Path(source)) if receipts else None
-        results.append(unmerge(plain, load_adapter(source), receipt=receipt, **unmerge_kwargs))
+        adapter = load_adapter(source)
+        if fingerprint_of(adapter) != fingerprint:
+            raise LineageError(
+                f"{str(source)!r} is not the adapter round {len(rounds) - i} merged (its fingerprint differs from the "
+                "one the lineage recorded); nothing was changed by this round."
+            )
+        receipt = _round_receipt(entry, source) if receipts else None
+        results.append(unmerge(plain, adapter, receipt=receipt, **unmerge_kwargs))
     return results
 
 
