@@ -245,3 +245,61 @@ def test_dora_on_an_embedding_is_merged_by_peft_s_own_layer(dtype: torch.dtype) 
         merged_out = result.model(**probes).logits.double()
     rel = float((merged_out - adapter_out).norm() / adapter_out.norm())
     assert rel < (1e-5 if dtype == torch.float32 else 3e-2), rel
+
+
+class _Convs(nn.Module):
+    """Conv1d, Conv2d (with padding and stride) and Conv3d layers, as PEFT's own conv tests use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 6, kernel_size=3, padding=1)
+        self.c2 = nn.Conv2d(6, 8, kernel_size=3, stride=2, padding=1)
+        self.c3 = nn.Conv3d(2, 4, kernel_size=(1, 3, 3))
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        a = self.c1(x)  # [n, 6, 8]
+        b = self.c2(a.unsqueeze(-1).expand(-1, -1, -1, 8))  # [n, 8, 4, 4]
+        c = self.c3(v)
+        return torch.cat([b.flatten(1), c.flatten(1)], dim=1)
+
+
+def _conv_probes() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    return {"x": torch.randn(4, 3, 8, generator=gen), "v": torch.randn(4, 2, 2, 5, 5, generator=gen)}
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_convolutions_are_judged_by_peft_s_own_layer_and_dora_on_them_merges(dora: bool) -> None:
+    """A convolution's probes (flattened patches) run through PEFT's conv layer as one-kernel
+    images; DoRA on Conv1d/2d/3d, which loramerge's own math does not model, is merged by PEFT's
+    layer and proven against it."""
+    torch.manual_seed(0)
+    pm = peft(_Convs().eval(), r=2, lora_alpha=4, target_modules=["c1", "c2", "c3"], use_dora=dora)
+    pm.eval()
+    probes = _conv_probes()
+    with torch.no_grad():
+        adapter_out = pm(**probes).double()
+    result = loramerge.merge(pm, probes=probes)
+    assert result.passed, str(result.report)
+    assert {c.name for c in result.report.layers} == {"c1", "c2", "c3"}
+    with torch.no_grad():
+        merged_out = result.model(**probes).double()
+    assert float((merged_out - adapter_out).norm() / adapter_out.norm()) < 1e-5
+
+
+def test_a_conv_scale_mistake_shared_with_loramerges_reference_is_caught_by_peft(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataclasses
+
+    import loramerge.peft_glue as glue
+
+    real = glue._lora_update
+    monkeypatch.setattr(
+        glue, "_lora_update", lambda *a, **k: dataclasses.replace(real(*a, **k), scale=real(*a, **k).scale * 1.1)
+    )
+    torch.manual_seed(0)
+    pm = peft(_Convs().eval(), r=2, lora_alpha=4, target_modules=["c1", "c2", "c3"])
+    with pytest.raises(VerificationError, match="against PEFT's own LoRA layer") as e:
+        loramerge.merge(pm, probes=_conv_probes(), check_outputs=False)
+    assert {c.name for c in e.value.report.layers if not c.passed} == {"c1", "c2", "c3"}

@@ -293,25 +293,20 @@ def _lora_update(module: LoraLayer, adapter_name: str, kind: Kind, name: str, vi
 
 def _needs_peft(module: Any, adapter_names: Sequence[str], kind: Kind, name: str) -> bool:
     """Whether this layer holds state loramerge's own math does not model (a PEFT LoRA variant other
-    than DoRA on a linear layer, or DoRA on an embedding), so that PEFT's own layer must merge it.
-
-    Raises:
-        UnsupportedAdapterError: For convolutions with such state: PEFT's layer could merge them, but
-            loramerge cannot run that layer on its probes to prove the result.
-    """
+    than DoRA on a linear layer; DoRA on an embedding or a convolution), so that PEFT's own layer
+    must merge it. Such a layer is proven against PEFT's own layer on probes, and refused before
+    any change where that layer cannot be run on them (see
+    :func:`~loramerge.verification.peft_layer_output`)."""
     variants = cast(dict[str, Any], getattr(module, "lora_variant", None) or {})
     magnitudes = cast(Any, getattr(module, "lora_magnitude_vector", None) or {})
     special = []
     for adapter_name in adapter_names:
         variant = variants.get(adapter_name)
         dora = adapter_name in magnitudes
-        if (variant is not None and not type(variant).__name__.startswith("Dora")) or (dora and kind == "embedding"):
+        if (variant is not None and not type(variant).__name__.startswith("Dora")) or (
+            dora and kind in ("embedding", "conv")
+        ):
             special.append(type(variant).__name__ if variant is not None else "DoRA")
-    if special and kind == "conv":
-        raise UnsupportedAdapterError(
-            f"{name}: {special[0]} on a convolution is not supported yet (its merge could not be proven on probes); "
-            "nothing was changed. Merge it with PEFT's merge_and_unload()."
-        )
     return bool(special)
 
 

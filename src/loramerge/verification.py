@@ -735,15 +735,34 @@ def peft_layer_output(module: nn.Module, probe: LayerProbe) -> torch.Tensor | No
     adapters) computes on ``probe``'s inputs, run in the probe's reference dtype and restricted to
     its output features: an oracle that shares no code with loramerge's merge math.
 
-    ``None`` where it cannot be run this way (convolutions, whose probes are flattened patches, and
-    quantized base layers, whose weights cannot be widened).
+    A convolution's probes are flattened patches: each is given to the layer as an image of exactly
+    one kernel, with the padding of the layer and its LoRA convolutions set to zero for the call, so
+    that its one output position is the patch's product. ``None`` where the layer cannot be run this
+    way (dilated, grouped or non-zero-padded convolutions, and quantized base layers, whose weights
+    cannot be widened).
     """
-    if probe.kind == "conv" or quantized_layers(module):
+    if quantized_layers(module):
         return None
     x = probe.x_exact
-    with widened(module, probe.ref_dtype), torch.no_grad(), preserved(module):
-        module.eval()
-        out = cast(torch.Tensor, module(x)).to(probe.ref_dtype)
+    unpadded: list[tuple[Any, Any]] = []
+    if probe.kind == "conv":
+        base = cast(Any, module).get_base_layer()
+        if any(d != 1 for d in base.dilation) or base.groups != 1 or base.padding_mode != "zeros":
+            return None
+        x = x.reshape(x.shape[0], base.in_channels, *base.kernel_size)
+        convs = [base, *cast(Any, module).lora_A.values(), *cast(Any, module).lora_B.values()]
+        unpadded = [(c, c.padding) for c in convs if isinstance(c, nn.modules.conv._ConvNd)]
+    try:
+        for conv, _ in unpadded:
+            conv.padding = (0,) * len(conv.kernel_size)
+        with widened(module, probe.ref_dtype), torch.no_grad(), preserved(module):
+            module.eval()
+            out = cast(torch.Tensor, module(x)).to(probe.ref_dtype)
+    finally:
+        for conv, padding in unpadded:
+            conv.padding = padding
+    if probe.kind == "conv":
+        out = out.reshape(out.shape[0], -1)  # one output position: [probes, out channels]
     if probe.idx is not None:
         out = out.index_select(-1, probe.idx.to(out.device))
     return out
