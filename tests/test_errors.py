@@ -79,12 +79,17 @@ def test_truncated_safetensors(tmp_path: Path, llama_adapter: Path) -> None:
         ("peft_type", "IA3", "LoRA adapters only"),
         ("init_lora_weights", "pissa", "rewrites the base weights"),
         ("use_qalora", True, "QA-LoRA"),
-        ("trainable_token_indices", [1, 2], "trainable tokens"),
     ],
 )
 def test_unsupported_features(tmp_path: Path, llama_adapter: Path, setting: str, value: object, match: str) -> None:
     path = _edit_config(_copy(llama_adapter, tmp_path / "a"), **{setting: value})
     with pytest.raises(lm.UnsupportedAdapterError, match=match):
+        lm.load_adapter(path)
+
+
+def test_trainable_token_indices_without_rows_is_an_inconsistent_adapter(tmp_path: Path, llama_adapter: Path) -> None:
+    path = _edit_config(_copy(llama_adapter, tmp_path / "a"), trainable_token_indices=[1, 2])
+    with pytest.raises(lm.AdapterConfigError, match="trainable_token_indices is set but the file holds no"):
         lm.load_adapter(path)
 
 

@@ -39,7 +39,6 @@ PEFT_PREFIX = "base_model.model."
 # Config entries that change what the adapter computes in ways loramerge does not merge.
 _UNSUPPORTED_SETTINGS: dict[str, str] = {
     "layer_replication": "layer replication duplicates base layers; PEFT cannot merge it either",
-    "trainable_token_indices": "trainable tokens (token deltas) are not supported yet",
     "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts) is not supported yet",
     "use_qalora": "QA-LoRA pools inputs and cannot be expressed as a weight delta here",
     "alora_invocation_tokens": "activated LoRA (aLoRA) applies only after invocation tokens; it has no weight delta",
@@ -149,6 +148,10 @@ class Adapter:
         replaced_kinds: Why each entry of ``replaced`` exists: ``"modules_to_save"``,
             ``"trained_bias"`` or ``"saved_base"``.
         tensors: The adapter's tensors exactly as stored (keys as in the file).
+        token_rows: PEFT's trainable tokens (``trainable_token_indices``): for each embedding
+            weight, by parameter name, the token ids and the rows that replace theirs, as
+            ``(indices, rows)``. Adapter mode looks those rows up instead of the base's (and, when
+            the output head is tied to the embedding, scores with them too).
     """
 
     path: Path | None
@@ -157,6 +160,7 @@ class Adapter:
     replaced: Mapping[str, torch.Tensor] = field(default_factory=dict)
     replaced_kinds: Mapping[str, str] = field(default_factory=dict)
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    token_rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -296,13 +300,16 @@ def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     replaced: dict[str, torch.Tensor] = {}
     replaced_kinds: dict[str, str] = {}
     problems: list[str] = []
+    token_tensors: dict[str, torch.Tensor] = {}
     modules_to_save = set(config.get("modules_to_save") or [])
     for key in sorted(tensors):
         name = _strip_prefix(key)
+        if name.endswith(".token_adapter.trainable_tokens_delta"):
+            token_tensors[name.removesuffix(".token_adapter.trainable_tokens_delta")] = tensors[key]
+            continue
         if ".token_adapter." in name or "trainable_tokens" in name:
-            raise UnsupportedAdapterError(
-                f"{where}: tensor {key!r} is a trainable-tokens delta, which is not supported yet."
-            )
+            problems.append(f"{key}: a trainable-tokens tensor loramerge does not know")
+            continue
         if TRAINING_STATE.search(name):  # VeLoRA's or MonteCLoRA's training state: not part of the merge
             continue
         match = _LORA_KEY.match(name)
@@ -373,9 +380,10 @@ def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
             )
         update = LoraUpdate(kind, a, b, scale, magnitude=magnitude, bias=p.get("lora_B_bias"))  # type: ignore[arg-type]
         modules[module_name] = AdapterModule(module_name, kind, rank, alpha, scale, update)  # type: ignore[arg-type]
+    token_rows = _token_rows(config.get("trainable_token_indices"), token_tensors, set(modules), problems)
     if problems:
         raise AdapterConfigError(f"{where}: the adapter's tensors are inconsistent:\n  - " + "\n  - ".join(problems))
-    if not modules and not replaced:
+    if not modules and not replaced and not token_rows:
         raise AdapterConfigError(f"{where}: the adapter contains no LoRA tensors.")
     return Adapter(
         path=path,
@@ -384,7 +392,43 @@ def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         replaced=MappingProxyType(replaced),
         replaced_kinds=MappingProxyType(replaced_kinds),
         tensors=MappingProxyType(dict(tensors)),
+        token_rows=MappingProxyType(token_rows),
     )
+
+
+def _token_rows(
+    indices: Any, found: Mapping[str, torch.Tensor], lora_modules: set[str], problems: list[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT's trainable tokens: ``trainable_token_indices`` (a list for the input embedding, or a
+    dict by module name) joined with each ``token_adapter.trainable_tokens_delta`` tensor."""
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if indices and not found:
+        problems.append("trainable_token_indices is set but the file holds no trainable-tokens rows")
+    if found and not indices:
+        problems.append(f"trainable-tokens rows for {sorted(found)} but no trainable_token_indices in the config")
+        return rows
+    for module, values in sorted(found.items()):
+        if isinstance(indices, dict):
+            keys = [k for k in indices if module == k or module.endswith("." + str(k))]
+            ids = indices[keys[0]] if len(keys) == 1 else None
+        else:
+            ids = indices if len(found) == 1 else None
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            problems.append(f"{module}: trainable_token_indices gives no list of token ids for it")
+            continue
+        if len(set(ids)) != len(ids):
+            problems.append(f"{module}: trainable_token_indices repeats a token id")
+            continue
+        if not values.is_floating_point() or values.dim() != 2 or values.shape[0] != len(ids):
+            problems.append(
+                f"{module}: the trainable-tokens rows have shape {tuple(values.shape)}, for {len(ids)} token ids"
+            )
+            continue
+        if module in lora_modules:
+            problems.append(f"{module}: both a LoRA update and trainable tokens; merge them as two adapters")
+            continue
+        rows[f"{module}.weight"] = (torch.tensor(ids, dtype=torch.long), values)
+    return rows
 
 
 def load_adapter(

@@ -233,6 +233,12 @@ def _weight_layout(
 
 def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
     """Map every adapter entry to a checkpoint tensor, checking shapes; one error lists every problem."""
+    if adapter.token_rows:
+        raise UnsupportedAdapterError(
+            f"the adapter {str(adapter.path or '<in memory>')!r} has trainable tokens ({sorted(adapter.token_rows)}), "
+            "which checkpoint merges do not support yet; nothing was written. Merge it in memory: "
+            "loramerge.merge(loramerge.load_base(base), adapter)."
+        )
     names = set(reader.names)
     problems: list[tuple[str, str]] = []
     layers: list[dict[str, str] | None] = []  # the model's layer kinds, built once if needed

@@ -240,6 +240,14 @@ def _requantized_output_check(merged: torch.Tensor, ref: ModelReference, base_ou
     )
 
 
+def _token_check(name: str, weight: torch.Tensor, exact: bool) -> LayerCheck:
+    """The check of an embedding's trainable-token rows: they must hold PEFT's rows exactly."""
+    dtype = str(weight.dtype).replace("torch.", "")
+    reason = "" if exact else "the trainable-token rows written differ from PEFT's rows"
+    err = 0.0 if exact else math.inf
+    return LayerCheck(f"{name} (trainable tokens)", "embedding", dtype, 0.0, err, err, 0.0, 0.0, 0.0, exact, reason)
+
+
 def _verification_crashed(
     error: Exception,
     plain: nn.Module,
@@ -394,7 +402,7 @@ def _merge(
         raise AdapterMismatchError(f"no adapter named {unknown} is attached; attached: {list(peft_model.peft_config)}")
     inner = cast(nn.Module, peft_model.base_model.model)
     qplan = _quant_plan(inner, dtype, quantized)
-    plans, saved = collect_plans(peft_model, names)
+    plans, saved, tokens = collect_plans(peft_model, names)
     dora_quantized = sorted(p.name for p in plans if p.quantized and any(u.magnitude is not None for _, u in p.updates))
     if dora_quantized:
         raise UnsupportedAdapterError(
@@ -405,6 +413,10 @@ def _merge(
     fingerprint = adapter_fingerprint({p.name: [u for _, u in p.updates] for p in plans})
     receipt: Receipt | None = None
     if want_receipt:
+        if tokens:
+            raise InvalidArgumentError(
+                f"receipt=True cannot record trainable tokens yet ({[t.name for t in tokens]}); merge without a receipt"
+            )
         if len(names) != 1 or any(p.quantized or p.via_peft for p in plans):
             raise InvalidArgumentError(
                 "receipt=True needs exactly one adapter merged into a non-quantized base, without LoRA variants that "
@@ -514,6 +526,13 @@ def _merge(
             dora_norms[plan.name] = stats[plan.name].extras["dora_norms"].detach().cpu()
         if receipt is not None:
             _record_receipt(receipt, plan, originals, dora_norms.get(plan.name))
+    layers_extra: list[LayerCheck] = []
+    for token_plan in tokens:  # PEFT's rows replace the base's, as its own merge writes them
+        ids, rows = token_plan.rows()
+        with torch.no_grad():
+            token_plan.weight.index_copy_(0, ids, rows)
+        rows_exact = bool(torch.equal(token_plan.weight.index_select(0, ids), rows))
+        layers_extra.append(_token_check(token_plan.name, token_plan.weight, rows_exact))
     plain = unwrap(peft_model, saved)
     narrowed: list[torch.Tensor] = []
     base_format = ""
@@ -622,6 +641,7 @@ def _merge(
                     "",
                 )
             )
+    layers += layers_extra
     passed = all(c.passed for c in layers) and (outputs is None or outputs.passed)
     report = VerificationReport("merge", passed, tol, tuple(layers), outputs, notes=tuple(notes))
     entries = [  # one round per adapter, in merge order (they can be unmerged one at a time, in reverse)
@@ -755,7 +775,12 @@ def _unmerge(
     originals = {**(rc.originals if rc is not None else {}), **dict(originals or {})}
     missing_norms = sorted(n for n, m in adapter.modules.items() if m.use_dora and n not in dora_norms)
     missing_originals = sorted(
-        n for n, k in adapter.replaced_kinds.items() if k in ("modules_to_save", "trained_bias") and n not in originals
+        [
+            n
+            for n, k in adapter.replaced_kinds.items()
+            if k in ("modules_to_save", "trained_bias") and n not in originals
+        ]
+        + [n for n in adapter.token_rows if n not in originals]  # trainable tokens: the replaced rows
     )
     if missing_norms or missing_originals:
         lines = []
@@ -766,8 +791,9 @@ def _unmerge(
             )
         if missing_originals:
             lines.append(
-                f"tensors {missing_originals} were replaced entirely by the adapter (modules_to_save / trained biases), so "
-                "their original values are not in the merged model nor in the adapter. Pass originals={name: tensor}, "
+                f"tensors {missing_originals} were replaced by the adapter (modules_to_save, trained biases, trainable-token "
+                "rows), so their original values are not in the merged model nor in the adapter. Pass "
+                "originals={name: tensor}, "
                 "e.g. read from the base checkpoint with safetensors."
             )
         raise UnmergeImpossibleError("cannot unmerge exactly; nothing was changed:\n  - " + "\n  - ".join(lines))

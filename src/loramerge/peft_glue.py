@@ -20,6 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
+from peft.utils.other import TrainableTokensWrapper
 from torch import nn
 
 from loramerge.adapter import Adapter, check_mergeable_settings
@@ -29,7 +30,7 @@ from loramerge.preserve import ModuleFlags
 from loramerge.quantized import is_quantized_layer
 from loramerge.skeleton import module_kind
 
-__all__ = ["LayerPlan", "adapter_mode", "attach", "check_compatible", "collect_plans", "unwrap"]
+__all__ = ["LayerPlan", "TokenPlan", "adapter_mode", "attach", "check_compatible", "collect_plans", "unwrap"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ def check_compatible(model: nn.Module, adapter: Adapter) -> dict[str, Kind]:
         if isinstance(module, ModulesToSaveWrapper):
             for pname, p in module.original_module.named_parameters():
                 params[f"{name}.{pname}"] = p
+        elif isinstance(module, TrainableTokensWrapper):
+            params[f"{name}.weight"] = cast(Any, module).token_adapter.base_layer.weight
         elif isinstance(module, BaseTunerLayer):
             for pname, p in base_layer_of(module).named_parameters(recurse=False):
                 params[f"{name}.{pname}"] = p
@@ -139,6 +142,18 @@ def check_compatible(model: nn.Module, adapter: Adapter) -> dict[str, Kind]:
             elif tuple(up.bias.shape) != (n_out,):
                 problems.append((name, f"expected a LoRA bias of shape ({n_out},), found {tuple(up.bias.shape)}"))
         kinds[name] = kind
+    for pname, (ids, rows) in adapter.token_rows.items():
+        target = params.get(pname)
+        if target is None or target.dim() != 2:
+            problems.append((pname, "the adapter replaces token rows of this embedding but the model has none"))
+        elif rows.shape[1] != target.shape[1] or int(ids.max()) >= target.shape[0]:
+            problems.append(
+                (
+                    pname,
+                    f"rows of {rows.shape[1]} values for token ids up to {int(ids.max())}; the model's embedding is "
+                    f"{tuple(target.shape)}",
+                )
+            )
     for pname, tensor in adapter.replaced.items():
         target = params.get(pname)
         if target is None:
@@ -268,6 +283,25 @@ class LayerPlan:
         return cast(torch.Tensor, self.layer.weight)
 
 
+@dataclass
+class TokenPlan:
+    """Trainable tokens of one embedding: the rows PEFT's layer looks up instead of the base's."""
+
+    name: str
+    layer: Any  # PEFT's TrainableTokensLayer (its base_layer owns the weight)
+    adapter: str
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The embedding weight the rows are written into."""
+        return cast(torch.Tensor, self.layer.base_layer.weight)
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(token ids, rows)``, the rows in the weight's dtype, as PEFT's own merge writes them."""
+        ids = torch.tensor(self.layer.token_indices[self.adapter], dtype=torch.long, device=self.weight.device)
+        return ids, self.layer.trainable_tokens_delta[self.adapter].detach().to(self.weight)
+
+
 def _lora_update(module: LoraLayer, adapter_name: str, kind: Kind, name: str, via_peft: bool = False) -> LoraUpdate:
     m = cast(Any, module)
     if kind == "embedding":
@@ -335,17 +369,22 @@ def peft_merged(
     return cast(torch.Tensor, merged.weight).detach().to(dtype), None if bias is None else bias.detach().to(dtype)
 
 
-def collect_plans(peft_model: PeftModel, adapter_names: Sequence[str]) -> tuple[list[LayerPlan], dict[str, str]]:
-    """The LoRA layers of ``peft_model`` to merge for ``adapter_names``, and the module copies to keep.
+def collect_plans(
+    peft_model: PeftModel, adapter_names: Sequence[str]
+) -> tuple[list[LayerPlan], dict[str, str], list[TokenPlan]]:
+    """The LoRA layers of ``peft_model`` to merge for ``adapter_names``, the module copies to keep,
+    and the trainable-token rows to write.
 
     Returns:
-        ``(plans, saved)``: one :class:`LayerPlan` per adapted weight, and for each
-        ``modules_to_save`` wrapper the adapter whose copy replaces the module.
+        ``(plans, saved, tokens)``: one :class:`LayerPlan` per adapted weight, for each
+        ``modules_to_save`` wrapper the adapter whose copy replaces the module, and one
+        :class:`TokenPlan` per embedding with trainable tokens.
     """
     from peft.tuners.lora import layer as lora_layer
 
     plans: list[LayerPlan] = []
     saved: dict[str, str] = {}
+    tokens: list[TokenPlan] = []
     model = cast(nn.Module, peft_model.base_model.model)
     for adapter_name in adapter_names:
         config = peft_model.peft_config[adapter_name]
@@ -361,8 +400,18 @@ def collect_plans(peft_model: PeftModel, adapter_names: Sequence[str]) -> tuple[
             if owners:
                 saved[name] = owners[0]
             continue
-        if type(module).__name__ in ("TrainableTokensWrapper", "TrainableTokensLayer"):
-            raise UnsupportedAdapterError(f"{name}: trainable-token adapters are not supported yet.")
+        if isinstance(module, TrainableTokensWrapper):
+            layer = cast(Any, module).token_adapter
+            active = [a for a in adapter_names if a in layer.token_indices]
+            if len(active) > 1:
+                raise UnsupportedAdapterError(
+                    f"{name}: adapters {active} each replace token rows; merge them one at a time."
+                )
+            if active and layer.tied_adapter is None:  # a tied head shares the embedding's rows and weight
+                tokens.append(TokenPlan(name, layer, active[0]))
+            continue
+        if type(module).__name__ == "TrainableTokensLayer":
+            continue
         if not isinstance(module, LoraLayer):
             continue
         active = [a for a in adapter_names if a in module.lora_A or a in module.lora_embedding_A]
@@ -401,7 +450,7 @@ def collect_plans(peft_model: PeftModel, adapter_names: Sequence[str]) -> tuple[
         via_peft = _needs_peft(module, active, kind, name)
         updates = [(a, _lora_update(module, a, kind, name, via_peft)) for a in active]
         plans.append(LayerPlan(name, kind, base_layer_of(module), updates, via_peft=via_peft))
-    return plans, saved
+    return plans, saved, tokens
 
 
 def untie_shared(model: nn.Module, plans: Sequence[LayerPlan]) -> list[str]:
@@ -465,6 +514,10 @@ def unwrap(peft_model: PeftModel, saved: dict[str, str] | None = None) -> nn.Mod
             owner = saved.get(name)
             new = module.modules_to_save[owner] if owner is not None else module.original_module
             replacements.append((name, new))
+        elif isinstance(module, TrainableTokensWrapper):  # the rows are written into its weight already
+            replacements.append((name, cast(Any, module).token_adapter.base_layer))
+        elif type(module).__name__ == "TrainableTokensLayer":
+            continue  # inside the wrapper above, which goes as a whole
         elif isinstance(module, BaseTunerLayer):
             replacements.append((name, base_layer_of(module)))
     for name, new in replacements:

@@ -975,11 +975,18 @@ def _verify(
     merged_state = merged.state_dict()
     # a dequantizing merge converts every tensor of a quantized base to the merged dtype
     base_state = base.state_dict() if not quantized else base_params
+    token_rows = dict(adapter.token_rows)
+    for pname, entry in adapter.token_rows.items():  # a tied output head looks the same rows up
+        owner = base_params.get(pname)
+        token_rows.update({n: entry for n, p in base_params.items() if owner is not None and p is owner})
     for pname, tensor in base_state.items():
         if pname in touched:
             continue
         other = merged_state.get(pname)
         expected = adapter.replaced[pname].to(tensor.dtype) if pname in adapter.replaced else tensor
+        if pname in token_rows:  # trainable tokens: PEFT's rows replace the base's
+            ids, new_rows = token_rows[pname]
+            expected = tensor.index_copy(0, ids.to(tensor.device), new_rows.to(tensor))
         if quantized and other is not None and expected.is_floating_point():
             expected = expected.to(other.dtype)
         checked += 1
