@@ -1,6 +1,6 @@
 """PEFT's trainable tokens (``trainable_token_indices``): the embedding rows of chosen token ids
-replaced by trained rows, which a tied output head scores with too. Merged in memory as PEFT's own
-merge writes them; checkpoint merges refuse them (not supported there yet)."""
+replaced by trained rows, which a tied output head scores with too. Merged in memory and on files
+as PEFT's own merge writes them, and judged on files by PEFT's own wrapper."""
 
 from __future__ import annotations
 
@@ -107,13 +107,69 @@ def test_unmerging_trainable_tokens_needs_the_original_rows(tmp_path: Path) -> N
     assert torch.equal(back.model.model.embed_tokens.weight, base.model.embed_tokens.weight)
 
 
-def test_checkpoint_merges_and_receipts_refuse_trainable_tokens(tmp_path: Path) -> None:
+def test_in_memory_receipts_refuse_trainable_tokens(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    adapter_dir = _adapter(base, tmp_path / "adapter")
+    with pytest.raises(lm.InvalidArgumentError, match="trainable tokens"):
+        lm.merge(copy.deepcopy(base), lm.load_adapter(adapter_dir), receipt=True)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_trainable_tokens_merge_on_files_as_in_memory(tmp_path: Path, tie: bool, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    base = tiny_llama(tie=tie).to(dtype).eval()
+    base.save_pretrained(tmp_path / "base")
+    adapter_dir = _adapter(base, tmp_path / "adapter")
+    report = lm.merge_checkpoint(tmp_path / "base", adapter_dir, tmp_path / "merged", progress=False, receipt=True)
+    assert report.passed and report.verification is not None
+    assert any("judged against PEFT's own LoRA layers" in n for n in report.verification.notes)
+    assert "model.embed_tokens.weight" in report.changed
+    in_memory = lm.merge(copy.deepcopy(base), lm.load_adapter(adapter_dir)).model.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from_files = lm.load_base(tmp_path / "merged").state_dict()
+    for name, tensor in from_files.items():
+        assert torch.equal(tensor, in_memory[name]), name
+    assert lm.verify_checkpoint(tmp_path / "base", adapter_dir, tmp_path / "merged").passed
+    # undone byte for byte with the receipt; without it, the original rows are needed
+    back = lm.unmerge_checkpoint(tmp_path / "merged", adapter_dir, tmp_path / "back", progress=False)
+    assert back.passed
+    from safetensors.torch import load_file
+
+    original, restored = (
+        load_file(tmp_path / "base" / "model.safetensors"),
+        load_file(tmp_path / "back" / "model.safetensors"),
+    )
+    assert torch.equal(restored["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
+    with pytest.raises(lm.UnmergeImpossibleError, match="embed_tokens"):
+        lm.unmerge_checkpoint(tmp_path / "merged", adapter_dir, tmp_path / "x", progress=False, receipt=False)
+    plain = lm.unmerge_checkpoint(
+        tmp_path / "merged",
+        adapter_dir,
+        tmp_path / "plain",
+        progress=False,
+        receipt=False,
+        originals={"model.embed_tokens.weight": original["model.embed_tokens.weight"]},
+    )
+    assert plain.passed
+    rows = load_file(tmp_path / "plain" / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(rows, original["model.embed_tokens.weight"])
+
+
+def test_a_wrong_token_row_on_files_fails_against_peft(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
     torch.manual_seed(0)
     base = tiny_llama().eval()
     base.save_pretrained(tmp_path / "base")
     adapter_dir = _adapter(base, tmp_path / "adapter")
-    with pytest.raises(lm.UnsupportedAdapterError, match="trainable tokens.*in memory"):
-        lm.merge_checkpoint(tmp_path / "base", adapter_dir, tmp_path / "merged", progress=False)
-    assert not (tmp_path / "merged").exists()
-    with pytest.raises(lm.InvalidArgumentError, match="trainable tokens"):
-        lm.merge(copy.deepcopy(base), lm.load_adapter(adapter_dir), receipt=True)
+    assert lm.merge_checkpoint(tmp_path / "base", adapter_dir, tmp_path / "merged", progress=False).passed
+    path = tmp_path / "merged" / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.embed_tokens.weight"][7, 3] += 0.25
+    save_file(tensors, path, metadata={"format": "pt"})
+    report = lm.verify_checkpoint(tmp_path / "base", adapter_dir, tmp_path / "merged")
+    assert not report.passed and "model.embed_tokens.weight" in report.unexpected_changes
+    assert any("not PEFT's trainable-tokens rows" in n for n in report.notes)

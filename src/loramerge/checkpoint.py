@@ -199,6 +199,12 @@ class AdapterMapping:
     modules: dict[str, tuple[AdapterModule, Kind]]  # weight tensor name -> module, resolved kind
     biases: dict[str, AdapterModule]  # bias tensor name -> module with a lora_bias
     replaced: dict[str, torch.Tensor]  # tensor name -> replacement
+    token_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (ids, rows)
+
+    @property
+    def changed(self) -> set[str]:
+        """Every tensor name the adapter changes."""
+        return set(self.modules) | set(self.biases) | set(self.replaced) | set(self.token_rows)
 
 
 def _weight_layout(
@@ -233,12 +239,6 @@ def _weight_layout(
 
 def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
     """Map every adapter entry to a checkpoint tensor, checking shapes; one error lists every problem."""
-    if adapter.token_rows:
-        raise UnsupportedAdapterError(
-            f"the adapter {str(adapter.path or '<in memory>')!r} has trainable tokens ({sorted(adapter.token_rows)}), "
-            "which checkpoint merges do not support yet; nothing was written. Merge it in memory: "
-            "loramerge.merge(loramerge.load_base(base), adapter)."
-        )
     names = set(reader.names)
     problems: list[tuple[str, str]] = []
     layers: list[dict[str, str] | None] = []  # the model's layer kinds, built once if needed
@@ -288,6 +288,18 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
             )
         else:
             replaced[tensor] = value
+    token_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for pname, (ids, rows) in adapter.token_rows.items():
+        tensor = _resolve(names, pname)
+        shape = reader.tensors[tensor].shape if tensor is not None else ()
+        if tensor is None or len(shape) != 2:
+            problems.append((pname, "the adapter replaces token rows of this embedding but the checkpoint has none"))
+        elif rows.shape[1] != shape[1] or int(ids.max()) >= shape[0]:
+            problems.append(
+                (pname, f"rows of {rows.shape[1]} values for token ids up to {int(ids.max())}; {tensor} is {shape}")
+            )
+        else:
+            token_rows[tensor] = (ids, rows)
     if problems:
         problems.sort()
         lines = "\n".join(f"  - {n}: {why}" for n, why in problems)
@@ -295,7 +307,7 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
             f"the adapter {str(adapter.path or '<in memory>')!r} does not fit the checkpoint {str(reader.root)!r}, "
             f"{len(problems)} problem(s):\n{lines}\nUse the base checkpoint the adapter was trained on."
         )
-    return AdapterMapping(modules, biases, replaced)
+    return AdapterMapping(modules, biases, replaced, token_rows)
 
 
 _INPUT_EMBEDDING_KEYS = ("embed_tokens", "wte.", "word_embeddings", "embed_in")
@@ -697,7 +709,7 @@ def _publish(
         extra_metadata or {},
         sides,
     )
-    changed = tuple(sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)))
+    changed = tuple(sorted(mapping.changed))
     return CheckpointMergeReport(
         out,
         operation,
@@ -855,9 +867,7 @@ def merge_checkpoint(
     passthrough = {  # byte for byte: never read into memory, the writer copies their bytes
         name
         for name, info in reader.tensors.items()
-        if name not in mapping.modules
-        and name not in mapping.biases
-        and name not in mapping.replaced
+        if name not in mapping.changed
         and not (target is not None and info.dtype.is_floating_point)
         and not (qlora_base == "simulated" and info.dtype.is_floating_point and quantizable(name, info.shape))
     }
@@ -915,6 +925,12 @@ def merge_checkpoint(
             if rc is not None:
                 rc.originals[name] = (tensor if target is None else tensor.to(target)).clone()
             return mapping.replaced[name].to(tensor.dtype if target is None else target)
+        if name in mapping.token_rows:  # trainable tokens: PEFT's rows replace the base's, in its dtype
+            ids, rows = mapping.token_rows[name]
+            work = tensor if target is None else tensor.to(target)
+            if rc is not None:
+                rc.originals[name] = work.clone()
+            return work.index_copy(0, ids, rows.to(work.dtype))
         if quantized and qlora_base == "simulated":
             assert spec is not None
             return simulate(tensor, spec).to(tensor.dtype if target is None else target)
@@ -1123,6 +1139,9 @@ def verify_checkpoint(
                 changed.append(name)
             continue
         expected = mapping.replaced[name].to(got.dtype) if name in mapping.replaced else original
+        if name in mapping.token_rows:
+            ids, rows = mapping.token_rows[name]
+            expected = original.index_copy(0, ids, rows.to(original.dtype))
         checked += 1
         if got.dtype != expected.dtype or got.shape != expected.shape or not torch.equal(got, expected):
             changed.append(name)
@@ -1166,7 +1185,7 @@ def _judged(
     judged = judge_by_peft(base, merged, adapter, report.tolerance, dtype, seed, list(report.layers), every_layer, plan)
     wrong = list(judged.unexpected)
     base_reader, merged_reader = CheckpointReader(base), CheckpointReader(merged)
-    for name in sorted(set(mapping.modules) | set(mapping.biases) | set(mapping.replaced)):
+    for name in sorted(mapping.changed):
         if judged.leaves_alone(name) and name in merged_reader.tensors and name in base_reader.tensors:
             expected = base_reader.get(name) if dtype is None else base_reader.get(name).to(dtype)
             if not torch.equal(merged_reader.get(name), expected):
@@ -1253,7 +1272,12 @@ def unmerge_checkpoint(
     originals = {**(rc.originals if rc is not None else {}), **dict(originals or {})}
     missing_norms = sorted(mod.name for mod, _ in mapping.modules.values() if mod.use_dora and mod.name not in norms)
     missing_originals = sorted(
-        n for n, k in loaded.replaced_kinds.items() if k in ("modules_to_save", "trained_bias") and n not in originals
+        [n for n, k in loaded.replaced_kinds.items() if k in ("modules_to_save", "trained_bias") and n not in originals]
+        + [
+            n
+            for n in mapping.token_rows
+            if not any(n == k or n.endswith("." + k) or k.endswith("." + n) for k in originals)
+        ]
     )
     if missing_norms or missing_originals:
         raise UnmergeImpossibleError(
@@ -1267,7 +1291,7 @@ def unmerge_checkpoint(
         )
     expect = _Expectations()
 
-    passthrough = set(reader.names) - set(mapping.modules) - set(mapping.biases) - set(mapping.replaced)
+    passthrough = set(reader.names) - mapping.changed
 
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
         if name in mapping.modules:
@@ -1293,6 +1317,10 @@ def unmerge_checkpoint(
             assert mod.update.bias is not None
             bias = (tensor.float() - mod.scale * mod.update.bias.float()).to(tensor.dtype)
             return apply_receipt(bias, rc.tensors[name], name) if rc is not None else bias
+        if name in mapping.token_rows:  # the original rows, from originals=
+            ids, _ = mapping.token_rows[name]
+            key = next(k for k in originals if name == k or name.endswith("." + k) or k.endswith("." + name))
+            return tensor.index_copy(0, ids, originals[key].to(tensor.dtype).index_select(0, ids))
         assert name in mapping.replaced  # every other tensor is copied through
         key = next(k for k in originals if name == k or name.endswith("." + k) or k.endswith("." + name))
         return originals[key].to(tensor.dtype)

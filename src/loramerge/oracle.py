@@ -48,6 +48,7 @@ class AdapterMode:
     Attributes:
         layers: PEFT's LoRA layer for each adapted module path (LoRA factors loaded, base weight a
             placeholder unless the adapter file itself carries one).
+        tokens: PEFT's trainable-tokens wrapper for each embedding (or tied head) with trainable tokens.
         saved: Parameters whose value adapter mode takes from the adapter, not the base
             (``modules_to_save`` copies, biases trained with ``bias="all"``, saved base layers).
         groups: Parameter names of the base model that share one tensor.
@@ -55,6 +56,7 @@ class AdapterMode:
     """
 
     layers: dict[str, nn.Module]
+    tokens: dict[str, nn.Module]  # PEFT's TrainableTokensWrapper by module path
     saved: dict[str, torch.Tensor]
     groups: tuple[tuple[str, ...], ...]
     prefix: str
@@ -115,12 +117,15 @@ def adapter_mode(root: Path, adapter: Adapter) -> AdapterMode | str:
             "the adapter's tensors do not fit the module names of the model the config builds "
             f"(unused: {unused[:3]}, not loaded: {unloaded[:3]})"
         )
+    tokens = {n: m for n, m in inner.named_modules() if type(m).__name__ == "TrainableTokensWrapper"}
     saved: dict[str, torch.Tensor] = {}
     for name, p in inner.named_parameters(remove_duplicate=False):
+        if ".token_adapter." in name:  # trainable tokens: judged through PEFT's wrapper (tokens)
+            continue
         key = _model_name(name)
         if key is not None and not p.is_meta and id(p) not in placeholders:
             saved[key] = p.detach()
-    return AdapterMode(layers, saved, groups, prefix, placeholders, alive)
+    return AdapterMode(layers, tokens, saved, groups, prefix, placeholders, alive)
 
 
 @dataclass(frozen=True)
@@ -431,6 +436,20 @@ def check_merged_checkpoint(
                 changed.add(stored)
         if "weight" in merged_values:
             checks.append(_layer_check(name, layer, base_values, merged_values, tolerance, seed, rounded_base))
+    for name, wrapper in mode.tokens.items():  # trainable tokens: PEFT's own merged rows
+        param = f"{name}.weight"
+        covered.add(param)
+        original, got, stored = read(base_names, param, "base"), read(merged_names, param, "merged"), None
+        if original is None or got is None:
+            continue
+        stored = merged_names.provided(param)
+        assert stored is not None
+        changed.add(stored)
+        layer = cast(Any, wrapper).token_adapter
+        with torch.no_grad(), _holding(layer.base_layer, {"weight": _convert(original, got.dtype)}):
+            expected = layer.get_merged_weights([ADAPTER]).detach()
+        if got.shape != expected.shape or not torch.equal(got, expected):
+            problems.append(f"{stored}: its rows are not PEFT's trainable-tokens rows over the base's")
     for param, value in mode.saved.items():
         if param in covered:
             continue
