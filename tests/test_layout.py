@@ -101,3 +101,33 @@ def test_a_delta_on_a_tied_shared_embedding_leaves_its_ties_alone(
     in_memory = lm.merge(copy.deepcopy(base), lm.load_adapter(tmp_path / "adapter")).model.state_dict()
     for name, tensor in merged.state_dict().items():
         assert torch.equal(tensor, in_memory[name]), name
+
+
+@pytest.mark.filterwarnings("ignore::loramerge.LoraMergeWarning")
+def test_modules_to_save_on_a_tied_head_is_written_as_its_own_tensor(tmp_path: Path) -> None:
+    """A tied checkpoint stores only the input embedding; ``modules_to_save=["lm_head"]`` trains a
+    copy of the head, which adapter mode uses instead (the embedding stays as it was)."""
+    from conftest import save_adapter, tiny_llama
+
+    torch.manual_seed(0)
+    base = tiny_llama(tie=True).eval()
+    base.save_pretrained(tmp_path / "base")
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}
+    adapter = save_adapter(base, lora, tmp_path / "adapter", perturb=("lm_head",))
+    report = lm.merge_checkpoint(tmp_path / "base", adapter, tmp_path / "merged", progress=False)
+    assert report.passed and "lm_head.weight" in report.changed
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = lm.load_base(tmp_path / "merged").eval()
+        from peft import PeftModel
+
+        pm = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()
+    probes = lm.make_probes(merged)
+    with torch.no_grad():
+        err = relative_errors(merged(**probes).logits.double(), pm(**probes).logits.double())[0]
+    assert err < 1e-5, f"the merged checkpoint is {err:.3g} away from adapter mode"
+    assert torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    in_memory = lm.merge(copy.deepcopy(base), lm.load_adapter(adapter)).model.state_dict()
+    for name, tensor in merged.state_dict().items():
+        assert torch.equal(tensor, in_memory[name]), name

@@ -200,6 +200,9 @@ class AdapterMapping:
     biases: dict[str, AdapterModule]  # bias tensor name -> module with a lora_bias
     replaced: dict[str, torch.Tensor]  # tensor name -> replacement
     token_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (ids, rows)
+    # a replaced tensor the checkpoint does not store because it is tied to one it does: written as
+    # its own tensor (the output unties it), name -> the stored tensor it was tied to
+    tied_copies: dict[str, str] = field(default_factory=dict)
 
     @property
     def changed(self) -> set[str]:
@@ -270,8 +273,13 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
             biases[bias] = mod
         modules[tensor] = (mod, kind)
     replaced: dict[str, torch.Tensor] = {}
+    tied_copies: dict[str, str] = {}
     for pname, value in adapter.replaced.items():
         tensor = _resolve(names, pname)
+        partner = _stored_tie_partner(reader, pname) if tensor is None else None
+        if partner is not None and reader.tensors[partner].shape == tuple(value.shape):
+            replaced[pname], tied_copies[pname] = value, partner  # e.g. modules_to_save=["lm_head"], tied
+            continue
         if tensor is None:
             problems.append(
                 (
@@ -307,7 +315,17 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
             f"the adapter {str(adapter.path or '<in memory>')!r} does not fit the checkpoint {str(reader.root)!r}, "
             f"{len(problems)} problem(s):\n{lines}\nUse the base checkpoint the adapter was trained on."
         )
-    return AdapterMapping(modules, biases, replaced, token_rows)
+    return AdapterMapping(modules, biases, replaced, token_rows, tied_copies)
+
+
+def _stored_tie_partner(reader: CheckpointReader, name: str) -> str | None:
+    """The stored tensor ``name`` is tied to in the model the checkpoint's config builds (``None``
+    when it is not tied, or the model cannot be built)."""
+    for group in tied_groups(reader.root) or []:
+        if name in group:
+            stored = [n for n in group if n in reader.tensors]
+            return stored[0] if len(stored) == 1 else None
+    return None
 
 
 _INPUT_EMBEDDING_KEYS = ("embed_tokens", "wte.", "word_embeddings", "embed_in")
@@ -856,7 +874,15 @@ def merge_checkpoint(
     if receipt:  # one file per round, so that every round can be undone exactly
         entry["receipt"] = RECEIPT_FILE.replace(".safetensors", f"-{len(rounds):03d}.safetensors")
     untie = _untie_plan(base_dir, reader, set(mapping.modules) | set(mapping.replaced))
-    for name, source in untie.items():
+    if mapping.tied_copies:
+        warnings.warn(
+            f"the adapter replaces {sorted(mapping.tied_copies)}, which the checkpoint ties to "
+            f"{sorted(set(mapping.tied_copies.values()))}: the output stores them as tensors of their own (as adapter "
+            "mode computes) and says tie_word_embeddings=false in config.json.",
+            LoraMergeWarning,
+            stacklevel=2,
+        )
+    for name, source in {**untie, **mapping.tied_copies}.items():
         reader.add_alias(name, source)
     target = resolve_dtype(dtype)
     tol = tolerance or Tolerance()
@@ -1082,7 +1108,7 @@ def verify_checkpoint(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LoraMergeWarning)
         untie = _untie_plan(Path(base), base_reader, set(mapping.modules) | set(mapping.replaced))
-    for name, source in untie.items():
+    for name, source in {**untie, **mapping.tied_copies}.items():
         if name in merged_reader.tensors:
             base_reader.add_alias(name, source)
     layers: list[LayerCheck] = []
