@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import loramerge as lm
-from conftest import save_adapter
+from conftest import save_adapter, tiny_vit
 from loramerge.tolerance import Tolerance, relative_errors, ulp
 from loramerge.verification import make_probes, run_model, run_widened
 from test_modes import ARCHS, minilm_dir
@@ -113,21 +113,7 @@ MATRIX: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
         _no_dropout("bert"),
         {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]},
     ),
-    "vit-conv2d": (
-        lambda: tf.ViTForImageClassification(
-            tf.ViTConfig(
-                image_size=16,
-                patch_size=4,
-                num_channels=3,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-                num_labels=5,
-            )
-        ),
-        {"target_modules": ["projection", "query", "value"]},
-    ),
+    "vit-conv2d": (tiny_vit, {"target_modules": ["projection", "query", "value"]}),
     "llama-embedding-and-lm_head": (
         _decoder("LlamaForCausalLM", "LlamaConfig"),
         {"target_modules": ["embed_tokens", "q_proj", "lm_head"]},
