@@ -52,6 +52,18 @@ def _no_dropout(arch: str) -> Callable[[], nn.Module]:
     return build
 
 
+def _llava() -> nn.Module:
+    """A vision-language model: its checkpoint stores ``language_model.model.…`` names, which
+    transformers loads as ``model.language_model.…``."""
+    text = tf.LlamaConfig(**{**SMALL, **HEADS, "vocab_size": 128})
+    vision = tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16, patch_size=4
+    )
+    return tf.LlavaForConditionalGeneration(
+        tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=127, vision_feature_layer=-1)
+    )
+
+
 MOE = {"num_local_experts": 4, "num_experts_per_tok": 2}
 QWEN_MOE = {
     "num_experts": 4,
@@ -127,6 +139,13 @@ MATRIX: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
         {"target_modules": ATTN, "monteclora_config": MontecloraConfig()},
     ),
     "llama-mica": (_decoder("LlamaForCausalLM", "LlamaConfig"), {"target_modules": ATTN, "init_lora_weights": "mica"}),
+    "llava-language-model": (
+        _llava,
+        {
+            "target_modules": r".*language_model.*\.(q_proj|v_proj|down_proj)",
+            "modules_to_save": ["multi_modal_projector"],
+        },
+    ),
     "minilm-real-weights": (_no_dropout("minilm-real"), {"target_modules": ["query", "value", "dense"]}),
 }
 
@@ -188,7 +207,8 @@ def test_matrix(case: str, dtype_name: str, tmp_path: Path) -> None:
         assert torch.equal(tensor, expected[name]), f"{name}: the checkpoint and in-memory merges differ"
 
     original = load_file(tmp_path / "base" / "model.safetensors")
-    replaced = {n: original[n] for n in lm.load_adapter(adapter).replaced if n in original}
+    state = base.state_dict()  # the model's names (a checkpoint may store them otherwise, e.g. a VLM's)
+    replaced = {n: state[n] for n in lm.load_adapter(adapter).replaced}
     restored = lm.unmerge_checkpoint(
         tmp_path / "merged",
         adapter,

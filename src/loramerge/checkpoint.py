@@ -71,7 +71,7 @@ from loramerge.shards import (
     return_freed_memory_to_os,
     scan_file,
 )
-from loramerge.skeleton import kind_of, layer_kinds, tied_groups
+from loramerge.skeleton import kind_of, layer_kinds, renamed_keys, tied_groups
 from loramerge.tolerance import Tolerance, ulp
 from loramerge.verification import (
     MAX_PROBE_OUTPUTS,
@@ -245,10 +245,21 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
     names = set(reader.names)
     problems: list[tuple[str, str]] = []
     layers: list[dict[str, str] | None] = []  # the model's layer kinds, built once if needed
+    renamed: list[dict[str, str]] = []  # transformers' own key conversions, built once if needed
+
+    def resolve(wanted: str) -> str | None:
+        """The stored name of the model's ``wanted``: as saved, else as transformers' loading renames
+        it (VLM and legacy names), else by a unique suffix."""
+        if wanted in names:
+            return wanted
+        if not renamed:
+            renamed.append(renamed_keys(reader.root, reader.names))
+        return renamed[0].get(wanted) or _resolve(names, wanted)
+
     modules: dict[str, tuple[AdapterModule, Kind]] = {}
     biases: dict[str, AdapterModule] = {}
     for module_name, mod in adapter.modules.items():
-        tensor = _resolve(names, f"{module_name}.weight")
+        tensor = resolve(f"{module_name}.weight")
         if tensor is None:
             problems.append((module_name, "no tensor named like this in the checkpoint"))
             continue
@@ -266,7 +277,7 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
             )
             continue
         if mod.update.bias is not None:
-            bias = _resolve(names, f"{module_name}.bias")
+            bias = resolve(f"{module_name}.bias")
             if bias is None:
                 problems.append((module_name, "the adapter has a lora_bias but the checkpoint has no bias for it"))
                 continue
@@ -275,7 +286,7 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
     replaced: dict[str, torch.Tensor] = {}
     tied_copies: dict[str, str] = {}
     for pname, value in adapter.replaced.items():
-        tensor = _resolve(names, pname)
+        tensor = resolve(pname)
         partner = _stored_tie_partner(reader, pname) if tensor is None else None
         if partner is not None and reader.tensors[partner].shape == tuple(value.shape):
             replaced[pname], tied_copies[pname] = value, partner  # e.g. modules_to_save=["lm_head"], tied
@@ -298,7 +309,7 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
             replaced[tensor] = value
     token_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for pname, (ids, rows) in adapter.token_rows.items():
-        tensor = _resolve(names, pname)
+        tensor = resolve(pname)
         shape = reader.tensors[tensor].shape if tensor is not None else ()
         if tensor is None or len(shape) != 2:
             problems.append((pname, "the adapter replaces token rows of this embedding but the checkpoint has none"))

@@ -30,7 +30,7 @@ from torch import nn
 from loramerge.adapter import TRAINING_STATE, Adapter
 from loramerge.reports import LayerCheck
 from loramerge.shards import CheckpointReader
-from loramerge.skeleton import meta_model, module_kind, tied_names
+from loramerge.skeleton import meta_model, module_kind, renamed_keys, tied_names
 from loramerge.tolerance import Tolerance, reference_dtype, relative_errors, ulp, unit_roundoff
 
 __all__ = ["AdapterMode", "Judgement", "OracleResult", "adapter_mode", "check_merged_checkpoint", "judge_by_peft"]
@@ -161,6 +161,7 @@ class _Names:
         self.stored = set(reader.stored)
         self._groups = groups
         self._group: dict[str, tuple[str, ...]] | None = None
+        self._renamed: dict[str, str] | None = None
 
     @property
     def group(self) -> dict[str, tuple[str, ...]]:
@@ -177,7 +178,12 @@ class _Names:
             candidates.append(f"{self.prefix}.{param}")
             if param.startswith(self.prefix + "."):
                 candidates.append(param[len(self.prefix) + 1 :])
-        return next((c for c in candidates if c in self.stored), None)
+        found = next((c for c in candidates if c in self.stored), None)
+        if found is None:  # as transformers' own loading renames stored names (VLM, legacy names)
+            if self._renamed is None:
+                self._renamed = renamed_keys(self.reader.root, sorted(self.stored))
+            found = self._renamed.get(param)
+        return found
 
     def provided(self, param: str) -> str | None:
         """The stored tensor whose value ``param`` gets when the checkpoint is loaded. transformers

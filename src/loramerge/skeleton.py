@@ -17,7 +17,16 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-__all__ = ["kind_of", "layer_kinds", "meta_model", "module_kind", "tied_groups", "tied_names"]
+__all__ = [
+    "checkpoint_keys",
+    "kind_of",
+    "layer_kinds",
+    "meta_model",
+    "module_kind",
+    "renamed_keys",
+    "tied_groups",
+    "tied_names",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -106,3 +115,44 @@ def kind_of(kinds: dict[str, str], module_name: str) -> str | None:
         return kinds[module_name]
     matches = {k for n, k in kinds.items() if n.endswith("." + module_name) or module_name.endswith("." + n)}
     return matches.pop() if len(matches) == 1 else None
+
+
+def checkpoint_keys(model: nn.Module, stored: list[str]) -> dict[str, str]:
+    """``{model parameter name: stored tensor name}`` for the stored names that transformers'
+    own loading renames (VLM checkpoints saved as ``language_model.model.…`` load as
+    ``model.language_model.…``, legacy names, the base-model prefix), computed with transformers'
+    conversion mapping for ``model``. Names it would fuse or split (a weight converter, e.g. MoE
+    experts packed into one tensor) are left out: they are not one tensor each. Empty when this
+    transformers has no such mapping."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(cast(Any, model))
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta = model.state_dict()
+        prefix = getattr(model, "base_model_prefix", None)
+        out: dict[str, str] = {}
+        for name in stored:
+            renamed, converted = rename_source_key(name, renamings, converters, prefix, meta)
+            if converted is None and renamed != name:
+                out[renamed] = name
+        return out
+    except Exception as e:  # an older or newer transformers without this API
+        logger.info("transformers' checkpoint key conversions are not available (%s)", e)
+        return {}
+
+
+@functools.lru_cache(maxsize=8)
+def _renamed(root: str, mtime: float, stored: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    model = meta_model(Path(root))
+    return () if isinstance(model, str) else tuple(checkpoint_keys(model, list(stored)).items())
+
+
+def renamed_keys(root: Path, stored: list[str]) -> dict[str, str]:
+    """:func:`checkpoint_keys` for the checkpoint at ``root`` (empty when its model cannot be built)."""
+    config = root / "config.json"
+    if not config.is_file():
+        return {}
+    return dict(_renamed(str(root), config.stat().st_mtime, tuple(stored)))
