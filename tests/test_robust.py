@@ -303,3 +303,28 @@ def test_a_conv_scale_mistake_shared_with_loramerges_reference_is_caught_by_peft
     with pytest.raises(VerificationError, match="against PEFT's own LoRA layer") as e:
         loramerge.merge(pm, probes=_conv_probes(), check_outputs=False)
     assert {c.name for c in e.value.report.layers if not c.passed} == {"c1", "c2", "c3"}
+
+
+def test_a_weight_mapped_from_its_file_is_copied_before_the_merge_writes_it(tmp_path: Path) -> None:
+    """transformers maps safetensors weights copy-on-write; the merge copies such a weight into the
+    process's own memory first (each page fault was most of a merge's time), and the file stays as it was."""
+    from safetensors.torch import load_file
+
+    from loramerge.inmemory import FileMappings
+
+    torch.manual_seed(0)
+    tiny_llama().eval().save_pretrained(tmp_path / "base")
+    before = load_file(tmp_path / "base" / "model.safetensors")
+    model = loramerge.load_base(tmp_path / "base")
+    q = model.model.layers[0].self_attn.q_proj
+    own = torch.randn(8, 8)
+    mapped = FileMappings()
+    assert not mapped.holds(own)
+    if not mapped.holds(q.weight):
+        pytest.skip("this transformers loads weights into the process's own memory")
+    pm = peft(model, r=4, lora_alpha=8, target_modules=["q_proj"])
+    result = loramerge.merge(pm)
+    assert result.passed
+    merged_q = result.model.model.layers[0].self_attn.q_proj.weight
+    assert merged_q is q.weight and not FileMappings().holds(merged_q)  # the same parameter, its own memory
+    assert all(torch.equal(t, load_file(tmp_path / "base" / "model.safetensors")[n]) for n, t in before.items())

@@ -240,6 +240,35 @@ def _requantized_output_check(merged: torch.Tensor, ref: ModelReference, base_ou
     )
 
 
+class FileMappings:
+    """The address ranges of this process that map files (Linux ``/proc/self/maps``; none elsewhere).
+
+    transformers loads safetensors weights as private mappings of the file: the first write to each
+    page copies it (a page fault per 4 KiB). Merging into such a weight in place took 2.55 s for
+    Qwen2-0.5B's 168 adapted weights against 0.66 s into the same weights in the process's own
+    memory, so a mapped weight is first copied (its parameter keeps its identity, its ``.data`` is
+    the copy), as PEFT's merge does by assigning new tensors."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        try:
+            with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[4] != "0" and parts[5].startswith("/"):
+                        start, end = (int(v, 16) for v in parts[0].split("-"))
+                        self.ranges.append((start, end))
+        except OSError:
+            pass
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``'s data lies in a mapped file."""
+        if tensor.device.type != "cpu" or not self.ranges:
+            return False
+        at = tensor.data_ptr()
+        return any(start <= at < end for start, end in self.ranges)
+
+
 def _token_check(name: str, weight: torch.Tensor, exact: bool) -> LayerCheck:
     """The check of an embedding's trainable-token rows: they must hold PEFT's rows exactly."""
     dtype = str(weight.dtype).replace("torch.", "")
@@ -492,6 +521,7 @@ def _merge(
         tuner.set_adapter(previous)
 
     untied = untie_shared(inner, plans)
+    mapped = FileMappings()
     if untied:
         notes.append(f"untied {untied} (they shared a merged weight; adapter mode does not change them)")
     stats = {}
@@ -518,6 +548,8 @@ def _merge(
         new_bias = _merged_bias(plan.layer, ups)
         originals = _receipt_originals(plan, new_bias) if receipt is not None else {}
         with torch.no_grad():
+            if mapped.holds(plan.weight):  # copy-on-write pages of the loaded file: write into own memory
+                cast(Any, plan.layer.weight).data = plan.weight.detach().clone()
             stats[plan.name] = merge_tensor_(plan.weight, ups)
             if new_bias is not None:
                 bias = cast(torch.Tensor, plan.layer.bias)
