@@ -8,9 +8,11 @@ finiteness, overflow, recoverability), and both verify the result against adapte
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -267,6 +269,23 @@ class FileMappings:
             return False
         at = tensor.data_ptr()
         return any(start <= at < end for start, end in self.ranges)
+
+    def own_copy(self, param: torch.Tensor) -> None:
+        """Give ``param`` (a parameter whose data lies in a mapped file) a copy in the process's own
+        memory, and let the kernel drop the file pages it leaves (``MADV_DONTNEED`` on the whole
+        pages of its old range: nothing was written there, so a later read would find the file's
+        bytes again), so that resident memory does not hold both."""
+        old = param.data
+        start, size = old.data_ptr(), old.numel() * old.element_size()
+        param.data = old.detach().clone()
+        page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        first, last = -(-start // page) * page, (start + size) // page * page
+        if last > first:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+            except (OSError, AttributeError):  # not Linux: the pages stay until the mapping goes
+                pass
 
 
 def _token_check(name: str, weight: torch.Tensor, exact: bool) -> LayerCheck:
@@ -549,7 +568,7 @@ def _merge(
         originals = _receipt_originals(plan, new_bias) if receipt is not None else {}
         with torch.no_grad():
             if mapped.holds(plan.weight):  # copy-on-write pages of the loaded file: write into own memory
-                cast(Any, plan.layer.weight).data = plan.weight.detach().clone()
+                mapped.own_copy(cast(torch.Tensor, plan.layer.weight))
             stats[plan.name] = merge_tensor_(plan.weight, ups)
             if new_bias is not None:
                 bias = cast(torch.Tensor, plan.layer.bias)
@@ -874,9 +893,12 @@ def _unmerge(
             trial = plan.weight.detach().clone()
             unmerge_tensor_(trial, [plan.updates[0][1]], dora_norms.get(plan.name))
             apply_receipt(trial, rc.tensors[f"{plan.name}.weight"], f"{plan.name}.weight")
+    mapped = FileMappings()
     for plan in plans:
         up = plan.updates[0][1]
         with torch.no_grad():
+            if mapped.holds(plan.weight):  # copy-on-write pages of the loaded file (see FileMappings)
+                mapped.own_copy(cast(torch.Tensor, plan.layer.weight))
             stats[plan.name] = unmerge_tensor_(plan.weight, [up], dora_norms.get(plan.name))
             if up.bias is not None:
                 bias = cast(torch.Tensor, plan.layer.bias)
