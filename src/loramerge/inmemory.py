@@ -288,6 +288,23 @@ class FileMappings:
                 pass
 
 
+def _layer_verdict(
+    via_peft: bool,
+    probe: LayerProbe,
+    out: torch.Tensor,
+    oracle: torch.Tensor | None,
+    tol: Tolerance,
+    stats: TensorStats,
+    storage: float,
+) -> LayerCheck:
+    """One merged layer's check: against PEFT's own layer alone for a layer PEFT merged, else
+    loramerge's reference and then PEFT's own layer, under the limit ``storage`` gives."""
+    if via_peft and oracle is not None:
+        return oracle_only_check(probe, out, oracle, tol, storage)
+    own = probe.check(out, tol, stats.relative_residual, stats.max_ulp, "", storage)
+    return oracle_check(own, out, oracle)
+
+
 def _token_check(name: str, weight: torch.Tensor, exact: bool) -> LayerCheck:
     """The check of an embedding's trainable-token rows: they must hold PEFT's rows exactly."""
     dtype = str(weight.dtype).replace("torch.", "")
@@ -655,11 +672,10 @@ def _merge(
                 merged_w = plan.weight.detach()
                 out = probe.outputs(merged_w, bias_of(plan.layer))
                 oracle = oracles.get(plan.name)
-                if plan.via_peft and oracle is not None:
-                    check = oracle_only_check(probe, out, oracle, tol, probe.storage(merged_w))
-                else:
-                    check = probe.check(out, tol, st.relative_residual, st.max_ulp, "", probe.storage(merged_w))
-                    check = oracle_check(check, out, oracle)
+                # the rounding a faithful merge may add only widens the limit: computed when needed
+                check = _layer_verdict(plan.via_peft, probe, out, oracle, tol, st, probe.storage(merged_w, False))
+                if not check.passed:
+                    check = _layer_verdict(plan.via_peft, probe, out, oracle, tol, st, probe.storage(merged_w))
                 layers.append(dataclasses.replace(check, dtype=str(merged_w.dtype).replace("torch.", "")))
             if model_ref is not None and batch is not None:
                 with keep_layout(plain):  # re-quantized layers too

@@ -679,11 +679,12 @@ class LayerProbe:
         w, b = restrict_weight(self.kind, weight, self.idx), restrict_vector(bias, self.idx)
         return exact_layer_output(self.kind, w, b, self.x_exact)
 
-    def storage(self, weight: torch.Tensor) -> float:
+    def storage(self, weight: torch.Tensor, merge_rounding: bool = True) -> float:
         """:func:`storage_rms` of ``weight`` on these probes (and output features), with the rounding
-        any faithful merge may add (:func:`merge_rounding_variance`)."""
+        any faithful merge may add (:func:`merge_rounding_variance`) unless ``merge_rounding`` is
+        false. That term only widens the limit: a layer within the limit without it is within it."""
         stored = restrict_weight(self.kind, weight, self.idx)
-        extra = merge_rounding_variance(self.kind, stored, self.updates)
+        extra = merge_rounding_variance(self.kind, stored, self.updates) if merge_rounding else None
         return storage_rms(self.kind, stored, self.x, extra)
 
     def check(
