@@ -76,6 +76,7 @@ from loramerge.tolerance import Tolerance, ulp
 from loramerge.verification import (
     MAX_PROBE_OUTPUTS,
     LayerProbe,
+    check_stored,
     output_subset,
     restrict_update,
     restrict_weight,
@@ -514,7 +515,7 @@ def _probe_check(
     """A check of a merged tensor as read back from disk against the probe made from its base."""
 
     def check(tensor: torch.Tensor) -> LayerCheck:
-        return probe.check(probe.outputs(tensor, None), tol, rel, max_ulp, reason, probe.storage(tensor))
+        return check_stored(probe, probe.outputs(tensor, None), tol, rel, max_ulp, reason, tensor)
 
     return check
 
@@ -1163,7 +1164,7 @@ def verify_checkpoint(
             )
             probe = LayerProbe(mod.name, kind, original, None, [up], seed, max_outputs)
             out = probe.outputs(got, None)
-            layers.append(probe.check(out, tol, rel, max_ulp, reason, probe.storage(got)))
+            layers.append(check_stored(probe, out, tol, rel, max_ulp, reason, got))
             continue
         if name in mapping.biases:
             mod = mapping.biases[name]

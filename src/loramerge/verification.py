@@ -731,6 +731,24 @@ class LayerProbe:
         )
 
 
+def check_stored(
+    probe: LayerProbe,
+    value: torch.Tensor,
+    tolerance: Tolerance,
+    residual: float,
+    max_ulp: float,
+    reason: str,
+    weight: torch.Tensor,
+) -> LayerCheck:
+    """:meth:`LayerProbe.check` with the storage allowance of ``weight``: the term for the rounding a
+    faithful merge may add (which only widens the limit) is computed only when the layer fails
+    without it, so the verdict is the one the full allowance gives."""
+    check = probe.check(value, tolerance, residual, max_ulp, reason, probe.storage(weight, merge_rounding=False))
+    if check.passed:
+        return check
+    return probe.check(value, tolerance, residual, max_ulp, reason, probe.storage(weight))
+
+
 def peft_layer_output(module: nn.Module, probe: LayerProbe) -> torch.Tensor | None:
     """What PEFT's own LoRA layer (``module``, the wrapper adapter mode runs, with its active
     adapters) computes on ``probe``'s inputs, run in the probe's reference dtype and restricted to
