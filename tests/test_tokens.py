@@ -173,3 +173,22 @@ def test_a_wrong_token_row_on_files_fails_against_peft(tmp_path: Path) -> None:
     report = lm.verify_checkpoint(tmp_path / "base", adapter_dir, tmp_path / "merged")
     assert not report.passed and "model.embed_tokens.weight" in report.unexpected_changes
     assert any("not PEFT's trainable-tokens rows" in n for n in report.notes)
+
+
+def test_wrong_rows_written_in_memory_fail_against_peft_s_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-memory check compares the embedding with what PEFT's trainable-tokens layer computes,
+    not with the rows loramerge wrote."""
+    import loramerge.peft_glue as glue
+
+    real = glue.TokenPlan.rows
+    monkeypatch.setattr(glue.TokenPlan, "rows", lambda self: (real(self)[0], real(self)[1] * 1.5))
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    adapter = lm.load_adapter(_adapter(base, tmp_path / "adapter"))
+    with pytest.raises(lm.VerificationError) as info:
+        lm.merge(copy.deepcopy(base), adapter, check_outputs=False)
+    failed = [c for c in info.value.report.layers if not c.passed]
+    assert [c.name for c in failed] == ["model.embed_tokens (trainable tokens)"]
+    assert "PEFT's trainable-tokens layer" in failed[0].reason

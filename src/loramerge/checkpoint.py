@@ -1322,7 +1322,9 @@ def unmerge_checkpoint(
             "cannot unmerge exactly; nothing was written:\n"
             + (f"  - DoRA modules {missing_norms} need dora_norms= (from the merge report)\n" if missing_norms else "")
             + (
-                f"  - replaced tensors {missing_originals} need originals= (from the base checkpoint)\n"
+                f"  - {missing_originals} were replaced by the adapter (modules_to_save, trained biases, trainable-token "
+                "rows) and neither the merged checkpoint nor the adapter holds their original values: pass originals= "
+                "(read from the base checkpoint), or merge with receipt=True (--receipt), which keeps them\n"
                 if missing_originals
                 else ""
             )

@@ -306,9 +306,10 @@ def _layer_verdict(
 
 
 def _token_check(name: str, weight: torch.Tensor, exact: bool) -> LayerCheck:
-    """The check of an embedding's trainable-token rows: they must hold PEFT's rows exactly."""
+    """The check of an embedding with trainable tokens: the whole weight must be what PEFT's own
+    trainable-tokens layer computes (its rows where the tokens are, the base's elsewhere)."""
     dtype = str(weight.dtype).replace("torch.", "")
-    reason = "" if exact else "the trainable-token rows written differ from PEFT's rows"
+    reason = "" if exact else "the embedding differs from what PEFT's trainable-tokens layer computes"
     err = 0.0 if exact else math.inf
     return LayerCheck(f"{name} (trainable tokens)", "embedding", dtype, 0.0, err, err, 0.0, 0.0, 0.0, exact, reason)
 
@@ -597,9 +598,10 @@ def _merge(
     layers_extra: list[LayerCheck] = []
     for token_plan in tokens:  # PEFT's rows replace the base's, as its own merge writes them
         ids, rows = token_plan.rows()
-        with torch.no_grad():
+        with torch.no_grad():  # the reference: the whole weight as PEFT's own layer computes it
+            expected = token_plan.layer.get_merged_weights([token_plan.adapter]).detach().clone()
             token_plan.weight.index_copy_(0, ids, rows)
-        rows_exact = bool(torch.equal(token_plan.weight.index_select(0, ids), rows))
+        rows_exact = bool(torch.equal(token_plan.weight, expected))
         layers_extra.append(_token_check(token_plan.name, token_plan.weight, rows_exact))
     plain = unwrap(peft_model, saved)
     narrowed: list[torch.Tensor] = []

@@ -75,6 +75,14 @@ def _module_table(model: nn.Module) -> dict[str, nn.Module]:
     return table
 
 
+def _attention_refused(name: str) -> UnsupportedAdapterError:
+    return UnsupportedAdapterError(
+        f"{name}: LoRA on an nn.MultiheadAttention layer (PEFT adapts its packed in_proj_weight and out_proj "
+        "together) is not supported by loramerge yet; nothing was changed. The adapter fits this model: merge it "
+        "with PEFT's merge_and_unload(), or keep it in adapter mode."
+    )
+
+
 def check_compatible(model: nn.Module, adapter: Adapter) -> dict[str, Kind]:
     """Check, without changing anything, that ``adapter`` fits ``model``.
 
@@ -110,11 +118,7 @@ def check_compatible(model: nn.Module, adapter: Adapter) -> dict[str, Kind]:
             continue
         kind = layer_kind(found)
         if kind is None and isinstance(base_layer_of(found), nn.MultiheadAttention):
-            raise UnsupportedAdapterError(
-                f"{name}: LoRA on an nn.MultiheadAttention layer (PEFT adapts its packed in_proj_weight and "
-                "out_proj together) is not supported by loramerge yet; nothing was changed. The adapter fits this "
-                "model: merge it with PEFT's merge_and_unload(), or keep it in adapter mode."
-            )
+            raise _attention_refused(name)
         if kind is None:
             problems.append((name, f"is a {type(base_layer_of(found)).__name__}, which LoRA cannot target"))
             continue
@@ -437,11 +441,7 @@ def collect_plans(
         elif type(module) is lora_layer.Linear:
             kind = "conv1d" if module.fan_in_fan_out else "linear"
         elif isinstance(module, lora_layer.MultiheadAttention):
-            raise UnsupportedAdapterError(
-                f"{name}: LoRA on an nn.MultiheadAttention layer (PEFT adapts its packed in_proj_weight and "
-                "out_proj together) is not supported by loramerge yet; nothing was changed. Merge it with PEFT's "
-                "merge_and_unload(), or keep it in adapter mode."
-            )
+            raise _attention_refused(name)
         else:
             raise UnsupportedAdapterError(
                 f"{name}: LoRA layer type {type(module).__module__}.{type(module).__name__} is not supported "
