@@ -225,18 +225,3 @@ def test_matrix(case: str, dtype_name: str, tmp_path: Path) -> None:
         beyond = (back[name].double() - tensor.double()).abs() > rounding
         assert not bool(beyond.any()), f"{name}: unmerged beyond its rounding bound"
     _row(case=case, dtype=dtype_name, adapter_mode=adapter_err, in_memory=memory_err, checkpoint=files_err, limit=limit)
-
-
-def test_lora_on_expert_parameters_is_refused_with_a_clear_error(tmp_path: Path) -> None:
-    """``target_parameters`` (LoRA on MoE experts stored as 3-D parameters) is not merged yet."""
-    torch.manual_seed(0)
-    base = _decoder("MixtralForCausalLM", "MixtralConfig", **MOE)().eval()
-    experts = [n for n, p in base.named_parameters() if p.dim() == 3]
-    if not experts:
-        pytest.skip("this transformers stores Mixtral's experts as separate Linear layers")
-    name = ".".join(experts[0].split(".")[-2:])  # e.g. experts.gate_up_proj
-    adapter = save_adapter(
-        base, {"r": 4, "lora_alpha": 8, "target_modules": [], "target_parameters": [name]}, tmp_path / "a"
-    )
-    with pytest.raises(lm.LoraMergeError, match="target_parameters"):
-        lm.merge(copy.deepcopy(base), lm.load_adapter(adapter))

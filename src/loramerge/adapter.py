@@ -39,7 +39,11 @@ PEFT_PREFIX = "base_model.model."
 # Config entries that change what the adapter computes in ways loramerge does not merge.
 _UNSUPPORTED_SETTINGS: dict[str, str] = {
     "layer_replication": "layer replication duplicates base layers; PEFT cannot merge it either",
-    "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts) is not supported yet",
+    "target_parameters": (
+        "LoRA on raw parameters (target_parameters, e.g. MoE experts stored as one 3-D parameter) is merged "
+        "in memory only: checkpoints store such experts under per-expert names that transformers converts "
+        "when it loads them, which loramerge does not map"
+    ),
     "use_qalora": "QA-LoRA pools inputs and cannot be expressed as a weight delta here",
     "alora_invocation_tokens": "activated LoRA (aLoRA) applies only after invocation tokens; it has no weight delta",
     "use_bdlora": "block-diagonal LoRA is not supported yet",
@@ -210,7 +214,11 @@ class Adapter:
 
 # Variants whose layer PEFT itself merges: with ``layer_variants=True`` (a live PeftModel), loramerge
 # merges them through PEFT's own layer and proves the result against that layer.
-_PEFT_MERGED_VARIANTS = ("use_bdlora", "kasa_config")
+_PEFT_MERGED_VARIANTS = ("use_bdlora", "kasa_config", "target_parameters")
+_FIXES: dict[str, str] = {
+    "target_parameters": "Load the model with transformers, the adapter with PeftModel.from_pretrained(), and merge "
+    "that with loramerge.merge(peft_model), which proves it against PEFT's own wrapper; then save_pretrained().",
+}
 
 
 def check_mergeable_settings(raw: Mapping[str, Any], where: str, *, layer_variants: bool = False) -> None:
@@ -230,10 +238,8 @@ def check_mergeable_settings(raw: Mapping[str, Any], where: str, *, layer_varian
         if layer_variants and key in _PEFT_MERGED_VARIANTS:
             continue
         if value:  # None, False and empty containers mean "not used"
-            raise UnsupportedAdapterError(
-                f"{where}: {key}={value!r} is set: {why}. Nothing was changed. Merge it with PEFT's "
-                "merge_and_unload(), or retrain without it."
-            )
+            fix = _FIXES.get(key, "Merge it with PEFT's merge_and_unload(), or retrain without it.")
+            raise UnsupportedAdapterError(f"{where}: {key}={value!r} is set: {why}. Nothing was changed. {fix}")
 
 
 def _validate_config(raw: Mapping[str, Any], where: str) -> None:

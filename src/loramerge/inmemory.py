@@ -42,6 +42,7 @@ from loramerge.lineage_records import (
     set_model_lineage,
 )
 from loramerge.loading import resolve_dtype
+from loramerge.param_targets import ParamOracle, ParamPlan, check_param, merge_param_, param_plans, param_problems
 from loramerge.peft_glue import (
     LayerPlan,
     adapter_mode,
@@ -429,6 +430,25 @@ def merge(
             raise
 
 
+def _updates_by_name(
+    plans: Sequence[LayerPlan], params: Sequence[ParamPlan], adapter: str | None = None
+) -> dict[str, list[LoraUpdate]]:
+    """Every adapted weight's and parameter's updates (of one ``adapter``, or all), by name."""
+    found = {p.name: [u for a, u in p.updates if adapter in (None, a)] for p in plans}
+    found.update({pp.name: [u for a, u in pp.updates() if adapter in (None, a)] for pp in params})
+    return {name: ups for name, ups in found.items() if ups}
+
+
+def _merge_params(params: Sequence[ParamPlan], mapped: FileMappings) -> dict[str, float]:
+    """Merge every targeted parameter (``target_parameters``) in place; ``‖ΔW‖`` of each."""
+    norms = {}
+    for pp in params:
+        if mapped.holds(pp.param):
+            mapped.own_copy(pp.param)
+        norms[pp.name] = merge_param_(pp)
+    return norms
+
+
 def _attach_all(model: nn.Module, adapters: Adapter | Sequence[Adapter] | None) -> tuple[PeftModel, dict[str, Adapter]]:
     """``model`` with ``adapters`` attached in order (a ``PeftModel``), and the adapters by their names there."""
     attached: dict[str, Adapter] = {}
@@ -469,6 +489,7 @@ def _merge(
     inner = cast(nn.Module, peft_model.base_model.model)
     qplan = _quant_plan(inner, dtype, quantized)
     plans, saved, tokens = collect_plans(peft_model, names)
+    params = param_plans(inner, names)
     dora_quantized = sorted(p.name for p in plans if p.quantized and any(u.magnitude is not None for _, u in p.updates))
     if dora_quantized:
         raise UnsupportedAdapterError(
@@ -476,17 +497,17 @@ def _merge(
             "(loramerge.merge_checkpoint with qlora_base='original' or 'simulated')."
         )
 
-    fingerprint = adapter_fingerprint({p.name: [u for _, u in p.updates] for p in plans})
+    fingerprint = adapter_fingerprint(_updates_by_name(plans, params))
     receipt: Receipt | None = None
     if want_receipt:
         if tokens:
             raise InvalidArgumentError(
                 f"receipt=True cannot record trainable tokens yet ({[t.name for t in tokens]}); merge without a receipt"
             )
-        if len(names) != 1 or any(p.quantized or p.via_peft for p in plans):
+        if len(names) != 1 or any(p.quantized or p.via_peft for p in plans) or params:
             raise InvalidArgumentError(
                 "receipt=True needs exactly one adapter merged into a non-quantized base, without LoRA variants that "
-                "PEFT's own layer merges (merge adapters one at a time)"
+                "PEFT's own layer merges and without target_parameters (merge adapters one at a time)"
             )
         receipt = Receipt(fingerprint)
         for module_name in saved:
@@ -527,6 +548,8 @@ def _merge(
                 problems.append(f"{plan.name}: PEFT's layer cannot be run on probes to prove its merge")
             if plan.quantized and qplan is not None and qplan.mode == "requantize":
                 base_errors[plan.name] = relative_errors(probe.outputs(weight, bias_of(plan.layer)), probe.reference)[0]
+    problems += [m for pp in params for m in param_problems(pp)]
+    param_oracles = {pp.name: ParamOracle.of(pp, seed) for pp in params} if verify and not problems else {}
     _raise_problems(problems, "merging")
     if qplan is not None and qplan.mode == "dequantize":  # every layer the merge dequantizes, proven before any change
         planned = {id(p.layer) for p in plans}
@@ -595,6 +618,7 @@ def _merge(
             dora_norms[plan.name] = stats[plan.name].extras["dora_norms"].detach().cpu()
         if receipt is not None:
             _record_receipt(receipt, plan, originals, dora_norms.get(plan.name))
+    param_norms = _merge_params(params, mapped)
     layers_extra: list[LayerCheck] = []
     for token_plan in tokens:  # PEFT's rows replace the base's, as its own merge writes them
         ids, rows = token_plan.rows()
@@ -679,15 +703,17 @@ def _merge(
                 if not check.passed:
                     check = _layer_verdict(plan.via_peft, probe, out, oracle, tol, st, probe.storage(merged_w))
                 layers.append(dataclasses.replace(check, dtype=str(merged_w.dtype).replace("torch.", "")))
+            layers += [check_param(pp, param_oracles[pp.name], tol) for pp in params]
             if model_ref is not None and batch is not None:
+                routes: list[torch.Tensor] = []
                 with keep_layout(plain):  # re-quantized layers too
-                    merged_out = run_model(plain, batch)
+                    merged_out = run_model(plain, batch, routes)
                 if base_out is not None:
                     outputs = _requantized_output_check(merged_out, model_ref, base_out)
                 else:
-                    weights = [p.weight for p in plans] + narrowed
+                    weights = [p.weight for p in plans] + [pp.param for pp in params] + narrowed
                     outputs = output_check(
-                        merged_out, model_ref, tol, batch, lambda: storage_baseline(plain, batch, weights, seed)
+                        merged_out, model_ref, tol, batch, lambda: storage_baseline(plain, batch, weights, seed), routes
                     )
         except Exception as e:  # verification must not crash after the weights changed
             raise _verification_crashed(e, plain, names, tol, layers, notes, dora_norms, untied, base_format) from e
@@ -710,16 +736,23 @@ def _merge(
                     "",
                 )
             )
+        for pp in params:
+            dtype_name = str(pp.param.dtype).replace("torch.", "")
+            nan = math.nan
+            layers.append(LayerCheck(pp.name, "parameter", dtype_name, nan, nan, nan, nan, nan, nan, True, ""))
+            logger.debug("merged %s (|dW| %.3g)", pp.name, param_norms[pp.name])
     layers += layers_extra
     passed = all(c.passed for c in layers) and (outputs is None or outputs.passed)
     report = VerificationReport("merge", passed, tol, tuple(layers), outputs, notes=tuple(notes))
     entries = [  # one round per adapter, in merge order (they can be unmerged one at a time, in reverse)
         new_round(
             source=sources.get(n, f"attached adapter {n!r}"),
-            fingerprint=adapter_fingerprint({p.name: [u for a, u in p.updates if a == n] for p in plans}),
+            fingerprint=adapter_fingerprint(_updates_by_name(plans, params, n)),
             config=peft_model.peft_config[n].to_dict(),
-            scales={p.name: u.scale for p in plans for a, u in p.updates if a == n},
-            dtype=str(next((p.weight.dtype for p in plans), "")).replace("torch.", ""),
+            scales={name: u.scale for name, ups in _updates_by_name(plans, params, n).items() for u in ups},
+            dtype=str(next((p.weight.dtype for p in plans), next((pp.param.dtype for pp in params), ""))).replace(
+                "torch.", ""
+            ),
             report=report if verify else None,
         )
         for n in names
@@ -885,13 +918,14 @@ def _unmerge(
     notes: list[str] = []
     merged_model_out: torch.Tensor | None = None
     merged_storage = (0.0, 0.0)
+    merged_routes: list[torch.Tensor] = []
     batch: dict[str, torch.Tensor] | None = None
     target_out: dict[str, torch.Tensor] = {}
     storage: dict[str, float] = {}
     if verify:
         batch = probe_batch(model, check_outputs, probes, seed, notes)
         if batch is not None:
-            merged_model_out = run_model(model, batch)
+            merged_model_out = run_model(model, batch, merged_routes)
             # measured now, while the merged weights exist; used only if the rule needs it
             merged_storage = storage_baseline(model, batch, [p.weight for p in plans], seed)
         for plan in plans:
@@ -977,7 +1011,7 @@ def _unmerge(
                     ref = reference_outputs(peft_model, batch)
                 if ref.note:
                     notes.append(ref.note)
-                outputs = output_check(merged_model_out, ref, tol, batch, lambda: merged_storage)
+                outputs = output_check(merged_model_out, ref, tol, batch, lambda: merged_storage, merged_routes)
         except Exception as e:  # verification must not crash after the weights changed
             why = f"verification could not run after the unmerge: {type(e).__name__}: {e}"
             report = VerificationReport("unmerge", False, tol, tuple(layers), None, notes=(*notes, why))

@@ -414,8 +414,8 @@ def collect_plans(
             if active and layer.tied_adapter is None:  # a tied head shares the embedding's rows and weight
                 tokens.append(TokenPlan(name, layer, active[0]))
             continue
-        if type(module).__name__ == "TrainableTokensLayer":
-            continue
+        if type(module).__name__ == "TrainableTokensLayer" or isinstance(module, lora_layer.ParamWrapper):
+            continue  # a ParamWrapper (target_parameters) is planned by loramerge.param_targets
         if not isinstance(module, LoraLayer):
             continue
         active = [a for a in adapter_names if a in module.lora_A or a in module.lora_embedding_A]
@@ -510,6 +510,8 @@ def unwrap(peft_model: PeftModel, saved: dict[str, str] | None = None) -> nn.Mod
     model = cast(nn.Module, peft_model.base_model.model)
     replacements: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
+        if ".base_layer" in f"{name}.":  # inside a wrapper that goes as a whole (nested ParamWrappers)
+            continue
         if isinstance(module, ModulesToSaveWrapper):
             owner = saved.get(name)
             new = module.modules_to_save[owner] if owner is not None else module.original_module

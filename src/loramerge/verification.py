@@ -157,13 +157,46 @@ def _last_hidden(output: Any) -> torch.Tensor | None:
     return last if isinstance(last, torch.Tensor) else None
 
 
-def run_model(model: nn.Module, probes: Probes) -> torch.Tensor:
+@contextlib.contextmanager
+def recorded_routes(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Record, for the duration, the experts each mixture-of-experts router picks for each token.
+
+    A router is recognised by what it returns: a tuple whose last element is an integer tensor
+    ``[tokens, k]`` (transformers' top-k routers). Each call appends that tensor, sorted along
+    ``k`` (the choice, not its order), to the yielded list, in the order the routers first ran;
+    a router that runs again (a widened run repeating a module in its own dtype) keeps its last
+    choice.
+    """
+    found: list[torch.Tensor] = []
+    last_call: dict[int, torch.Tensor] = {}
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        last = output[-1] if isinstance(output, tuple) and output else None
+        if isinstance(last, torch.Tensor) and last.dim() == 2 and not last.is_floating_point():
+            last_call[id(module)] = last.detach().sort(dim=-1).values.cpu()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+        found.extend(last_call.values())
+
+
+def run_model(model: nn.Module, probes: Probes, routes: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``model(**probes)`` in eval mode without gradients, returning the main output on CPU.
 
     A main output of fewer than :data:`MIN_JUDGED_OUTPUTS` numbers (a classifier's few logits) is
     too small to judge as a distribution of errors: the last hidden state is appended to it, so the
-    tolerance rule sees thousands of outputs (both flattened into one vector).
+    tolerance rule sees thousands of outputs (both flattened into one vector). With ``routes``,
+    the experts mixture-of-experts routers chose are appended to it (:func:`recorded_routes`).
     """
+    if routes is not None:
+        with recorded_routes(model) as found:
+            out = run_model(model, probes)
+        routes.extend(found)
+        return out
     with preserved(model):
         model.eval()
         with torch.no_grad():
@@ -397,6 +430,7 @@ class ModelReference:
     dtype: torch.dtype
     reference_dtype: torch.dtype
     narrow: tuple[str, ...] = ()
+    routes: tuple[torch.Tensor, ...] = ()  # the experts MoE routers chose in the reference run
 
     @property
     def note(self) -> str:
@@ -420,17 +454,44 @@ def reference_outputs(model: nn.Module, probes: Probes) -> ModelReference:
     ref_dtype = reference_dtype(dtype)
     adapter_out = run_model(model, probes)
     narrow: set[str] = set()
+    routes: list[torch.Tensor] = []
     with exact_forward(model):
         try:
-            ref = run_widened(model, probes, ref_dtype, fallbacks=narrow)
+            with recorded_routes(model) as routes:
+                ref = run_widened(model, probes, ref_dtype, fallbacks=narrow)
         except RuntimeError as e:
             if ref_dtype != torch.float64:
                 raise
             # Some architectures hard-code fp32 somewhere; fall back to an fp32 reference (then the floor decides).
             logger.info("fp64 reference failed (%s); using fp32", e)
             ref_dtype = torch.float32
-            ref = run_model(model, probes)
-    return ModelReference(adapter_out, ref.to(ref_dtype), dtype, ref_dtype, tuple(sorted(narrow)))
+            routes = []
+            ref = run_model(model, probes, routes)
+    return ModelReference(adapter_out, ref.to(ref_dtype), dtype, ref_dtype, tuple(sorted(narrow)), tuple(routes))
+
+
+def same_route_positions(
+    routes: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], probes: Probes, output_shape: torch.Size
+) -> torch.Tensor | None:
+    """A ``[batch, seq]`` mask of the probe positions where every router chose the same experts as
+    in the reference run, and no earlier position of the sequence was routed otherwise (later
+    positions attend to it). ``None`` when the routes cannot be matched to positions, nothing was
+    rerouted, or more than half of the positions were (then everything is judged)."""
+    ids = probes.get("input_ids")
+    if ids is None or ids.dim() != 2 or len(routes) != len(reference) or not routes:
+        return None
+    batch, seq = ids.shape
+    if tuple(output_shape[:2]) != (batch, seq):
+        return None
+    rerouted = torch.zeros(batch * seq, dtype=torch.bool)
+    for got, want in zip(routes, reference, strict=True):
+        if got.shape != want.shape or got.shape[0] != batch * seq:
+            return None
+        rerouted |= (got != want).any(dim=-1)
+    if not bool(rerouted.any()):
+        return None
+    keep = ~(rerouted.view(batch, seq).long().cummax(dim=1).values.bool())
+    return keep if int((~keep).sum()) * 2 <= batch * seq else None
 
 
 def storage_baseline(
@@ -470,6 +531,7 @@ def output_check(
     tolerance: Tolerance,
     probes: Probes,
     storage: Callable[[], tuple[float, float]] | None = None,
+    routes: Sequence[torch.Tensor] = (),
 ) -> OutputCheck:
     """Apply the tolerance rule to whole-model outputs.
 
@@ -478,11 +540,20 @@ def output_check(
     because it costs two wide forward passes) is measured and the limit becomes
     ``factor * hypot(adapter error, storage error) + floor``. The baseline can only widen the
     limit, so it is skipped (reported as NaN) when the merge passes without it.
+
+    ``routes`` (what the merged model's MoE routers chose, see :func:`recorded_routes`): positions
+    routed otherwise than in the reference run are left out (:func:`same_route_positions`).
     """
     if merged.shape != ref.reference.shape:
         raise LoraMergeError(
             f"merged output shape {tuple(merged.shape)} differs from adapter mode's {tuple(ref.reference.shape)}"
         )
+    keep = same_route_positions(routes, ref.routes, probes, merged.shape)
+    rerouted = 0
+    if keep is not None:
+        rerouted = int((~keep).sum())
+        merged = merged[keep]
+        ref = dataclasses.replace(ref, adapter=ref.adapter[keep], reference=ref.reference[keep])
     m_rms, m_max = relative_errors(merged, ref.reference)
     a_rms, a_max = relative_errors(ref.adapter, ref.reference)
     s_rms, s_max = math.nan, math.nan
@@ -506,6 +577,7 @@ def output_check(
         max_abs_diff=float((merged.double() - ref.adapter.double()).abs().max()),
         output_scale=float(ref.reference.abs().max()),
         passed=ok,
+        rerouted_positions=rerouted,
     )
 
 
@@ -1015,7 +1087,8 @@ def _verify(
     outputs = None
     batch = probe_batch(base, check_outputs, probes, seed, notes)
     if batch is not None:
-        merged_out = run_model(merged, batch)
+        routes: list[torch.Tensor] = []
+        merged_out = run_model(merged, batch, routes)
         adapted = [merged_params[f"{name}.weight"] for name in adapter.modules]
         with adapter_mode(base, [adapter]) as peft_model:
             ref = reference_outputs(peft_model, batch)
@@ -1028,7 +1101,9 @@ def _verify(
                 for n, v in base_params.items()
                 if n in merged_params and loses_precision(v, merged_params[n].dtype)
             ]
-        outputs = output_check(merged_out, ref, tol, batch, lambda: storage_baseline(merged, batch, adapted, seed))
+        outputs = output_check(
+            merged_out, ref, tol, batch, lambda: storage_baseline(merged, batch, adapted, seed), routes
+        )
     passed = all(c.passed for c in layers) and not changed and (outputs is None or outputs.passed)
     return VerificationReport(
         operation="verify",

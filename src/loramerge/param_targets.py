@@ -1,0 +1,260 @@
+"""LoRA on raw parameters: PEFT's ``target_parameters`` (MoE expert stacks stored as 3-D parameters).
+
+transformers 5 stores the experts of Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Llama 4 and most new
+MoE models as one parameter per projection, ``experts.gate_up_proj`` of shape
+``(experts, d1, d2)``, not as one ``nn.Linear`` per expert. PEFT adapts such a parameter with a
+``ParamWrapper`` (nested, one per parameter, when several parameters of one module are targeted):
+rank ``r`` per expert, ``lora_A`` of shape ``(r · experts, in)`` and ``lora_B`` of shape
+``(out, r · experts)``, where ``in`` is the dimension the projection reads (the last one, unless
+the module says ``is_transposed``).
+
+Two independent halves, which share no code:
+
+* :func:`merge_param_` is loramerge's own merge: expert by expert, ``ΔW_e = s · B_e A_e`` in fp32,
+  added in fp32 and rounded once to the stored dtype, with no full-size temporary beyond one
+  expert.
+* :class:`ParamOracle` is the proof: PEFT's own wrapper, in adapter mode (the weight its
+  parametrization hands the module when it runs), evaluated in the wide dtype on seeded probes
+  before the merge, and compared with the merged parameter afterwards under the tolerance rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from loramerge.delta import LoraUpdate
+from loramerge.reports import LayerCheck
+from loramerge.tolerance import Tolerance, reference_dtype, relative_errors, ulp, unit_roundoff
+
+__all__ = ["ParamOracle", "ParamPlan", "check_param", "merge_param_"]
+
+KIND = "parameter"
+_PROBES = 8
+
+
+@dataclass
+class ParamPlan:
+    """One targeted parameter: PEFT's wrapper of it and the adapters to merge into it, in order."""
+
+    name: str  # full parameter path, e.g. "model.layers.0.mlp.experts.gate_up_proj"
+    wrapper: Any  # PEFT's ParamWrapper that adapts it
+    adapters: list[str]
+    owner: nn.Module  # the module that owns the parameter, under every nested wrapper (stays after unwrapping)
+
+    @property
+    def attr(self) -> str:
+        return str(self.wrapper.parameter_name)
+
+    @property
+    def param(self) -> torch.Tensor:
+        return cast(torch.Tensor, getattr(self.owner, self.attr))
+
+    def updates(self) -> list[tuple[str, LoraUpdate]]:
+        """Each adapter's factors, as stored (for fingerprints and lineage)."""
+        w = self.wrapper
+        return [
+            (a, LoraUpdate("linear", w.lora_A[a].weight.detach(), w.lora_B[a].weight.detach(), float(w.scaling[a])))
+            for a in self.adapters
+        ]
+
+    def reads_last_dim(self) -> bool:
+        """Whether the projection reads the parameter's last dimension (``lora_A`` acts on it)."""
+        return self.param.dim() == 2 or not bool(getattr(self.owner, "is_transposed", False))
+
+
+# ---- loramerge's own merge -----------------------------------------------------------------
+
+
+def _expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, e: int, last: bool) -> torch.Tensor:
+    """``ΔW`` of expert ``e`` in fp32, shaped like ``param[e]``. ``lora_A``'s rows are grouped by
+    expert (rows ``e·r … e·r + r − 1``), ``lora_B``'s columns interleaved (``e, e + E, e + 2E, …``)."""
+    r = a.shape[0] // experts
+    a_e = a[e * r : (e + 1) * r].float()
+    b_e = b[:, e::experts].float()
+    delta = torch.mm(b_e, a_e).mul_(scale)  # (out, in)
+    return delta if last else delta.t()
+
+
+def _merged_values(plan: ParamPlan, e: int) -> torch.Tensor:
+    """``param[e] + Σ ΔW`` in fp32 (not rounded)."""
+    param = plan.param
+    experts = param.shape[0] if param.dim() == 3 else 1
+    target = param[e] if param.dim() == 3 else param
+    acc = target.detach().float().clone()
+    w = plan.wrapper
+    for a_name in plan.adapters:
+        a, b = w.lora_A[a_name].weight.detach(), w.lora_B[a_name].weight.detach()
+        acc.add_(_expert_delta(a, b, float(w.scaling[a_name]), experts, e, plan.reads_last_dim()))
+    return acc
+
+
+def _experts(param: torch.Tensor) -> int:
+    return int(param.shape[0]) if param.dim() == 3 else 1
+
+
+def param_problems(plan: ParamPlan) -> list[str]:
+    """Shape, finiteness and overflow problems of merging ``plan``, found without changing anything."""
+    param = plan.param
+    if param.dim() not in (2, 3) or not param.is_floating_point():
+        return [f"{plan.name}: a {param.dim()}-D {param.dtype} parameter; LoRA adapts 2-D and 3-D float parameters"]
+    experts = _experts(param)
+    d_out, d_in = (param.shape[-2], param.shape[-1]) if plan.reads_last_dim() else (param.shape[-1], param.shape[-2])
+    problems = []
+    for a_name in plan.adapters:
+        a, b = plan.wrapper.lora_A[a_name].weight, plan.wrapper.lora_B[a_name].weight
+        if a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1] or a.shape[0] % experts:
+            problems.append(
+                f"{plan.name}: adapter {a_name!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, which do "
+                f"not fit a parameter of shape {tuple(param.shape)}"
+            )
+    if problems:
+        return problems
+    top = torch.finfo(param.dtype).max
+    for e in range(experts):
+        merged = _merged_values(plan, e)
+        if not bool(torch.isfinite(merged).all()) or float(merged.abs().max()) > top:
+            return [f"{plan.name}: merging gives non-finite values or overflows {param.dtype} (expert {e})"]
+    return []
+
+
+def merge_param_(plan: ParamPlan) -> float:
+    """Merge ``plan``'s adapters into its parameter in place, one expert at a time, each rounded once.
+
+    Returns:
+        ``‖ΔW‖`` over the whole parameter (fp32, before rounding).
+    """
+    param = plan.param
+    total = 0.0
+    with torch.no_grad():
+        for e in range(_experts(param)):
+            target = param[e] if param.dim() == 3 else param
+            merged = _merged_values(plan, e)
+            total += float((merged - target.float()).pow(2).sum())
+            target.copy_(merged)
+    return math.sqrt(total)
+
+
+# ---- the proof: PEFT's own wrapper in adapter mode -----------------------------------------
+
+
+@contextmanager
+def _widened(plan: ParamPlan, wide: torch.dtype) -> Iterator[None]:
+    """The wrapper's LoRA factors and the parameter as ``wide`` copies, for the duration."""
+    w = plan.wrapper
+    factors = [p for name in plan.adapters for m in (w.lora_A[name], w.lora_B[name]) for p in m.parameters()]
+    saved = [(p, p.data) for p in factors]
+    owner, attr = plan.owner, plan.attr
+    original = getattr(owner, attr)
+    try:
+        for p, data in saved:
+            p.data = data.to(wide, copy=True)
+        setattr(owner, attr, nn.Parameter(original.detach().to(wide, copy=True), requires_grad=False))
+        yield
+    finally:
+        setattr(owner, attr, original)
+        for p, data in saved:
+            p.data = data
+
+
+def _adapter_mode_weight(plan: ParamPlan) -> torch.Tensor:
+    """The parameter as PEFT's wrapper presents it to its module in adapter mode."""
+    with plan.wrapper._activate_lora(plan.adapters):
+        return cast(torch.Tensor, getattr(plan.owner, plan.attr)).detach().clone()
+
+
+def _probes(plan: ParamPlan, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Seeded vectors along the parameter's last dimension."""
+    digest = hashlib.sha256(f"param:{seed}:{plan.name}".encode()).digest()[:4]
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    return torch.randn(int(plan.param.shape[-1]), _PROBES, generator=gen, dtype=dtype)
+
+
+@dataclass
+class ParamOracle:
+    """What PEFT's adapter mode computes with one parameter, taken before the merge.
+
+    Attributes:
+        reference: ``W_adapter_mode @ x`` in the wide dtype (PEFT's wrapper, widened).
+        adapter: The same in the parameter's own dtype (adapter mode as it runs).
+        arithmetic: The output variance that the fp32 arithmetic of any merge of ΔW may add:
+            per element ``((r + 2) u32 · |s| |B| |A|)² / 3``, weighted by ``x²`` (``|s| |B| |A|``
+            from PEFT's own wrapper with every factor made positive).
+        probes: ``x``.
+    """
+
+    reference: torch.Tensor
+    adapter: torch.Tensor
+    arithmetic: torch.Tensor
+    probes: torch.Tensor
+
+    @classmethod
+    def of(cls, plan: ParamPlan, seed: int) -> ParamOracle:
+        stored = plan.param.dtype
+        wide = reference_dtype(stored)
+        x = _probes(plan, seed, wide)
+        with torch.no_grad():
+            adapter = _adapter_mode_weight(plan).to(wide) @ x
+            with _widened(plan, wide):
+                reference = _adapter_mode_weight(plan) @ x
+                w = plan.wrapper
+                for name in plan.adapters:  # |ΔW| with every factor made positive: PEFT's own delta
+                    for m in (w.lora_A[name], w.lora_B[name]):
+                        m.weight.data.abs_()
+                bound = _adapter_mode_weight(plan).sub_(getattr(plan.owner, plan.attr).detach()).abs_()
+            rank = max(int(w.r[name]) for name in plan.adapters)
+            arithmetic = bound.mul_((rank + 2) * unit_roundoff(torch.float32)).pow_(2).div_(3) @ x.pow(2)
+        return cls(reference, adapter, arithmetic, x)
+
+
+def check_param(plan: ParamPlan, oracle: ParamOracle, tol: Tolerance) -> LayerCheck:
+    """The merged parameter against PEFT's adapter mode, under the tolerance rule of a layer check:
+    ``probe_error <= factor * storage_error + floor / 4``, where ``storage_error`` is the output
+    error that storing the merged values in their dtype (½ulp per element) and the fp32
+    arithmetic of ΔW may add."""
+    merged = plan.param.detach()
+    stored = merged.dtype
+    wide = oracle.reference.dtype
+    x = oracle.probes
+    with torch.no_grad():
+        value = merged.to(wide) @ x
+        variance = ulp(merged, stored).to(wide).pow_(2).div_(12) @ x.pow(2)
+        if stored != torch.float64:
+            variance.add_(oracle.arithmetic)
+    err, _ = relative_errors(value, oracle.reference)
+    a_err, _ = relative_errors(oracle.adapter, oracle.reference)
+    ref_rms = float(oracle.reference.double().pow(2).mean().sqrt())
+    s_err = float(variance.double().mean().sqrt()) / ref_rms if ref_rms > 0 else 0.0
+    limit = tol.factor * s_err + tol.floor_for(stored) / 4
+    ok = math.isfinite(err) and err <= limit
+    reason = (
+        ""
+        if ok
+        else (f"output error {err:.3g} against PEFT's own ParamWrapper in adapter mode exceeds the limit {limit:.3g}")
+    )
+    return LayerCheck(plan.name, KIND, str(stored)[6:], math.nan, math.nan, err, a_err, s_err, limit, ok, reason)
+
+
+def param_plans(model: nn.Module, adapter_names: Sequence[str]) -> list[ParamPlan]:
+    """One :class:`ParamPlan` per parameter PEFT adapts with ``adapter_names`` (``target_parameters``)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    plans = []
+    for name, module in model.named_modules():
+        if not isinstance(module, ParamWrapper):
+            continue
+        active = [a for a in adapter_names if a in module.lora_A]
+        if not active:
+            continue
+        owner = name
+        while owner.endswith(".base_layer"):  # nested wrappers: one per parameter of the same module
+            owner = owner.removesuffix(".base_layer")
+        plans.append(ParamPlan(f"{owner}.{module.parameter_name}", module, active, module.get_base_layer()))
+    return plans
