@@ -24,7 +24,7 @@ import torch
 
 from loramerge.delta import Kind, LoraUpdate
 from loramerge.errors import AdapterConfigError, AdapterNotFoundError, UnsafeFormatError, UnsupportedAdapterError
-from loramerge.hub import hub_path
+from loramerge.hub_download import hub_path
 from loramerge.io import read_tensors
 
 __all__ = ["Adapter", "AdapterModule", "load_adapter", "pattern_value"]

@@ -41,7 +41,7 @@ from loramerge.errors import (
     UnsupportedQuantizationError,
     VerificationError,
 )
-from loramerge.hub import hub_path
+from loramerge.hub_download import hub_path
 from loramerge.io import atomic_directory, read_json_object
 from loramerge.lineage_records import (
     METADATA_KEY,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from loramerge.errors import AdapterNotFoundError, InvalidArgumentError, UnsafeFormatError
-from loramerge.hub import hub_path
+from loramerge.hub_download import hub_path
 from loramerge.io import read_json_object
 
 if TYPE_CHECKING:
