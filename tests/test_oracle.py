@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import loramerge as lm
 import loramerge.checkpoint as ckpt
+import loramerge.checkpoint_plan as checkpoint_plan
 from loramerge.delta import LoraUpdate
 from loramerge.oracle import check_merged_checkpoint
 from test_layout import _gpt2_with_mixed_targets, _t5
@@ -37,8 +38,10 @@ def test_a_transposed_layout_passes_loramerges_own_check_but_not_peft(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, _, base, adapter = _gpt2_with_mixed_targets(tmp_path)
-    right = ckpt._weight_layout
-    monkeypatch.setattr(ckpt, "_weight_layout", lambda *args: "linear" if args[3][0] == args[3][1] else right(*args))
+    right = checkpoint_plan._weight_layout
+    monkeypatch.setattr(
+        checkpoint_plan, "_weight_layout", lambda *args: "linear" if args[3][0] == args[3][1] else right(*args)
+    )
     message = _verified_merge_fails(base, adapter, tmp_path / "merged")
     assert "transformer.h.0.attn.c_proj" in message and "PEFT's own LoRA layer" in message
     assert "c_attn: output error" not in message, "the non-square layers were merged right and must pass"

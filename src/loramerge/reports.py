@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -325,3 +326,84 @@ class UnmergeResult:
 
     def __str__(self) -> str:
         return f"unmerge (every recovered weight within {self.max_error_bound:.3g} of the original)\n{self.report}"
+
+
+@dataclass(frozen=True)
+class CheckpointMergeReport:
+    """What :func:`merge_checkpoint` or :func:`unmerge_checkpoint` wrote, and its verification.
+
+    Attributes:
+        output: The finished checkpoint directory.
+        operation: ``"merge"`` or ``"unmerge"``.
+        files: The weight files written (shards and index).
+        tensors: Number of tensors written.
+        changed: Names of the tensors the adapter changed.
+        bytes_written: Bytes of tensor data written.
+        seconds: Wall time of the whole operation (verification included).
+        verification: The verification report (``None`` with ``verify=False``).
+        dora_norms: For DoRA modules merged, the norms an unmerge needs (by module name).
+        qlora_base: With ``qlora_base=``: which base the adapter was merged into and the
+            quantization simulated, e.g. ``"simulated nf4, double quantization, blocks of 64"``.
+        qlora_gap: With ``qlora_base=``: per adapted module, how far the two choices of base are
+            apart, ``‖W_simulated − W_original‖ / ‖ΔW‖`` (the quantization error the adapter was
+            trained against, as a fraction of the adapter's own update).
+        side_files: The base's side files copied into the output (config, tokenizer, ...).
+        skipped: Entries of the base directory not copied, each with the reason (subdirectories,
+            links out of the directory, files a transformers checkpoint does not need).
+    """
+
+    output: Path
+    operation: str
+    files: tuple[str, ...]
+    tensors: int
+    changed: tuple[str, ...]
+    bytes_written: int
+    seconds: float
+    verification: VerificationReport | None
+    dora_norms: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    qlora_base: str = ""
+    qlora_gap: Mapping[str, float] = field(default_factory=dict)
+    side_files: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """Whether verification passed (``True`` when it did not run)."""
+        return self.verification is None or self.verification.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict."""
+        return {
+            "output": str(self.output),
+            "operation": self.operation,
+            "files": list(self.files),
+            "tensors": self.tensors,
+            "changed": list(self.changed),
+            "bytes_written": self.bytes_written,
+            "seconds": self.seconds,
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+            "qlora_base": self.qlora_base,
+            "qlora_gap": dict(self.qlora_gap),
+            "side_files": list(self.side_files),
+            "skipped": list(self.skipped),
+        }
+
+    def __str__(self) -> str:
+        gb = self.bytes_written / 1e9
+        lines = [
+            f"{self.operation}d checkpoint written to {self.output}: {self.tensors} tensors ({len(self.changed)} changed), "
+            f"{gb:.2f} GB in {len(self.files)} file(s), {self.seconds:.1f} s ({gb / max(self.seconds, 1e-9):.2f} GB/s)"
+        ]
+        if self.qlora_base:
+            lines.append(f"QLoRA base: {self.qlora_base}")
+        if self.qlora_gap:
+            gaps = sorted(self.qlora_gap.items(), key=lambda kv: kv[1])
+            median = gaps[len(gaps) // 2][1]
+            lines.append(
+                f"  simulated vs original base, ‖W_sim − W_orig‖ / ‖ΔW‖ per layer: median {median:.3g}, "
+                f"worst {gaps[-1][1]:.3g} ({gaps[-1][0]})"
+            )
+        if self.skipped:
+            lines.append(f"not copied from the base: {', '.join(self.skipped)}")
+        lines.append(str(self.verification) if self.verification is not None else "verification off")
+        return "\n".join(lines)
