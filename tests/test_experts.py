@@ -20,8 +20,9 @@ from torch import nn
 import loramerge as lm
 import loramerge.param_targets as param_targets
 from conftest import save_adapter
+from loramerge.model_runs import make_probes, run_model, run_widened
+from loramerge.output_checks import same_route_positions
 from loramerge.tolerance import Tolerance, relative_errors
-from loramerge.verification import make_probes, run_model, run_widened, same_route_positions
 
 SMALL = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2, "tie_word_embeddings": False}
 HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}

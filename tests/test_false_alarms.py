@@ -11,7 +11,7 @@ import torch
 
 import loramerge
 from conftest import CASES, DTYPES, Case, make_base, peft_merge, save_adapter, tiny_bert, tiny_llama
-from loramerge.verification import MIN_JUDGED_OUTPUTS, make_probes, run_model
+from loramerge.model_runs import MIN_JUDGED_OUTPUTS, make_probes, run_model
 
 UNTIED_EMBEDDING = Case(
     "llama-untied-embedding", tiny_llama, {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"]}

@@ -22,9 +22,9 @@ from transformers import (
 )
 
 import loramerge
+from loramerge.model_runs import make_probes, run_model
 from loramerge.quantized import checked_dequantize, dequantize, quantized_layers
 from loramerge.tolerance import ulp
-from loramerge.verification import make_probes, run_model
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from loramerge.inmemory import merge, unmerge
     from loramerge.lineage_records import LineageError, lineage
     from loramerge.loading import load_base
+    from loramerge.model_runs import make_probes
     from loramerge.peft_glue import attach
     from loramerge.publish import OutputBusyError
     from loramerge.quantized import QuantSpec
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
     from loramerge.rounds import RoundResult, next_round, unmerge_rounds
     from loramerge.tolerance import Tolerance
-    from loramerge.verification import make_probes, verify
+    from loramerge.verification import verify
 
 # Everything but the errors is imported on first use: torch, safetensors, transformers and peft take
 # seconds to import, which `loramerge --version`, `--help` and a typo in a command do not need.

@@ -38,6 +38,15 @@ from loramerge.errors import (
 )
 from loramerge.hub_download import hub_path
 from loramerge.io import atomic_directory
+from loramerge.layer_checks import (
+    MAX_PROBE_OUTPUTS,
+    LayerProbe,
+    check_stored,
+    output_subset,
+    restrict_update,
+    restrict_weight,
+    weight_space_check,
+)
 from loramerge.lineage_records import (
     METADATA_KEY,
     check_last,
@@ -61,15 +70,6 @@ from loramerge.shards import (
     copy_side_files,
 )
 from loramerge.tolerance import Tolerance, ulp
-from loramerge.verification import (
-    MAX_PROBE_OUTPUTS,
-    LayerProbe,
-    check_stored,
-    output_subset,
-    restrict_update,
-    restrict_weight,
-    weight_space_check,
-)
 
 __all__ = ["CheckpointMergeReport", "map_adapter", "merge_checkpoint", "unmerge_checkpoint", "verify_checkpoint"]
 

@@ -26,6 +26,7 @@ from loramerge.errors import (
     VerificationError,
 )
 from loramerge.io import atomic_directory, read_json_object
+from loramerge.layer_checks import MAX_PROBE_OUTPUTS, LayerProbe, check_stored
 from loramerge.reports import CheckpointMergeReport, LayerCheck, VerificationReport
 from loramerge.shards import (
     CheckpointReader,
@@ -38,11 +39,6 @@ from loramerge.shards import (
     scan_file,
 )
 from loramerge.tolerance import Tolerance
-from loramerge.verification import (
-    MAX_PROBE_OUTPUTS,
-    LayerProbe,
-    check_stored,
-)
 
 logger = logging.getLogger(__name__)
 

@@ -48,8 +48,8 @@ fingerprint is computed in the wide reference dtype, so only summation order can
 def fingerprint(model: nn.Module, seed: int = 0, width: int = 8) -> dict[str, Any]:
     """The model's main output on seeded probes, computed in the wide reference dtype, projected onto
     ``width`` seeded random directions (a few hundred numbers instead of the whole output)."""
+    from loramerge.model_runs import make_probes, model_dtype, run_widened
     from loramerge.tolerance import reference_dtype
-    from loramerge.verification import make_probes, model_dtype, run_widened
 
     probes = make_probes(model, seed=seed)
     dtype = model_dtype(model)

@@ -32,6 +32,21 @@ from loramerge.errors import (
     UnsupportedAdapterError,
     VerificationError,
 )
+from loramerge.layer_checks import (
+    MAX_PROBE_OUTPUTS,
+    LayerProbe,
+    bias_of,
+    exact_layer_output,
+    loses_precision,
+    oracle_check,
+    oracle_only_check,
+    output_subset,
+    peft_layer_output,
+    probe_inputs,
+    restrict_vector,
+    restrict_weight,
+    storage_rms,
+)
 from loramerge.lineage_records import (
     adapter_fingerprint,
     check_last,
@@ -42,6 +57,8 @@ from loramerge.lineage_records import (
     set_model_lineage,
 )
 from loramerge.loading import resolve_dtype
+from loramerge.model_runs import CheckOutputs, Probes, probe_batch, run_model
+from loramerge.output_checks import ModelReference, output_check, reference_outputs, storage_baseline
 from loramerge.param_targets import ParamOracle, ParamPlan, check_param, merge_param_, param_plans, param_problems
 from loramerge.peft_glue import (
     LayerPlan,
@@ -71,29 +88,6 @@ from loramerge.receipts import apply as apply_receipt
 from loramerge.receipts import encode as encode_receipt
 from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
 from loramerge.tolerance import Tolerance, relative_errors, ulp
-from loramerge.verification import (
-    MAX_PROBE_OUTPUTS,
-    CheckOutputs,
-    LayerProbe,
-    ModelReference,
-    Probes,
-    bias_of,
-    exact_layer_output,
-    loses_precision,
-    oracle_check,
-    oracle_only_check,
-    output_check,
-    output_subset,
-    peft_layer_output,
-    probe_batch,
-    probe_inputs,
-    reference_outputs,
-    restrict_vector,
-    restrict_weight,
-    run_model,
-    storage_baseline,
-    storage_rms,
-)
 
 __all__ = ["merge", "unmerge"]
 

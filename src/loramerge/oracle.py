@@ -239,7 +239,7 @@ def _squared_ulp(t: torch.Tensor, stored: torch.dtype, wide: torch.dtype, diviso
 
 def _rounding_variance(layer: Any, merged: torch.Tensor, wide: torch.dtype, stored: torch.dtype) -> torch.Tensor:
     """Per-element variance of the rounding a faithful merge may add beyond storing ``W + ΔW``
-    (the rule of :func:`~loramerge.verification.merge_rounding_variance`), with ``ΔW`` and
+    (the rule of :func:`~loramerge.layer_checks.merge_rounding_variance`), with ``ΔW`` and
     ``|s| |B| |A|`` taken from PEFT's own layer (``get_delta_weight``) in the layer's layout.
     Built in place, so that at most two full-size temporaries live at once."""
     variance = _squared_ulp(merged, stored, wide, 12)

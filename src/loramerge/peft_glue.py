@@ -334,7 +334,7 @@ def _needs_peft(module: Any, adapter_names: Sequence[str], kind: Kind, name: str
     than DoRA on a linear layer; DoRA on an embedding or a convolution), so that PEFT's own layer
     must merge it. Such a layer is proven against PEFT's own layer on probes, and refused before
     any change where that layer cannot be run on them (see
-    :func:`~loramerge.verification.peft_layer_output`)."""
+    :func:`~loramerge.layer_checks.peft_layer_output`)."""
     variants = cast(dict[str, Any], getattr(module, "lora_variant", None) or {})
     magnitudes = cast(Any, getattr(module, "lora_magnitude_vector", None) or {})
     special = []
