@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from loramerge.benchmark import BenchReport, bench
     from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint, verify_checkpoint
     from loramerge.hub import HubError, HubVerification, push_to_hub, verify_hub
-    from loramerge.inmemory import merge, unmerge
+    from loramerge.inmemory import merge
+    from loramerge.inmemory_unmerge import unmerge
     from loramerge.lineage_records import LineageError, lineage
     from loramerge.loading import load_base
     from loramerge.model_runs import make_probes
@@ -58,11 +59,10 @@ if TYPE_CHECKING:
 _LAZY = {
     **dict.fromkeys(("Adapter", "AdapterModule", "load_adapter"), "loramerge.adapter"),
     **dict.fromkeys(("BenchReport", "bench"), "loramerge.benchmark"),
-    **dict.fromkeys(
-        ("CheckpointMergeReport", "merge_checkpoint", "unmerge_checkpoint", "verify_checkpoint"), "loramerge.checkpoint"
-    ),
+    **dict.fromkeys(("merge_checkpoint", "unmerge_checkpoint", "verify_checkpoint"), "loramerge.checkpoint"),
     **dict.fromkeys(("HubError", "HubVerification", "push_to_hub", "verify_hub"), "loramerge.hub"),
-    **dict.fromkeys(("merge", "unmerge"), "loramerge.inmemory"),
+    "merge": "loramerge.inmemory",
+    "unmerge": "loramerge.inmemory_unmerge",
     **dict.fromkeys(("LineageError", "lineage"), "loramerge.lineage_records"),
     "load_base": "loramerge.loading",
     "attach": "loramerge.peft_glue",
@@ -70,7 +70,8 @@ _LAZY = {
     "QuantSpec": "loramerge.quantized",
     **dict.fromkeys(("Receipt", "ReceiptError", "load_receipt"), "loramerge.receipts"),
     **dict.fromkeys(
-        ("LayerCheck", "MergeResult", "OutputCheck", "UnmergeResult", "VerificationReport"), "loramerge.reports"
+        ("CheckpointMergeReport", "LayerCheck", "MergeResult", "OutputCheck", "UnmergeResult", "VerificationReport"),
+        "loramerge.reports",
     ),
     **dict.fromkeys(("RoundResult", "next_round", "unmerge_rounds"), "loramerge.rounds"),
     "Tolerance": "loramerge.tolerance",

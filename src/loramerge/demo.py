@@ -11,7 +11,8 @@ from typing import Any, cast
 import torch
 
 from loramerge.adapter import load_adapter
-from loramerge.inmemory import merge, unmerge
+from loramerge.inmemory import merge
+from loramerge.inmemory_unmerge import unmerge
 from loramerge.loading import load_base
 from loramerge.peft_glue import attach
 from loramerge.verification import verify

@@ -1,70 +1,66 @@
-"""In-memory merge and unmerge on ``nn.Module``\\ s, each verified by default.
+"""In-memory merge on ``nn.Module``\\ s, verified by default.
 
 ``merge`` folds the LoRA updates of a ``PeftModel`` into its base weights in place and returns the
-plain model; ``unmerge`` removes a *saved* adapter's updates from a merged model, in any process.
-Both only change weights after every check that can be made beforehand has passed (shapes,
+plain model; :mod:`loramerge.inmemory_unmerge` removes a *saved* adapter's updates again. Both
+only change weights after every check that can be made beforehand has passed (shapes,
 finiteness, overflow, recoverability), and both verify the result against adapter mode.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from peft import PeftModel
 from torch import nn
 
 from loramerge.adapter import Adapter
-from loramerge.delta import LoraUpdate, TensorStats, check_updates, merge_tensor_, unmerge_tensor_
+from loramerge.delta import LoraUpdate, TensorStats, check_updates, merge_tensor_
 from loramerge.errors import (
     AdapterMismatchError,
     InvalidArgumentError,
     LoraMergeError,
-    NonFiniteMergeError,
-    UnmergeImpossibleError,
     UnsupportedAdapterError,
     VerificationError,
+)
+from loramerge.inmemory_common import (
+    FileMappings,
+    QuantizedMode,
+    _layer_verdict,
+    _merge_quantized,
+    _merged_bias,
+    _quant_plan,
+    _raise_problems,
+    _receipt_originals,
+    _record_receipt,
+    _replace_module,
+    _requantized_output_check,
+    _token_check,
+    _verification_crashed,
 )
 from loramerge.layer_checks import (
     MAX_PROBE_OUTPUTS,
     LayerProbe,
     bias_of,
-    exact_layer_output,
     loses_precision,
-    oracle_check,
-    oracle_only_check,
-    output_subset,
     peft_layer_output,
-    probe_inputs,
-    restrict_vector,
-    restrict_weight,
-    storage_rms,
 )
 from loramerge.lineage_records import (
     adapter_fingerprint,
-    check_last,
-    drop_round,
-    fingerprint_of,
     lineage,
     new_round,
     set_model_lineage,
 )
-from loramerge.loading import resolve_dtype
 from loramerge.model_runs import CheckOutputs, Probes, probe_batch, run_model
 from loramerge.output_checks import ModelReference, output_check, reference_outputs, storage_baseline
 from loramerge.param_targets import ParamOracle, ParamPlan, check_param, merge_param_, param_plans, param_problems
 from loramerge.peft_glue import (
     LayerPlan,
-    adapter_mode,
     attach,
-    check_compatible,
     collect_plans,
     peft_merged,
     untie_shared,
@@ -72,7 +68,6 @@ from loramerge.peft_glue import (
 )
 from loramerge.preserve import ModuleFlags, preserved
 from loramerge.quantized import (
-    check_supported,
     checked_dequantize,
     compute_dtype,
     dequantize,
@@ -81,256 +76,14 @@ from loramerge.quantized import (
     keep_layout,
     quant_format,
     quantized_layers,
-    requantize,
 )
-from loramerge.receipts import Receipt, ReceiptError, as_receipt
-from loramerge.receipts import apply as apply_receipt
-from loramerge.receipts import encode as encode_receipt
-from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
-from loramerge.tolerance import Tolerance, relative_errors, ulp
+from loramerge.receipts import Receipt
+from loramerge.reports import LayerCheck, MergeResult, VerificationReport
+from loramerge.tolerance import Tolerance, relative_errors
 
-__all__ = ["merge", "unmerge"]
+__all__ = ["merge"]
 
 logger = logging.getLogger(__name__)
-
-
-def _merged_bias(layer: nn.Module, updates: Sequence[LoraUpdate]) -> torch.Tensor | None:
-    """``round(b + Σ scale * lora_B.bias)`` computed in fp32, or ``None`` when no update has a bias."""
-    with_bias = [up for up in updates if up.bias is not None]
-    if not with_bias:
-        return None
-    bias = cast(torch.Tensor, layer.bias)
-    total = bias.detach().to(torch.float32 if bias.dtype != torch.float64 else torch.float64)
-    for up in with_bias:
-        assert up.bias is not None
-        total = total + up.scale * up.bias.detach().to(total.dtype).to(total.device)
-    return total
-
-
-def _raise_problems(problems: list[str], what: str) -> None:
-    if problems:
-        problems.sort()
-        raise NonFiniteMergeError(
-            f"{what} would produce non-finite weights or overflow; nothing was changed. {len(problems)} problem(s):\n  - "
-            + "\n  - ".join(problems)
-            + "\nCheck the adapter for NaN/Inf (a diverged training run), or merge into a wider dtype "
-            "(e.g. dtype=torch.bfloat16 or float32 instead of float16)."
-        )
-
-
-QuantizedMode = Literal["dequantize", "requantize"]
-
-
-@dataclasses.dataclass
-class _QuantPlan:
-    """How a merge treats a bitsandbytes base: the target dtype, or re-quantization."""
-
-    mode: QuantizedMode
-    target: torch.dtype  # dtype of merged weights before (re-)quantization
-    describe: str
-    layers: int
-
-    def store_dtype(self, layer: nn.Module) -> torch.dtype:
-        """The dtype a merged weight is rounded to: the target, or the layer's own when re-quantizing."""
-        if self.mode == "dequantize":
-            return self.target
-        state = getattr(cast(Any, layer.weight), "quant_state", None)
-        if state is None:
-            return torch.float16  # LLM.int8 quantizes from fp16
-        return cast(torch.dtype, getattr(state, "original_dtype", state.dtype))
-
-
-def _quant_plan(inner: nn.Module, dtype: str | torch.dtype | None, mode: str) -> _QuantPlan | None:
-    check_supported(inner)
-    layers = quantized_layers(inner)
-    wanted = resolve_dtype(dtype)
-    if mode not in ("dequantize", "requantize"):
-        raise InvalidArgumentError(f"quantized={mode!r}: use 'dequantize' (default) or 'requantize'")
-    if not layers:
-        if wanted is not None:
-            raise InvalidArgumentError(
-                "dtype= sets the dtype of a dequantized (bitsandbytes) base; this model is not quantized. "
-                "Convert it with model.to(dtype) before merging instead."
-            )
-        return None
-    if mode == "requantize" and wanted is not None:
-        raise InvalidArgumentError("dtype= does not apply with quantized='requantize' (the base's own format is kept)")
-    formats = sorted({quant_format(m).describe() for m in layers.values()})
-    target = wanted or torch.bfloat16
-    return _QuantPlan(cast(QuantizedMode, mode), target, "; ".join(formats), len(layers))
-
-
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-def _merge_quantized(plan: LayerPlan, qplan: _QuantPlan, seed: int) -> tuple[nn.Module, Any, float]:
-    """Merge into a bitsandbytes layer: dequantize (exactly, checked), add ΔW in fp32, round once to
-    the store dtype; re-quantize when asked. Returns the new layer, the merge stats and, when
-    re-quantizing, ‖dequant(Q(W')) − (W + ΔW)‖ / ‖ΔW‖ (NaN otherwise)."""
-    ups = [u for _, u in plan.updates]
-    # dequantized again rather than kept from the checks before the merge: one fp32 layer at a time
-    source = checked_dequantize(plan.layer, plan.name, seed=seed)
-    merged = torch.empty(source.shape, dtype=qplan.store_dtype(plan.layer), device=source.device)
-    new_bias = _merged_bias(plan.layer, ups)
-    with torch.no_grad():
-        stats = merge_tensor_(merged, ups, source=source)
-    new: nn.Module = dequantized_linear(plan.layer, merged)
-    if new_bias is not None:
-        cast(torch.Tensor, new.bias).data = new_bias.to(merged.dtype)
-    lost = math.nan
-    if qplan.mode == "requantize":
-        new = requantize(plan.layer, merged, cast(torch.Tensor | None, getattr(new, "bias", None)))
-        exact = source.double() + sum((u.delta(source.shape, torch.float64) for u in ups), torch.zeros(()))
-        lost = float(torch.linalg.vector_norm(dequantize(new).double() - exact)) / max(stats.delta_norm, 1e-300)
-    return new, stats, lost
-
-
-def _receipt_originals(plan: LayerPlan, new_bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Copies of the tensors a merge is about to change (weight, and bias when a LoRA bias is merged)."""
-    out = {"weight": plan.weight.detach().clone()}
-    if new_bias is not None:
-        out["bias"] = cast(torch.Tensor, plan.layer.bias).detach().clone()
-    return out
-
-
-def _record_receipt(
-    receipt: Receipt, plan: LayerPlan, originals: Mapping[str, torch.Tensor], norms: torch.Tensor | None
-) -> None:
-    """Compute the plain unmerge of the merged tensors, as :func:`unmerge` will, and record the
-    correction back to ``originals``."""
-    ups = [u for _, u in plan.updates]
-    with torch.no_grad():
-        recovered = plan.weight.detach().clone()
-        unmerge_tensor_(recovered, ups, norms)
-        receipt.tensors[f"{plan.name}.weight"] = encode_receipt(originals["weight"], recovered)
-        if "bias" in originals:
-            merged_b = cast(torch.Tensor, plan.layer.bias).detach()
-            back = merged_b.float() - sum(u.scale * u.bias.detach().float() for u in ups if u.bias is not None)
-            receipt.tensors[f"{plan.name}.bias"] = encode_receipt(originals["bias"], back.to(merged_b.dtype))
-    if norms is not None:
-        receipt.dora_norms[plan.name] = norms
-
-
-def _requantized_output_check(merged: torch.Tensor, ref: ModelReference, base_out: torch.Tensor) -> OutputCheck:
-    """Whole-model check of a re-quantized merge: no tolerance rule can hold (re-quantization
-    rounds to a 4/8-bit grid), so the merged model passes when it is closer to adapter mode than
-    the base without the adapter is, i.e. re-quantizing did not erase the adapter."""
-    m_rms, m_max = relative_errors(merged, ref.reference)
-    a_rms, a_max = relative_errors(ref.adapter, ref.reference)
-    b_rms, _ = relative_errors(base_out, ref.reference)
-    return OutputCheck(
-        dtype=str(ref.dtype).replace("torch.", ""),
-        reference_dtype=str(ref.reference_dtype).replace("torch.", ""),
-        probe_shape=tuple(int(s) for s in ref.reference.shape[:2]),
-        merged_error=m_rms,
-        adapter_error=a_rms,
-        storage_error=math.nan,
-        limit=b_rms,
-        merged_max_error=m_max,
-        adapter_max_error=a_max,
-        storage_max_error=math.nan,
-        max_abs_diff=float((merged.double() - ref.adapter.double()).abs().max()),
-        output_scale=float(ref.reference.abs().max()),
-        passed=math.isfinite(m_rms) and m_rms < b_rms,
-    )
-
-
-class FileMappings:
-    """The address ranges of this process that map files (Linux ``/proc/self/maps``; none elsewhere).
-
-    transformers loads safetensors weights as private mappings of the file: the first write to each
-    page copies it (a page fault per 4 KiB). Merging into such a weight in place took 2.55 s for
-    Qwen2-0.5B's 168 adapted weights against 0.66 s into the same weights in the process's own
-    memory, so a mapped weight is first copied (its parameter keeps its identity, its ``.data`` is
-    the copy), as PEFT's merge does by assigning new tensors."""
-
-    def __init__(self) -> None:
-        self.ranges: list[tuple[int, int]] = []
-        try:
-            with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
-                for line in f:
-                    parts = line.split(maxsplit=5)
-                    if len(parts) == 6 and parts[4] != "0" and parts[5].startswith("/"):
-                        start, end = (int(v, 16) for v in parts[0].split("-"))
-                        self.ranges.append((start, end))
-        except OSError:
-            pass
-
-    def holds(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor``'s data lies in a mapped file."""
-        if tensor.device.type != "cpu" or not self.ranges:
-            return False
-        at = tensor.data_ptr()
-        return any(start <= at < end for start, end in self.ranges)
-
-    def own_copy(self, param: torch.Tensor) -> None:
-        """Give ``param`` (a parameter whose data lies in a mapped file) a copy in the process's own
-        memory, and let the kernel drop the file pages it leaves (``MADV_DONTNEED`` on the whole
-        pages of its old range: nothing was written there, so a later read would find the file's
-        bytes again), so that resident memory does not hold both."""
-        old = param.data
-        start, size = old.data_ptr(), old.numel() * old.element_size()
-        param.data = old.detach().clone()
-        page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        first, last = -(-start // page) * page, (start + size) // page * page
-        if last > first:
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
-            except (OSError, AttributeError):  # not Linux: the pages stay until the mapping goes
-                pass
-
-
-def _layer_verdict(
-    via_peft: bool,
-    probe: LayerProbe,
-    out: torch.Tensor,
-    oracle: torch.Tensor | None,
-    tol: Tolerance,
-    stats: TensorStats,
-    storage: float,
-) -> LayerCheck:
-    """One merged layer's check: against PEFT's own layer alone for a layer PEFT merged, else
-    loramerge's reference and then PEFT's own layer, under the limit ``storage`` gives."""
-    if via_peft and oracle is not None:
-        return oracle_only_check(probe, out, oracle, tol, storage)
-    own = probe.check(out, tol, stats.relative_residual, stats.max_ulp, "", storage)
-    return oracle_check(own, out, oracle)
-
-
-def _token_check(name: str, weight: torch.Tensor, exact: bool) -> LayerCheck:
-    """The check of an embedding with trainable tokens: the whole weight must be what PEFT's own
-    trainable-tokens layer computes (its rows where the tokens are, the base's elsewhere)."""
-    dtype = str(weight.dtype).replace("torch.", "")
-    reason = "" if exact else "the embedding differs from what PEFT's trainable-tokens layer computes"
-    err = 0.0 if exact else math.inf
-    return LayerCheck(f"{name} (trainable tokens)", "embedding", dtype, 0.0, err, err, 0.0, 0.0, 0.0, exact, reason)
-
-
-def _verification_crashed(
-    error: Exception,
-    plain: nn.Module,
-    names: Sequence[str],
-    tol: Tolerance,
-    layers: Sequence[LayerCheck],
-    notes: Sequence[str],
-    dora_norms: dict[str, torch.Tensor],
-    untied: Sequence[str],
-    base_format: str,
-) -> VerificationError:
-    """The error for a verification that could not run after the merge changed the weights."""
-    why = f"verification could not run after the merge: {type(error).__name__}: {error}"
-    report = VerificationReport("merge", False, tol, tuple(layers), None, notes=(*notes, why))
-    result = MergeResult(plain, report, tuple(names), dora_norms, tuple(untied), base_format=base_format)
-    return VerificationError(
-        f"{why}\nThe model HAS been merged in place (PEFT wrappers removed); error.result holds it, unverified. "
-        "Pass probes= that the model accepts, or check_outputs=False to rely on the per-layer checks, and verify "
-        "it with loramerge.verify(base, adapter, merged).",
-        report,
-        result,
-    )
 
 
 def merge(
@@ -765,268 +518,6 @@ def _merge(
     if not passed:
         raise VerificationError(
             "the merged model is out of tolerance (the model HAS been changed in place; error.result holds it):\n"
-            + "\n".join(report.failures),
-            report,
-            result,
-        )
-    return result
-
-
-def unmerge(
-    model: nn.Module,
-    adapter: Adapter,
-    *,
-    verify: bool = True,
-    tolerance: Tolerance | None = None,
-    probes: Probes | None = None,
-    check_outputs: CheckOutputs = "auto",
-    dora_norms: Mapping[str, torch.Tensor] | None = None,
-    originals: Mapping[str, torch.Tensor] | None = None,
-    seed: int = 0,
-    receipt: Receipt | str | Path | None = None,
-    force: bool = False,
-) -> UnmergeResult:
-    """Remove a saved adapter's updates from a merged model, in place, and verify the result.
-
-    Works in any process (PEFT can only unmerge in the session that merged): each weight becomes
-    ``round(W_merged - ΔW)``, computed in fp32. For a weight that loramerge merged, the recovered
-    value is within ``0.5 ulp(W_merged) + 0.5 ulp(W_recovered)`` of the original (about one
-    rounding step; reported as ``max_error_bound_ulp``).
-
-    Verification: the recovered base *with the adapter attached* must reproduce the merged model
-    within the tolerance rule, per layer and (when affordable) for the whole model; and re-merging
-    must land on the merged weights.
-
-    Args:
-        model: The plain merged model.
-        adapter: The adapter that was merged (from :func:`~loramerge.load_adapter`).
-        verify: Verify the result (default).
-        tolerance: Settings of the tolerance rule.
-        probes: Inputs for the whole-model check.
-        check_outputs: As in :func:`~loramerge.merge`.
-        dora_norms: For DoRA modules, the norms ``‖W + ΔW‖`` recorded at merge time
-            (:attr:`MergeResult.dora_norms`): without them a DoRA merge cannot be undone.
-        originals: Original values of tensors the adapter *replaced* (``modules_to_save``
-            modules, trained biases), by parameter name: the adapter does not contain them.
-        seed: Seed of the random probes.
-        receipt: The receipt of the merge (:attr:`MergeResult.receipt` or a path to a saved one):
-            every adapted tensor then comes back byte-identical to the base (checked by SHA-256),
-            and DoRA norms and replaced originals come from it.
-        force: Unmerge even when the model's lineage says this adapter is not the last one merged.
-
-    Raises:
-        LineageError: The lineage says another adapter was merged after this one (nothing changed).
-        ReceiptError: The receipt belongs to another merge, or is corrupt.
-        UnmergeImpossibleError: Exact recovery is impossible without ``dora_norms`` or
-            ``originals``; the message lists what is missing. Nothing was changed.
-        AdapterMismatchError: The adapter does not fit the model.
-        VerificationError: The result is out of tolerance (the model has been changed).
-
-    Example:
-        >>> merged = load_base(merged_dir)  # doctest: +SKIP
-        >>> result = unmerge(merged, load_adapter(adapter_dir))  # doctest: +SKIP
-    """
-    with preserved(model):
-        return _unmerge(
-            model,
-            adapter,
-            verify,
-            tolerance or Tolerance(),
-            probes,
-            check_outputs,
-            dora_norms,
-            originals,
-            seed,
-            receipt,
-            force,
-        )
-
-
-def _unmerge(
-    model: nn.Module,
-    adapter: Adapter,
-    verify: bool,
-    tol: Tolerance,
-    probes: Probes | None,
-    check_outputs: CheckOutputs,
-    dora_norms: Mapping[str, torch.Tensor] | None,
-    originals: Mapping[str, torch.Tensor] | None,
-    seed: int,
-    receipt: Receipt | str | Path | None,
-    force: bool,
-) -> UnmergeResult:
-    if isinstance(model, PeftModel):
-        raise AdapterMismatchError(
-            "unmerge() takes the plain merged model, not a PeftModel; for an adapter still attached in this session "
-            "use PEFT's unmerge_adapter(), or merge() and then unmerge()."
-        )
-    kinds = check_compatible(model, adapter)
-    fingerprint = fingerprint_of(adapter)
-    rounds = lineage(model)
-    lineage_notes = check_last(rounds, fingerprint, force)
-    rc = as_receipt(receipt) if receipt is not None else None
-    if rc is not None:
-        rc.check_adapter(fingerprint)
-    dora_norms = {**(rc.dora_norms if rc is not None else {}), **dict(dora_norms or {})}
-    originals = {**(rc.originals if rc is not None else {}), **dict(originals or {})}
-    missing_norms = sorted(n for n, m in adapter.modules.items() if m.use_dora and n not in dora_norms)
-    missing_originals = sorted(
-        [
-            n
-            for n, k in adapter.replaced_kinds.items()
-            if k in ("modules_to_save", "trained_bias") and n not in originals
-        ]
-        + [n for n in adapter.token_rows if n not in originals]  # trainable tokens: the replaced rows
-    )
-    if missing_norms or missing_originals:
-        lines = []
-        if missing_norms:
-            lines.append(
-                f"DoRA modules {missing_norms}: the merged weight is m * (W + ΔW) / ‖W + ΔW‖ and the norms ‖W + ΔW‖ cannot "
-                "be recovered from the merged weight and the adapter. Pass dora_norms= (MergeResult.dora_norms from the merge)."
-            )
-        if missing_originals:
-            lines.append(
-                f"tensors {missing_originals} were replaced by the adapter (modules_to_save, trained biases, trainable-token "
-                "rows), so their original values are not in the merged model nor in the adapter. Pass "
-                "originals={name: tensor}, "
-                "e.g. read from the base checkpoint with safetensors."
-            )
-        raise UnmergeImpossibleError("cannot unmerge exactly; nothing was changed:\n  - " + "\n  - ".join(lines))
-    bad_shapes = sorted(
-        n for n, t in originals.items() if n in adapter.replaced and tuple(t.shape) != tuple(adapter.replaced[n].shape)
-    )
-    if bad_shapes:
-        raise AdapterMismatchError(f"originals= has wrong shapes for {bad_shapes}")
-
-    params = dict(model.named_parameters(remove_duplicate=False))
-    plans = []
-    for name, mod in adapter.modules.items():
-        kind = kinds[name]
-        up = LoraUpdate(kind, mod.update.lora_A, mod.update.lora_B, mod.scale, mod.update.magnitude, mod.update.bias)
-        layer = model.get_submodule(name)
-        plans.append(LayerPlan(name, kind, layer, [("adapter", up)]))
-    problems = [f"{p.name}: {msg}" for p in plans for msg in check_updates([u for _, u in p.updates], p.weight)]
-    _raise_problems(problems, "unmerging")
-
-    notes: list[str] = []
-    merged_model_out: torch.Tensor | None = None
-    merged_storage = (0.0, 0.0)
-    merged_routes: list[torch.Tensor] = []
-    batch: dict[str, torch.Tensor] | None = None
-    target_out: dict[str, torch.Tensor] = {}
-    storage: dict[str, float] = {}
-    if verify:
-        batch = probe_batch(model, check_outputs, probes, seed, notes)
-        if batch is not None:
-            merged_model_out = run_model(model, batch, merged_routes)
-            # measured now, while the merged weights exist; used only if the rule needs it
-            merged_storage = storage_baseline(model, batch, [p.weight for p in plans], seed)
-        for plan in plans:
-            x = probe_inputs(plan.name, plan.kind, plan.weight, seed)
-            idx = output_subset(plan.name, plan.kind, plan.weight, seed, MAX_PROBE_OUTPUTS)
-            w_sub = restrict_weight(plan.kind, plan.weight, idx)
-            target_out[plan.name] = exact_layer_output(plan.kind, w_sub, restrict_vector(bias_of(plan.layer), idx), x)
-            storage[plan.name] = storage_rms(plan.kind, w_sub, x)
-
-    stats = {}
-    exact: list[str] = []
-    if rc is not None:  # every correction must fit before anything changes: try each on a copy first
-        missing = sorted(f"{p.name}.weight" for p in plans if f"{p.name}.weight" not in rc.tensors)
-        if missing:
-            raise ReceiptError(f"the receipt has no entry for {missing}; it was written for another model or merge.")
-        for plan in plans:
-            trial = plan.weight.detach().clone()
-            unmerge_tensor_(trial, [plan.updates[0][1]], dora_norms.get(plan.name))
-            apply_receipt(trial, rc.tensors[f"{plan.name}.weight"], f"{plan.name}.weight")
-    mapped = FileMappings()
-    for plan in plans:
-        up = plan.updates[0][1]
-        with torch.no_grad():
-            if mapped.holds(plan.weight):  # copy-on-write pages of the loaded file (see FileMappings)
-                mapped.own_copy(cast(torch.Tensor, plan.layer.weight))
-            stats[plan.name] = unmerge_tensor_(plan.weight, [up], dora_norms.get(plan.name))
-            if up.bias is not None:
-                bias = cast(torch.Tensor, plan.layer.bias)
-                bias.copy_((bias.detach().float() - up.scale * up.bias.detach().float().to(bias.device)).to(bias.dtype))
-            if rc is not None:
-                for suffix in ("weight", "bias"):
-                    entry = rc.tensors.get(f"{plan.name}.{suffix}")
-                    target = cast(torch.Tensor | None, getattr(plan.layer, suffix, None))
-                    if entry is not None and target is not None:
-                        target.copy_(apply_receipt(target.detach(), entry, f"{plan.name}.{suffix}"))
-                        exact.append(f"{plan.name}.{suffix}")
-        if rc is not None:
-            continue
-        saved_base = adapter.replaced.get(f"{plan.name}.weight")
-        if saved_base is not None:
-            candidate = saved_base.to(plan.weight.dtype).to(plan.weight.device)
-            close = (candidate.float() - plan.weight.detach().float()).abs() <= ulp(candidate.float(), candidate.dtype)
-            if bool(close.all()):
-                with torch.no_grad():
-                    plan.weight.copy_(candidate)
-                exact.append(f"{plan.name}.weight")
-            else:
-                notes.append(
-                    f"{plan.name}.weight: the adapter's saved base copy differs from the recovered weight; kept the recovered one"
-                )
-    bound = max((st.error_bound for n, st in stats.items() if f"{n}.weight" not in exact), default=0.0)
-    notes_lineage = lineage_notes
-    for pname, value in originals.items():
-        target = params[pname]
-        with torch.no_grad():
-            target.copy_(value.to(target.dtype).to(target.device))
-        exact.append(pname)
-
-    layers: list[LayerCheck] = []
-    outputs = None
-    if verify:
-        try:
-            for plan in plans:
-                up = plan.updates[0][1]
-                st = stats[plan.name]
-                probe_bias = bias_of(plan.layer)
-                trained_bias = adapter.replaced.get(f"{plan.name}.bias")
-                if trained_bias is not None and probe_bias is not None:  # adapter mode runs with the adapter's bias
-                    probe_bias = trained_bias.to(probe_bias.dtype).to(probe_bias.device)
-                probe = LayerProbe(
-                    plan.name, plan.kind, plan.weight.detach(), probe_bias, [up], seed, MAX_PROBE_OUTPUTS
-                )
-                reason = ""
-                if st.remerge_gap > 1.0 + 1e-6:
-                    reason = (
-                        f"re-merging the recovered weight misses the merged weight by {st.remerge_gap:.3g}x what rounding "
-                        "allows: the subtraction lost precision"
-                    )
-                both = math.hypot(storage[plan.name], probe.storage(plan.weight))
-                layers.append(probe.check(target_out[plan.name], tol, st.relative_residual, st.max_ulp, reason, both))
-            if merged_model_out is not None and batch is not None:
-                with adapter_mode(model, [adapter]) as peft_model:
-                    ref = reference_outputs(peft_model, batch)
-                if ref.note:
-                    notes.append(ref.note)
-                outputs = output_check(merged_model_out, ref, tol, batch, lambda: merged_storage, merged_routes)
-        except Exception as e:  # verification must not crash after the weights changed
-            why = f"verification could not run after the unmerge: {type(e).__name__}: {e}"
-            report = VerificationReport("unmerge", False, tol, tuple(layers), None, notes=(*notes, why))
-            raise VerificationError(
-                f"{why}\nThe model HAS been unmerged in place; error.result holds it, unverified.",
-                report,
-                UnmergeResult(model, report, tuple(sorted(exact)), bound, verified=False),
-            ) from e
-    else:
-        notes.append("verification off (verify=False)")
-    notes.extend(notes_lineage)
-    if rc is not None:
-        notes.append(f"receipt applied: {len(exact)} tensors restored byte-identical to the base (SHA-256 checked)")
-    if rounds:
-        set_model_lineage(model, drop_round(rounds, fingerprint))
-    passed = all(c.passed for c in layers) and (outputs is None or outputs.passed)
-    report = VerificationReport("unmerge", passed, tol, tuple(layers), outputs, notes=tuple(notes))
-    result = UnmergeResult(model, report, tuple(sorted(exact)), bound, verified=verify)
-    if not passed:
-        raise VerificationError(
-            "the unmerged model is out of tolerance (the model HAS been changed in place):\n"
             + "\n".join(report.failures),
             report,
             result,

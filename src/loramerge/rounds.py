@@ -21,7 +21,8 @@ from torch import nn
 from loramerge.adapter import load_adapter
 from loramerge.confine import confined_file
 from loramerge.errors import InvalidArgumentError, LoraMergeError
-from loramerge.inmemory import merge, unmerge
+from loramerge.inmemory import merge
+from loramerge.inmemory_unmerge import unmerge
 from loramerge.lineage_records import LineageError, fingerprint_of, lineage, set_model_lineage
 from loramerge.receipts import ReceiptError
 from loramerge.reports import MergeResult, UnmergeResult
