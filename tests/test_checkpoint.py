@@ -16,7 +16,8 @@ import loramerge.checkpoint as ckpt_mod
 from conftest import CASES, make_base, save_adapter
 from loramerge import directio
 from loramerge.cli import main
-from loramerge.shards import CheckpointReader, ShardWriter
+from loramerge.shard_writer import ShardWriter
+from loramerge.shards import CheckpointReader
 from loramerge.tolerance import ulp
 
 STREAM_CASES = [c for c in CASES if c.id != "llama-two-adapters"]

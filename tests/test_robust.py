@@ -210,7 +210,7 @@ def test_a_mistake_shared_by_the_merge_and_its_own_reference_is_caught_by_peft_s
     self-consistent; PEFT's own layer (the oracle) is not fooled, and names the layer."""
     import dataclasses
 
-    import loramerge.peft_glue as glue
+    import loramerge.peft_plans as glue
 
     real = glue._lora_update
 
@@ -292,7 +292,7 @@ def test_a_conv_scale_mistake_shared_with_loramerges_reference_is_caught_by_peft
 ) -> None:
     import dataclasses
 
-    import loramerge.peft_glue as glue
+    import loramerge.peft_plans as glue
 
     real = glue._lora_update
     monkeypatch.setattr(

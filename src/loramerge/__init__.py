@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from loramerge.model_runs import make_probes
     from loramerge.peft_glue import attach
     from loramerge.publish import OutputBusyError
-    from loramerge.quantized import QuantSpec
+    from loramerge.quant_spec import QuantSpec
     from loramerge.receipts import Receipt, ReceiptError, load_receipt
     from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
     from loramerge.rounds import RoundResult, next_round, unmerge_rounds
@@ -67,7 +67,7 @@ _LAZY = {
     "load_base": "loramerge.loading",
     "attach": "loramerge.peft_glue",
     "OutputBusyError": "loramerge.publish",
-    "QuantSpec": "loramerge.quantized",
+    "QuantSpec": "loramerge.quant_spec",
     **dict.fromkeys(("Receipt", "ReceiptError", "load_receipt"), "loramerge.receipts"),
     **dict.fromkeys(
         ("CheckpointMergeReport", "LayerCheck", "MergeResult", "OutputCheck", "UnmergeResult", "VerificationReport"),

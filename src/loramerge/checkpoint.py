@@ -59,16 +59,14 @@ from loramerge.lineage_records import (
 )
 from loramerge.loading import resolve_dtype
 from loramerge.oracle import judge_by_peft
-from loramerge.quantized import QuantSpec, bnb_config, checkpoint_quantization, quantizable, simulate
+from loramerge.quant_spec import QuantSpec, bnb_config, checkpoint_quantization, quantizable, simulate
 from loramerge.receipts import FILENAME as RECEIPT_FILE
 from loramerge.receipts import Receipt, ReceiptError, as_receipt, load_receipt
 from loramerge.receipts import apply as apply_receipt
 from loramerge.receipts import encode as encode_receipt
 from loramerge.reports import CheckpointMergeReport, LayerCheck, VerificationReport
-from loramerge.shards import (
-    CheckpointReader,
-    copy_side_files,
-)
+from loramerge.shard_writer import copy_side_files
+from loramerge.shards import CheckpointReader
 from loramerge.tolerance import Tolerance, ulp
 
 __all__ = ["CheckpointMergeReport", "map_adapter", "merge_checkpoint", "unmerge_checkpoint", "verify_checkpoint"]

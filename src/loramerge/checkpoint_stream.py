@@ -28,16 +28,8 @@ from loramerge.errors import (
 from loramerge.io import atomic_directory, read_json_object
 from loramerge.layer_checks import MAX_PROBE_OUTPUTS, LayerProbe, check_stored
 from loramerge.reports import CheckpointMergeReport, LayerCheck, VerificationReport
-from loramerge.shards import (
-    CheckpointReader,
-    ShardWriter,
-    TensorInfo,
-    copy_side_files,
-    parse_size,
-    plan_shards,
-    return_freed_memory_to_os,
-    scan_file,
-)
+from loramerge.shard_writer import ShardWriter, copy_side_files, plan_shards, return_freed_memory_to_os
+from loramerge.shards import CheckpointReader, TensorInfo, parse_size, scan_file
 from loramerge.tolerance import Tolerance
 
 logger = logging.getLogger(__name__)

@@ -189,7 +189,7 @@ def _push(args: argparse.Namespace) -> int:
 
 def _inspect_checkpoint(root: Path, as_json: bool) -> int:
     from loramerge.io import read_json_object
-    from loramerge.quantized import describe_checkpoint_quantization
+    from loramerge.quant_spec import describe_checkpoint_quantization
     from loramerge.shards import CheckpointReader
 
     config = read_json_object(root / "config.json", "config") if (root / "config.json").is_file() else {}
@@ -287,7 +287,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _stream_command(args: argparse.Namespace) -> int:
     from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint
-    from loramerge.quantized import QuantSpec
+    from loramerge.quant_spec import QuantSpec
 
     report: CheckpointMergeReport
     try:

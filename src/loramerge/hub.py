@@ -79,7 +79,7 @@ def _fingerprint_distance(recorded: Mapping[str, Any], measured: Mapping[str, An
 
 def tensor_hashes(root: Path) -> dict[str, str]:
     """SHA-256 of every tensor of the safetensors checkpoint or adapter in ``root``."""
-    from loramerge.shards import tensor_digest
+    from loramerge.shard_writer import tensor_digest
 
     out: dict[str, str] = {}
     from safetensors import safe_open

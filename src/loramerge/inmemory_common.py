@@ -27,9 +27,7 @@ from loramerge.layer_checks import (
 )
 from loramerge.loading import resolve_dtype
 from loramerge.output_checks import ModelReference
-from loramerge.peft_glue import (
-    LayerPlan,
-)
+from loramerge.peft_plans import LayerPlan
 from loramerge.quantized import (
     check_supported,
     checked_dequantize,

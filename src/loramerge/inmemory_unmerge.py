@@ -40,11 +40,8 @@ from loramerge.lineage_records import (
 )
 from loramerge.model_runs import CheckOutputs, Probes, probe_batch, run_model
 from loramerge.output_checks import output_check, reference_outputs, storage_baseline
-from loramerge.peft_glue import (
-    LayerPlan,
-    adapter_mode,
-    check_compatible,
-)
+from loramerge.peft_glue import adapter_mode, check_compatible
+from loramerge.peft_plans import LayerPlan
 from loramerge.preserve import preserved
 from loramerge.receipts import Receipt, ReceiptError, as_receipt
 from loramerge.receipts import apply as apply_receipt

@@ -60,7 +60,7 @@ def _from_key(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
-    from loramerge.shards import tensor_digest
+    from loramerge.shard_writer import tensor_digest
 
     return tensor_digest(t)
 
