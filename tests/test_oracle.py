@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 import loramerge as lm
 import loramerge.checkpoint as ckpt
 import loramerge.checkpoint_plan as checkpoint_plan
+import loramerge.checkpoint_unmerge as ckpt_unmerge
 from loramerge.delta import LoraUpdate
 from loramerge.oracle import check_merged_checkpoint
 from test_layout import _gpt2_with_mixed_targets, _t5
@@ -192,13 +193,13 @@ def test_an_unmerge_with_a_wrong_scale_fails_against_peft(tmp_path: Path, monkey
     restored = lm.unmerge_checkpoint(merged, adapter, tmp_path / "restored", progress=False)
     assert restored.passed and restored.verification is not None
     assert any("judged against PEFT's own LoRA layers" in n for n in restored.verification.notes)
-    right = ckpt._updates_for
+    right = ckpt_unmerge._updates_for
 
     def five_percent_off(mod: Any, kind: Any) -> LoraUpdate:
         up = right(mod, kind)
         return LoraUpdate(up.kind, up.lora_A, up.lora_B, up.scale * 1.05, up.magnitude, up.bias)
 
-    monkeypatch.setattr(ckpt, "_updates_for", five_percent_off)
+    monkeypatch.setattr(ckpt_unmerge, "_updates_for", five_percent_off)
     with pytest.raises(lm.VerificationError, match="PEFT's own LoRA layer"):
         lm.unmerge_checkpoint(merged, adapter, tmp_path / "wrong", progress=False)
     assert not (tmp_path / "wrong").exists()

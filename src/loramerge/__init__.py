@@ -38,7 +38,9 @@ from loramerge.errors import (
 if TYPE_CHECKING:
     from loramerge.adapter import Adapter, AdapterModule, load_adapter
     from loramerge.benchmark import BenchReport, bench
-    from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint, verify_checkpoint
+    from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint
+    from loramerge.checkpoint_unmerge import unmerge_checkpoint
+    from loramerge.checkpoint_verify import verify_checkpoint
     from loramerge.hub import HubError, HubVerification, push_to_hub, verify_hub
     from loramerge.inmemory import merge
     from loramerge.inmemory_unmerge import unmerge
@@ -59,7 +61,9 @@ if TYPE_CHECKING:
 _LAZY = {
     **dict.fromkeys(("Adapter", "AdapterModule", "load_adapter"), "loramerge.adapter"),
     **dict.fromkeys(("BenchReport", "bench"), "loramerge.benchmark"),
-    **dict.fromkeys(("merge_checkpoint", "unmerge_checkpoint", "verify_checkpoint"), "loramerge.checkpoint"),
+    "merge_checkpoint": "loramerge.checkpoint",
+    "unmerge_checkpoint": "loramerge.checkpoint_unmerge",
+    "verify_checkpoint": "loramerge.checkpoint_verify",
     **dict.fromkeys(("HubError", "HubVerification", "push_to_hub", "verify_hub"), "loramerge.hub"),
     "merge": "loramerge.inmemory",
     "unmerge": "loramerge.inmemory_unmerge",

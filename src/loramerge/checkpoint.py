@@ -22,18 +22,16 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
-from tqdm.auto import tqdm
 
-from loramerge.adapter import Adapter, AdapterModule, load_adapter
-from loramerge.checkpoint_plan import AdapterMapping, _read_config, _untie_plan, map_adapter
-from loramerge.checkpoint_stream import _Expectations, _fixed_check, _probe_check, _publish
+from loramerge.adapter import Adapter, load_adapter
+from loramerge.checkpoint_plan import _read_config, _untie_plan, _updates_for, map_adapter
+from loramerge.checkpoint_stream import _Expectations, _probe_check, _publish
 from loramerge.confine import confined_file
-from loramerge.delta import Kind, LoraUpdate, check_updates, merge_tensor_, unmerge_tensor_
+from loramerge.delta import check_updates, merge_tensor_, unmerge_tensor_
 from loramerge.errors import (
     InvalidArgumentError,
     LoraMergeWarning,
     NonFiniteMergeError,
-    UnmergeImpossibleError,
     UnsupportedQuantizationError,
 )
 from loramerge.hub_download import hub_path
@@ -41,16 +39,9 @@ from loramerge.io import atomic_directory
 from loramerge.layer_checks import (
     MAX_PROBE_OUTPUTS,
     LayerProbe,
-    check_stored,
-    output_subset,
-    restrict_update,
-    restrict_weight,
-    weight_space_check,
 )
 from loramerge.lineage_records import (
     METADATA_KEY,
-    check_last,
-    drop_round,
     fingerprint_of,
     lineage,
     new_round,
@@ -58,26 +49,20 @@ from loramerge.lineage_records import (
     write_record,
 )
 from loramerge.loading import resolve_dtype
-from loramerge.oracle import judge_by_peft
 from loramerge.quant_spec import QuantSpec, bnb_config, checkpoint_quantization, quantizable, simulate
 from loramerge.receipts import FILENAME as RECEIPT_FILE
-from loramerge.receipts import Receipt, ReceiptError, as_receipt, load_receipt
-from loramerge.receipts import apply as apply_receipt
+from loramerge.receipts import Receipt
 from loramerge.receipts import encode as encode_receipt
-from loramerge.reports import CheckpointMergeReport, LayerCheck, VerificationReport
+from loramerge.reports import CheckpointMergeReport, VerificationReport
 from loramerge.shard_writer import copy_side_files
 from loramerge.shards import CheckpointReader
-from loramerge.tolerance import Tolerance, ulp
+from loramerge.tolerance import Tolerance
 
-__all__ = ["CheckpointMergeReport", "map_adapter", "merge_checkpoint", "unmerge_checkpoint", "verify_checkpoint"]
+__all__ = ["CheckpointMergeReport", "map_adapter", "merge_checkpoint"]
+
+from loramerge.checkpoint_verify import _judged
 
 logger = logging.getLogger(__name__)
-
-
-def _updates_for(mod: AdapterModule, kind: Kind) -> LoraUpdate:
-    """The module's weight update with the resolved kind (a LoRA bias is a separate tensor here)."""
-    up = mod.update
-    return LoraUpdate(kind, up.lora_A, up.lora_B, mod.scale, up.magnitude, None)
 
 
 def merge_checkpoint(
@@ -406,321 +391,4 @@ def _merge_prequantized(
         result.report if verify else None,
         result.dora_norms,
         qlora_base=f"pre-quantized base: {result.base_format}",
-    )
-
-
-def verify_checkpoint(
-    base: str | Path,
-    adapter: str | Path | Adapter,
-    merged: str | Path,
-    *,
-    tolerance: Tolerance | None = None,
-    dtype: torch.dtype | None = None,
-    seed: int = 0,
-    progress: bool = False,
-    max_outputs: int | None = None,
-) -> VerificationReport:
-    """Check, without loading any model, that ``merged`` is ``base`` with ``adapter`` merged in.
-
-    Per adapted tensor: ``W_merged`` against ``W_base + ΔW`` elementwise (in ulps of the merged
-    dtype) and a functional check on seeded random probe vectors (the merged tensor evaluated exactly
-    against ``x W_baseᵀ + s (x Aᵀ) Bᵀ`` computed in fp32/fp64). Every other tensor must be
-    byte-identical to the base (after ``dtype`` conversion, when one was asked for), every replaced
-    tensor equal to the adapter's copy, and both checkpoints must hold the same tensors.
-
-    ``max_outputs`` restricts the checks of each adapted tensor to a seeded sample of that many
-    output features (``merge_checkpoint`` uses 512 for its own verification); ``None`` checks every
-    element.
-
-    Returns:
-        The report (``outputs`` is ``None``: no model is run); the worst layers first in its text.
-
-    Example:
-        >>> print(verify_checkpoint("base/", "adapter/", "merged/"))  # doctest: +SKIP
-    """
-    tol = tolerance or Tolerance()
-    loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
-    base_reader, merged_reader = CheckpointReader(base), CheckpointReader(merged)
-    mapping = map_adapter(base_reader, loaded)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", LoraMergeWarning)
-        untie = _untie_plan(Path(base), base_reader, set(mapping.modules) | set(mapping.replaced))
-    for name, source in {**untie, **mapping.tied_copies}.items():
-        if name in merged_reader.tensors:
-            base_reader.add_alias(name, source)
-    layers: list[LayerCheck] = []
-    changed: list[str] = []
-    wrong_dtype: list[str] = []
-    notes = [
-        "no model was run: per-tensor checks only (verify() on loaded models, or merge_checkpoint(verify='model'), "
-        "adds the whole-model check)"
-    ]
-    if dtype is None:
-        base_floats = {t.dtype for t in base_reader.tensors.values() if t.dtype.is_floating_point}
-        merged_floats = {t.dtype for t in merged_reader.tensors.values() if t.dtype.is_floating_point}
-        if len(merged_floats) == 1 and merged_floats != base_floats:
-            dtype = next(iter(merged_floats))
-            notes.append(
-                f"every floating tensor of the merged checkpoint is {dtype}, the base's are "
-                f"{sorted(str(d) for d in base_floats)}: compared after converting the base to {dtype}"
-            )
-    missing = sorted(set(base_reader.names) ^ set(merged_reader.names))
-    bar = tqdm(total=len(base_reader.names), unit="tensor", desc="verify", disable=not progress)
-    checked = 0
-    for name in base_reader.names:
-        bar.update(1)
-        if name not in merged_reader.tensors:
-            continue
-        got = merged_reader.get(name)
-        original = base_reader.get(name)
-        if dtype is not None and original.is_floating_point():
-            original = original.to(dtype)
-        if got.dtype != original.dtype and name not in mapping.replaced:
-            wrong_dtype.append(f"{name} ({original.dtype} expected, {got.dtype} found)")
-            changed.append(name)
-            continue
-        if name in mapping.modules:
-            mod, kind = mapping.modules[name]
-            up = _updates_for(mod, kind)
-            idx = output_subset(mod.name, kind, original, seed, max_outputs)
-            sub = [restrict_update(up, idx)]
-            rel, max_ulp, reason = weight_space_check(
-                kind, restrict_weight(kind, original, idx), restrict_weight(kind, got, idx), sub, tol
-            )
-            probe = LayerProbe(mod.name, kind, original, None, [up], seed, max_outputs)
-            out = probe.outputs(got, None)
-            layers.append(check_stored(probe, out, tol, rel, max_ulp, reason, got))
-            continue
-        if name in mapping.biases:
-            mod = mapping.biases[name]
-            assert mod.update.bias is not None
-            expected = (original.float() + mod.scale * mod.update.bias.float()).to(original.dtype)
-            checked += 1
-            if got.shape != expected.shape or bool(
-                ((got.float() - expected.float()).abs() > ulp(expected, got.dtype)).any()
-            ):
-                changed.append(name)
-            continue
-        expected = mapping.replaced[name].to(got.dtype) if name in mapping.replaced else original
-        if name in mapping.token_rows:
-            ids, rows = mapping.token_rows[name]
-            expected = original.index_copy(0, ids, rows.to(original.dtype))
-        checked += 1
-        if got.dtype != expected.dtype or got.shape != expected.shape or not torch.equal(got, expected):
-            changed.append(name)
-    bar.close()
-    if wrong_dtype:
-        notes.append(
-            f"dtype mismatch in {len(wrong_dtype)} tensor(s), e.g. {wrong_dtype[:3]}: if the merge converted dtypes, "
-            "pass dtype= (the CLI: compare checkpoints of the same dtype)"
-        )
-    if missing:
-        notes.append(f"tensors present in only one checkpoint: {missing[:10]}")
-    passed = all(c.passed for c in layers) and not changed and not missing
-    report = VerificationReport(
-        operation="verify",
-        passed=passed,
-        tolerance=tol,
-        layers=tuple(layers),
-        outputs=None,
-        unchanged_checked=checked,
-        unexpected_changes=tuple(sorted(changed + missing)),
-        notes=tuple(notes),
-    )
-    return _judged(report, Path(base), Path(merged), loaded, mapping, dtype, seed)
-
-
-def _judged(
-    report: VerificationReport,
-    base: Path,
-    merged: Path,
-    adapter: Adapter,
-    mapping: AdapterMapping,
-    dtype: torch.dtype | None,
-    seed: int,
-    every_layer: bool = True,
-    rounded_base: bool = False,
-) -> VerificationReport:
-    """``report`` (loramerge's own checks of a merged checkpoint) joined with the judgement of PEFT's
-    own layers (:mod:`loramerge.oracle`): a layer PEFT's adapter mode disagrees with fails, and a
-    tensor loramerge's mapping changed that adapter mode leaves alone must equal the base's."""
-    plan = {mod.name: (kind, mod.scale, mod.rank, mod.use_dora) for mod, kind in mapping.modules.values()}
-    judged = judge_by_peft(base, merged, adapter, report.tolerance, dtype, seed, list(report.layers), every_layer, plan)
-    wrong = list(judged.unexpected)
-    base_reader, merged_reader = CheckpointReader(base), CheckpointReader(merged)
-    for name in sorted(mapping.changed):
-        if judged.leaves_alone(name) and name in merged_reader.tensors and name in base_reader.tensors:
-            expected = base_reader.get(name) if dtype is None else base_reader.get(name).to(dtype)
-            if not torch.equal(merged_reader.get(name), expected):
-                wrong.append(name)  # changed, and adapter mode leaves it alone
-    unexpected = tuple(sorted(set(report.unexpected_changes) | set(wrong)))
-    return dataclasses.replace(
-        report,
-        passed=report.passed and all(c.passed for c in judged.layers) and not wrong,
-        layers=tuple(judged.layers),
-        unexpected_changes=unexpected,
-        notes=(*report.notes, judged.note),
-    )
-
-
-def unmerge_checkpoint(
-    merged: str | Path,
-    adapter: str | Path | Adapter,
-    out: str | Path,
-    *,
-    max_shard_size: int | str = "5GB",
-    overwrite: bool = False,
-    verify: bool = True,
-    tolerance: Tolerance | None = None,
-    dora_norms: Mapping[str, torch.Tensor] | None = None,
-    originals: Mapping[str, torch.Tensor] | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    receipt: Receipt | str | Path | bool | None = None,
-    force: bool = False,
-) -> CheckpointMergeReport:
-    """Remove a saved adapter from a merged checkpoint on disk, one tensor at a time.
-
-    Each adapted tensor becomes ``round(W_merged - ΔW)`` (the same code as :func:`~loramerge.unmerge`).
-    Verification, per tensor: re-merging the result lands on the merged tensor, and the recovered
-    tensor with the adapter applied reproduces the merged tensor's outputs on probe vectors within
-    the tolerance rule; every other tensor is copied byte for byte. The same limits as the
-    in-memory unmerge apply: DoRA needs ``dora_norms``, replaced tensors need ``originals``.
-
-    With a receipt (``receipt=`` a path or :class:`~loramerge.Receipt`; by default the
-    ``loramerge-receipt.safetensors`` the merge wrote into ``merged``, when the lineage says it
-    belongs to this adapter; ``receipt=False`` ignores it) every adapted tensor comes back
-    byte-identical to the base, and norms and originals come from it. The lineage must say this
-    adapter was the last one merged (``force=True`` overrides); the output's lineage drops it.
-
-    Example:
-        >>> unmerge_checkpoint("merged/", "adapter/", "recovered/").passed  # doctest: +SKIP
-        True
-
-    Raises:
-        LineageError: The adapter is not the last one merged (nothing written).
-        ReceiptError: The receipt belongs to another merge or is corrupt (nothing written).
-        UnmergeImpossibleError: DoRA norms or replaced originals are missing (nothing written).
-        VerificationError: The result is out of tolerance (nothing is left on disk).
-    """
-    started = time.perf_counter()
-    merged_dir, out_dir = Path(merged), Path(out)
-    loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
-    reader = CheckpointReader(merged_dir)
-    mapping = map_adapter(reader, loaded)
-    tol = tolerance or Tolerance()
-    fingerprint = fingerprint_of(loaded)
-    rounds = lineage(merged_dir)
-    lineage_notes = check_last(rounds, fingerprint, force)
-    rc: Receipt | None = None
-    if isinstance(receipt, (Receipt, str, Path)):
-        rc = as_receipt(receipt)
-    elif (
-        receipt is None and rounds and rounds[-1].get("receipt") and rounds[-1]["adapter"].get("sha256") == fingerprint
-    ):
-        found = confined_file(merged_dir, rounds[-1]["receipt"], "lineage: receipt", must_exist=False)
-        if not found.is_file():
-            raise ReceiptError(
-                f"the lineage of {str(merged_dir)!r} says the last merge wrote the receipt {found.name!r}, but it is "
-                "missing: without it the unmerge is not byte-exact. Restore the file, or pass receipt=False "
-                "(--no-receipt) for a plain unmerge within the documented bound."
-            )
-        rc = load_receipt(found)
-    if rc is not None:
-        rc.check_adapter(fingerprint)
-        absent = sorted(n for n in [*mapping.modules, *mapping.biases] if n not in rc.tensors)
-        if absent:
-            raise ReceiptError(f"the receipt has no entry for {absent}; it was written for another checkpoint.")
-    norms = {**(rc.dora_norms if rc is not None else {}), **dict(dora_norms or {})}
-    originals = {**(rc.originals if rc is not None else {}), **dict(originals or {})}
-    missing_norms = sorted(mod.name for mod, _ in mapping.modules.values() if mod.use_dora and mod.name not in norms)
-    missing_originals = sorted(
-        [n for n, k in loaded.replaced_kinds.items() if k in ("modules_to_save", "trained_bias") and n not in originals]
-        + [
-            n
-            for n in mapping.token_rows
-            if not any(n == k or n.endswith("." + k) or k.endswith("." + n) for k in originals)
-        ]
-    )
-    if missing_norms or missing_originals:
-        raise UnmergeImpossibleError(
-            "cannot unmerge exactly; nothing was written:\n"
-            + (f"  - DoRA modules {missing_norms} need dora_norms= (from the merge report)\n" if missing_norms else "")
-            + (
-                f"  - {missing_originals} were replaced by the adapter (modules_to_save, trained biases, trainable-token "
-                "rows) and neither the merged checkpoint nor the adapter holds their original values: pass originals= "
-                "(read from the base checkpoint), or merge with receipt=True (--receipt), which keeps them\n"
-                if missing_originals
-                else ""
-            )
-        )
-    expect = _Expectations()
-
-    passthrough = set(reader.names) - mapping.changed
-
-    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if name in mapping.modules:
-            mod, kind = mapping.modules[name]
-            up = _updates_for(mod, kind)
-            work = tensor.clone()
-            stats = unmerge_tensor_(work, [up], norms.get(mod.name))
-            if rc is not None:
-                work = apply_receipt(work, rc.tensors[name], name)
-            if verify:
-                probe = LayerProbe(mod.name, kind, work, None, [up], seed, MAX_PROBE_OUTPUTS)
-                reason = ""
-                if stats.remerge_gap > 1.0 + 1e-6:
-                    reason = f"re-merging misses the merged tensor by {stats.remerge_gap:.3g}x what rounding allows"
-                storage = math.hypot(probe.storage(tensor), probe.storage(work))
-                layer = probe.check(
-                    probe.outputs(tensor, None), tol, stats.relative_residual, math.nan, reason, storage
-                )
-                expect.checks[name] = _fixed_check(layer)
-            return work
-        if name in mapping.biases:
-            mod = mapping.biases[name]
-            assert mod.update.bias is not None
-            bias = (tensor.float() - mod.scale * mod.update.bias.float()).to(tensor.dtype)
-            return apply_receipt(bias, rc.tensors[name], name) if rc is not None else bias
-        if name in mapping.token_rows:  # the original rows, from originals=
-            ids, _ = mapping.token_rows[name]
-            key = next(k for k in originals if name == k or name.endswith("." + k) or k.endswith("." + name))
-            return tensor.index_copy(0, ids, originals[key].to(tensor.dtype).index_select(0, ids))
-        assert name in mapping.replaced  # every other tensor is copied through
-        key = next(k for k in originals if name == k or name.endswith("." + k) or k.endswith("." + name))
-        return originals[key].to(tensor.dtype)
-
-    remaining = drop_round(rounds, fingerprint)
-
-    def record(tmp: Path, verification: VerificationReport | None) -> None:
-        if verification is not None and (lineage_notes or rc is not None):
-            extra = [*lineage_notes] + (
-                ["receipt applied: adapted tensors restored byte for byte"] if rc is not None else []
-            )
-            verification = dataclasses.replace(verification, notes=(*verification.notes, *extra))
-        _carry_receipts(merged_dir, tmp, remaining)
-        write_record(tmp, remaining, verification)
-
-    return _publish(
-        "unmerge",
-        merged_dir,
-        out_dir,
-        reader,
-        mapping,
-        expect,
-        transform,
-        passthrough,
-        None,
-        max_shard_size,
-        overwrite,
-        progress,
-        verify,
-        tol,
-        started,
-        # PEFT's adapter mode on the restored base must compute what the merged input stores
-        extra_check=lambda tmp, report: _judged(
-            report, tmp, merged_dir, loaded, mapping, None, seed, every_layer=False, rounded_base=True
-        ),
-        record=record,
-        extra_metadata={METADATA_KEY: json.dumps(remaining, default=str)},
     )

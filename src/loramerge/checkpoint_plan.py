@@ -266,3 +266,9 @@ def _untie_config(root: Path) -> None:
     if isinstance(config.get("text_config"), dict):
         config["text_config"]["tie_word_embeddings"] = False
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _updates_for(mod: AdapterModule, kind: Kind) -> LoraUpdate:
+    """The module's weight update with the resolved kind (a LoRA bias is a separate tensor here)."""
+    up = mod.update
+    return LoraUpdate(kind, up.lora_A, up.lora_B, mod.scale, up.magnitude, None)

@@ -256,7 +256,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from loramerge.adapter import load_adapter
-    from loramerge.checkpoint import verify_checkpoint
+    from loramerge.checkpoint_verify import verify_checkpoint
     from loramerge.hub import verify_hub
     from loramerge.loading import load_base, resolve_dtype
     from loramerge.verification import verify
@@ -286,7 +286,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _stream_command(args: argparse.Namespace) -> int:
-    from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint, unmerge_checkpoint
+    from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint
+    from loramerge.checkpoint_unmerge import unmerge_checkpoint
     from loramerge.quant_spec import QuantSpec
 
     report: CheckpointMergeReport
