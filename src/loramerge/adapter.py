@@ -39,11 +39,6 @@ PEFT_PREFIX = "base_model.model."
 # Config entries that change what the adapter computes in ways loramerge does not merge.
 _UNSUPPORTED_SETTINGS: dict[str, str] = {
     "layer_replication": "layer replication duplicates base layers; PEFT cannot merge it either",
-    "target_parameters": (
-        "LoRA on raw parameters (target_parameters, e.g. MoE experts stored as one 3-D parameter) is merged "
-        "in memory only: checkpoints store such experts under per-expert names that transformers converts "
-        "when it loads them, which loramerge does not map"
-    ),
     "use_qalora": "QA-LoRA pools inputs and cannot be expressed as a weight delta here",
     "alora_invocation_tokens": "activated LoRA (aLoRA) applies only after invocation tokens; it has no weight delta",
     "use_bdlora": "block-diagonal LoRA is not supported yet",
@@ -156,6 +151,11 @@ class Adapter:
             weight, by parameter name, the token ids and the rows that replace theirs, as
             ``(indices, rows)``. Adapter mode looks those rows up instead of the base's (and, when
             the output head is tied to the embedding, scores with them too).
+        parameter_factors: PEFT's ``target_parameters`` (LoRA on raw parameters, e.g. MoE expert
+            stacks): ``(lora_A, lora_B)`` by the path of PEFT's wrapper as the file names it
+            (``model.layers.0.mlp.experts``, or ``...experts.base_layer`` for a wrapper nested in
+            another). Which parameter each adapts, and its scale, is decided when it is planned
+            against a model, by PEFT's own injection (wrappers nest in PEFT's order).
     """
 
     path: Path | None
@@ -165,6 +165,7 @@ class Adapter:
     replaced_kinds: Mapping[str, str] = field(default_factory=dict)
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
     token_rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    parameter_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -203,6 +204,8 @@ class Adapter:
             lines.append(
                 f"{m.name:<60} {m.kind:<9} {m.rank:>4} {m.alpha:>7g} {m.scale:>8.4g} {'yes' if m.use_dora else '':>4}"
             )
+        for name, (a, b) in self.parameter_factors.items():
+            lines.append(f"{name:<60} target_parameters wrapper, lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}")
         for name, kind in self.replaced_kinds.items():
             lines.append(f"{name:<60} replaces the base tensor ({kind}, shape {tuple(self.replaced[name].shape)})")
         total = self.num_parameters()
@@ -214,11 +217,7 @@ class Adapter:
 
 # Variants whose layer PEFT itself merges: with ``layer_variants=True`` (a live PeftModel), loramerge
 # merges them through PEFT's own layer and proves the result against that layer.
-_PEFT_MERGED_VARIANTS = ("use_bdlora", "kasa_config", "target_parameters")
-_FIXES: dict[str, str] = {
-    "target_parameters": "Load the model with transformers, the adapter with PeftModel.from_pretrained(), and merge "
-    "that with loramerge.merge(peft_model), which proves it against PEFT's own wrapper; then save_pretrained().",
-}
+_PEFT_MERGED_VARIANTS = ("use_bdlora", "kasa_config")
 
 
 def check_mergeable_settings(raw: Mapping[str, Any], where: str, *, layer_variants: bool = False) -> None:
@@ -238,8 +237,10 @@ def check_mergeable_settings(raw: Mapping[str, Any], where: str, *, layer_varian
         if layer_variants and key in _PEFT_MERGED_VARIANTS:
             continue
         if value:  # None, False and empty containers mean "not used"
-            fix = _FIXES.get(key, "Merge it with PEFT's merge_and_unload(), or retrain without it.")
-            raise UnsupportedAdapterError(f"{where}: {key}={value!r} is set: {why}. Nothing was changed. {fix}")
+            raise UnsupportedAdapterError(
+                f"{where}: {key}={value!r} is set: {why}. Nothing was changed. Merge it with PEFT's "
+                "merge_and_unload(), or retrain without it."
+            )
 
 
 def _validate_config(raw: Mapping[str, Any], where: str) -> None:
@@ -352,6 +353,19 @@ def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         replaced[param] = tensors[key]
         replaced_kinds[param] = kind
 
+    parameter_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    owners = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]
+    for module_name in sorted(parts):
+        plain = module_name.replace(".base_layer", "")
+        if not any(plain == o or plain.endswith("." + o) for o in owners if o):
+            continue
+        p = parts.pop(module_name)
+        if set(p) != {"lora_A", "lora_B"} or p["lora_A"].dim() != 2 or p["lora_A"].shape[0] != p["lora_B"].shape[1]:
+            problems.append(
+                f"{module_name}: a target_parameters wrapper needs matching lora_A and lora_B matrices only"
+            )
+            continue
+        parameter_factors[module_name] = (p["lora_A"], p["lora_B"])
     modules: dict[str, AdapterModule] = {}
     for module_name, p in sorted(parts.items()):
         if "lora_embedding_A" in p or "lora_embedding_B" in p:
@@ -389,7 +403,7 @@ def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     token_rows = _token_rows(config.get("trainable_token_indices"), token_tensors, set(modules), problems)
     if problems:
         raise AdapterConfigError(f"{where}: the adapter's tensors are inconsistent:\n  - " + "\n  - ".join(problems))
-    if not modules and not replaced and not token_rows:
+    if not modules and not replaced and not token_rows and not parameter_factors:
         raise AdapterConfigError(f"{where}: the adapter contains no LoRA tensors.")
     return Adapter(
         path=path,
@@ -399,6 +413,7 @@ def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         replaced_kinds=MappingProxyType(replaced_kinds),
         tensors=MappingProxyType(dict(tensors)),
         token_rows=MappingProxyType(token_rows),
+        parameter_factors=MappingProxyType(parameter_factors),
     )
 
 

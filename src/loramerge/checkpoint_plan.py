@@ -23,7 +23,9 @@ from loramerge.errors import (
     LoraMergeWarning,
     UnsupportedAdapterError,
 )
+from loramerge.fused import fused_keys
 from loramerge.io import read_json_object
+from loramerge.param_targets import stored_updates
 from loramerge.shards import (
     CheckpointReader,
 )
@@ -183,6 +185,10 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
             )
         else:
             token_rows[tensor] = (ids, rows)
+    if adapter.parameter_factors:  # target_parameters: each stored piece of each expert gets its own update
+        experts, why = expert_tensors(reader, adapter)
+        modules.update(experts)
+        problems += why
     if problems:
         problems.sort()
         lines = "\n".join(f"  - {n}: {why}" for n, why in problems)
@@ -272,3 +278,44 @@ def _updates_for(mod: AdapterModule, kind: Kind) -> LoraUpdate:
     """The module's weight update with the resolved kind (a LoRA bias is a separate tensor here)."""
     up = mod.update
     return LoraUpdate(kind, up.lora_A, up.lora_B, mod.scale, up.magnitude, None)
+
+
+def expert_tensors(
+    reader: CheckpointReader, adapter: Adapter
+) -> tuple[dict[str, tuple[AdapterModule, Kind]], list[tuple[str, str]]]:
+    """The stored tensors that ``adapter``'s ``target_parameters`` change, each with its own plain
+    LoRA update, and the problems found. Which parameter each of PEFT's wrappers adapts (and its
+    scale) comes from PEFT's own injection into the model ``config.json`` builds, without weights;
+    which stored tensors make up that parameter comes from transformers' weight converters."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from loramerge.oracle import ADAPTER, adapter_mode
+
+    mode = adapter_mode(reader.root, adapter)
+    if isinstance(mode, str):
+        return {}, [("target_parameters", f"cannot plan them: {mode}")]
+    fused = fused_keys(reader.root, reader.names)
+    shapes = {n: tuple(i.shape) for n, i in reader.tensors.items()}
+    found: dict[str, tuple[AdapterModule, Kind]] = {}
+    problems: list[tuple[str, str]] = []
+    for path, layer in mode.layers.items():
+        if not isinstance(layer, ParamWrapper):
+            continue
+        owner = path
+        while owner.endswith(".base_layer"):
+            owner = owner.removesuffix(".base_layer")
+        param = f"{owner}.{layer.parameter_name}"
+        pieces = fused.get(param)
+        if pieces is None:
+            problems.append((param, "the checkpoint stores no tensors transformers builds this parameter from"))
+            continue
+        updates = stored_updates(layer, ADAPTER, pieces, shapes)
+        if isinstance(updates, str):
+            problems.append((param, f"not merged: {updates}"))
+            continue
+        r = int(layer.r[ADAPTER])
+        alpha = float(layer.lora_alpha[ADAPTER])
+        for tensor, up in updates.items():
+            module = tensor.removesuffix(".weight")
+            found[tensor] = (AdapterModule(module, "linear", r, alpha, up.scale, up), "linear")
+    return found, problems

@@ -17,6 +17,7 @@ from loramerge.delta import LoraUpdate, check_updates, unmerge_tensor_
 from loramerge.errors import (
     AdapterMismatchError,
     UnmergeImpossibleError,
+    UnsupportedAdapterError,
     VerificationError,
 )
 from loramerge.inmemory_common import FileMappings, _raise_problems
@@ -107,6 +108,12 @@ def unmerge(
         >>> merged = load_base(merged_dir)  # doctest: +SKIP
         >>> result = unmerge(merged, load_adapter(adapter_dir))  # doctest: +SKIP
     """
+    if adapter.parameter_factors:
+        raise UnsupportedAdapterError(
+            f"unmerge(): the adapter uses target_parameters ({sorted(adapter.parameter_factors)[:3]} ...), which "
+            "the in-memory unmerge does not cover yet; nothing was changed. Unmerge the saved checkpoint with "
+            "loramerge.unmerge_checkpoint (or `loramerge unmerge`), which does."
+        )
     with preserved(model):
         return _unmerge(
             model,

@@ -59,12 +59,14 @@ def adapter_fingerprint(updates: Mapping[str, Sequence[LoraUpdate]]) -> str:
 
 def fingerprint_of(adapter: Any) -> str:
     """:func:`adapter_fingerprint` of a loaded :class:`~loramerge.Adapter`."""
-    return adapter_fingerprint(
-        {
-            name: [LoraUpdate(m.kind, m.update.lora_A, m.update.lora_B, m.scale, m.update.magnitude, m.update.bias)]
-            for name, m in adapter.modules.items()
-        }
-    )
+    updates = {
+        name: [LoraUpdate(m.kind, m.update.lora_A, m.update.lora_B, m.scale, m.update.magnitude, m.update.bias)]
+        for name, m in adapter.modules.items()
+    }
+    scale = float(adapter.config.get("lora_alpha", 1)) / float(adapter.config.get("r", 1))
+    for name, (a, b) in getattr(adapter, "parameter_factors", {}).items():  # target_parameters wrappers
+        updates[name] = [LoraUpdate("linear", a, b, scale)]
+    return adapter_fingerprint(updates)
 
 
 def write_record(root: Path, rounds: list[dict[str, Any]], report: Any = None) -> None:

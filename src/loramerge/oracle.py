@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from loramerge.adapter import TRAINING_STATE, Adapter
+from loramerge.param_targets import judge_values
 from loramerge.reports import LayerCheck
 from loramerge.shards import CheckpointReader
 from loramerge.skeleton import meta_model, module_kind, renamed_keys, tied_names
@@ -339,10 +340,12 @@ def layer_family(name: str, layer: nn.Module) -> tuple[Any, ...]:
     m = cast(Any, layer)
     base = m.get_base_layer()
     variant = (getattr(m, "lora_variant", None) or {}).get(ADAPTER)
+    parameter = getattr(m, "parameter_name", None)  # a ParamWrapper (target_parameters) adapts this one
+    weight = m.get_param() if parameter is not None else base.weight
     return (
         type(base).__name__,
-        tuple(base.weight.shape),
-        name.rsplit(".", 1)[-1],
+        tuple(weight.shape),
+        parameter or name.rsplit(".", 1)[-1],
         int(m.r.get(ADAPTER, 0)),
         float(m.scaling.get(ADAPTER, 0.0)),
         type(variant).__name__,
@@ -352,6 +355,93 @@ def layer_family(name: str, layer: nn.Module) -> tuple[Any, ...]:
 
 def _convert(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    """The stored tensors transformers builds one parameter from, as its loader collects them."""
+
+    converter: Any
+    names: dict[str, list[str]]  # source pattern -> stored names, in the loader's order
+
+    def value(self, read: Callable[[str], torch.Tensor | None]) -> torch.Tensor | None:
+        """The parameter as transformers' own conversion operations build it (``None``: a piece is missing)."""
+        tensors: dict[str, Any] = {}
+        for pattern, names in self.names.items():
+            found = [read(n) for n in names]
+            if any(t is None for t in found):
+                return None
+            tensors[pattern] = found
+        for op in self.converter.operations:
+            tensors = op.convert(
+                tensors,
+                source_patterns=list(self.converter.source_patterns),
+                target_patterns=list(self.converter.target_patterns),
+            )
+        return cast(torch.Tensor, next(iter(tensors.values())))
+
+
+def _pieces(root: Path, stored: list[str]) -> dict[str, _Pieces]:
+    """For each parameter transformers fuses from several stored tensors, the pieces, grouped and
+    ordered as transformers' loader does it (its renaming, its converters, its natural key order):
+    independent of the merge's own plan (:mod:`loramerge.fused`)."""
+    model = meta_model(root)
+    if isinstance(model, str):
+        return {}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+        transforms = get_model_conversion_mapping(cast(Any, model))
+    except Exception:  # no weight converters in this transformers
+        return {}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta, prefix = model.state_dict(), getattr(model, "base_model_prefix", None)
+    out: dict[str, _Pieces] = {}
+    for name in sorted(stored, key=dot_natural_key):
+        renamed, pattern = rename_source_key(name, renamings, converters, prefix, meta)
+        converter = next((c for c in converters if pattern is not None and pattern in c.source_patterns), None)
+        if converter is not None and pattern is not None:
+            out.setdefault(renamed, _Pieces(converter, {})).names.setdefault(pattern, []).append(name)
+    return out
+
+
+def _param_check(
+    name: str,
+    layer: Any,
+    pieces_of: Mapping[str, _Pieces],
+    base_reader: CheckpointReader,
+    merged_reader: CheckpointReader,
+    dtype: torch.dtype | None,
+    judge: bool,
+    changed: set[str],
+    problems: list[str],
+) -> Callable[[Tolerance, int, bool], LayerCheck] | None:
+    """PEFT's ``ParamWrapper`` judged on the parameter as transformers assembles it from the stored
+    pieces of the base and of the merged checkpoint (``None``: nothing to judge, or a problem)."""
+    owner = name
+    while owner.endswith(".base_layer"):
+        owner = owner.removesuffix(".base_layer")
+    param = f"{owner}.{layer.parameter_name}"
+    pieces = pieces_of.get(param)
+    if pieces is None:
+        problems.append(f"{param}: PEFT adapts it, but the checkpoint stores no tensors transformers builds it from")
+        return None
+    changed.update(n for names in pieces.names.values() for n in names)
+    if not judge:
+        return None
+    try:
+        base = pieces.value(base_reader.get)
+        merged = pieces.value(lambda n: merged_reader.get(n) if n in merged_reader.tensors else None)
+    except Exception as e:  # transformers' own operation refused the pieces
+        problems.append(f"{param}: transformers cannot assemble it from the stored pieces ({type(e).__name__}: {e})")
+        return None
+    if base is None or merged is None:
+        problems.append(f"{param}: a stored piece of it is missing from the merged checkpoint")
+        return None
+    base_values = _convert(base, dtype if dtype is not None else merged.dtype)
+    return lambda tol, seed, rounded: judge_values(param, layer, ADAPTER, base_values, merged, tol, seed, rounded)
 
 
 def check_merged_checkpoint(
@@ -409,7 +499,18 @@ def check_merged_checkpoint(
 
     tied = {member for group in mode.groups for member in group}
     families: set[tuple[Any, ...]] = set()
+    pieces: dict[str, _Pieces] = {}
     for name, layer in mode.layers.items():
+        if type(layer).__name__ == "ParamWrapper":  # target_parameters: a parameter stored in pieces
+            if not pieces:
+                pieces.update(_pieces(base_root, list(base_reader.names)))
+            family = (*layer_family(name, layer), (plan or {}).get(name))
+            judge = every_layer or family not in families
+            families.add(family)
+            check = _param_check(name, layer, pieces, base_reader, merged_reader, dtype, judge, changed, problems)
+            if check is not None:
+                checks.append(check(tolerance, seed, rounded_base))
+            continue
         base = cast(Any, layer).get_base_layer()
         base_values: dict[str, torch.Tensor] = {}
         merged_values: dict[str, torch.Tensor] = {}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -30,7 +30,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from loramerge.delta import LoraUpdate
+from loramerge.delta import LoraUpdate, check_updates, merge_tensor_
+from loramerge.fused import FusedParam
 from loramerge.reports import LayerCheck
 from loramerge.tolerance import Tolerance, reference_dtype, relative_errors, ulp, unit_roundoff
 
@@ -73,31 +74,33 @@ class ParamPlan:
 # ---- loramerge's own merge -----------------------------------------------------------------
 
 
-def _expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, e: int, last: bool) -> torch.Tensor:
-    """``ΔW`` of expert ``e`` in fp32, shaped like ``param[e]``. ``lora_A``'s rows are grouped by
-    expert (rows ``e·r … e·r + r − 1``), ``lora_B``'s columns interleaved (``e, e + E, e + 2E, …``)."""
+def expert_update(
+    a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, e: int, last: bool, rows: slice = slice(None)
+) -> LoraUpdate:
+    """Expert ``e``'s update as a plain LoRA update of its 2-D matrix (``rows`` of it, when a checkpoint
+    stores the matrix in row blocks). ``lora_A``'s rows are grouped by expert (rows ``e·r … e·r + r − 1``),
+    ``lora_B``'s columns interleaved (``e, e + E, e + 2E, …``). A matrix stored ``[in, out]`` (the module
+    says ``is_transposed``) is updated as GPT-2's ``Conv1D`` is."""
     r = a.shape[0] // experts
-    a_e = a[e * r : (e + 1) * r].float()
-    b_e = b[:, e::experts].float()
-    delta = torch.mm(b_e, a_e).mul_(scale)  # (out, in)
-    return delta if last else delta.t()
-
-
-def _merged_values(plan: ParamPlan, e: int) -> torch.Tensor:
-    """``param[e] + Σ ΔW`` in fp32 (not rounded)."""
-    param = plan.param
-    experts = param.shape[0] if param.dim() == 3 else 1
-    target = param[e] if param.dim() == 3 else param
-    acc = target.detach().float().clone()
-    w = plan.wrapper
-    for a_name in plan.adapters:
-        a, b = w.lora_A[a_name].weight.detach(), w.lora_B[a_name].weight.detach()
-        acc.add_(_expert_delta(a, b, float(w.scaling[a_name]), experts, e, plan.reads_last_dim()))
-    return acc
+    a_e = a[e * r : (e + 1) * r].detach()
+    b_e = b[rows, e::experts].detach().contiguous()
+    return LoraUpdate("linear" if last else "conv1d", a_e, b_e, scale)
 
 
 def _experts(param: torch.Tensor) -> int:
     return int(param.shape[0]) if param.dim() == 3 else 1
+
+
+def _expert_updates(plan: ParamPlan, e: int) -> list[LoraUpdate]:
+    w, experts, last = plan.wrapper, _experts(plan.param), plan.reads_last_dim()
+    return [
+        expert_update(w.lora_A[n].weight, w.lora_B[n].weight, float(w.scaling[n]), experts, e, last)
+        for n in plan.adapters
+    ]
+
+
+def _matrix(param: torch.Tensor, e: int) -> torch.Tensor:
+    return param[e] if param.dim() == 3 else param
 
 
 def param_problems(plan: ParamPlan) -> list[str]:
@@ -117,16 +120,16 @@ def param_problems(plan: ParamPlan) -> list[str]:
             )
     if problems:
         return problems
-    top = torch.finfo(param.dtype).max
     for e in range(experts):
-        merged = _merged_values(plan, e)
-        if not bool(torch.isfinite(merged).all()) or float(merged.abs().max()) > top:
-            return [f"{plan.name}: merging gives non-finite values or overflows {param.dtype} (expert {e})"]
+        found = check_updates(_expert_updates(plan, e), _matrix(param, e))
+        if found:
+            return [f"{plan.name} (expert {e}): {m}" for m in found]
     return []
 
 
 def merge_param_(plan: ParamPlan) -> float:
-    """Merge ``plan``'s adapters into its parameter in place, one expert at a time, each rounded once.
+    """Merge ``plan``'s adapters into its parameter in place, one expert at a time, with the same
+    arithmetic as every other weight (:func:`~loramerge.delta.merge_tensor_`: fp32, one rounding).
 
     Returns:
         ``‖ΔW‖`` over the whole parameter (fp32, before rounding).
@@ -135,11 +138,40 @@ def merge_param_(plan: ParamPlan) -> float:
     total = 0.0
     with torch.no_grad():
         for e in range(_experts(param)):
-            target = param[e] if param.dim() == 3 else param
-            merged = _merged_values(plan, e)
-            total += float((merged - target.float()).pow(2).sum())
-            target.copy_(merged)
+            total += merge_tensor_(_matrix(param, e), _expert_updates(plan, e)).delta_norm ** 2
     return math.sqrt(total)
+
+
+def stored_updates(
+    wrapper: Any, adapter: str, fused: FusedParam, shapes: Mapping[str, Sequence[int]]
+) -> dict[str, LoraUpdate] | str:
+    """For a parameter a checkpoint stores in pieces (:class:`~loramerge.fused.FusedParam`), each
+    stored tensor's own update, by stored name; or why that cannot be done."""
+    param = wrapper.get_param()
+    if fused.unsupported:
+        return fused.unsupported
+    if param.dim() != 3 or bool(getattr(wrapper.get_base_layer(), "is_transposed", False)):
+        return f"a {param.dim()}-D parameter{' stored [experts, in, out]' if param.dim() == 3 else ''}"
+    experts, rows, cols = (int(d) for d in param.shape)
+    if any(len(names) != experts for names in fused.sources):
+        return f"the checkpoint stores {len(fused.sources[0])} experts, the model has {experts}"
+    heights = [int(shapes[names[0]][0]) for names in fused.sources]
+    if sum(heights) != rows or any(
+        tuple(shapes[n]) != (h, cols) for names, h in zip(fused.sources, heights, strict=True) for n in names
+    ):
+        return f"the stored pieces do not add up to the parameter's shape {tuple(param.shape)}"
+    a, b, scale = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight, float(wrapper.scaling[adapter])
+    if a.shape[0] % experts or a.shape[1] != cols or b.shape[0] != rows:
+        return (
+            f"lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit a parameter of shape {tuple(param.shape)}"
+        )
+    out: dict[str, LoraUpdate] = {}
+    start = 0
+    for names, height in zip(fused.sources, heights, strict=True):
+        for e, name in enumerate(names):
+            out[name] = expert_update(a, b, scale, experts, e, True, slice(start, start + height))
+        start += height
+    return out
 
 
 # ---- the proof: PEFT's own wrapper in adapter mode -----------------------------------------
@@ -214,11 +246,14 @@ class ParamOracle:
         return cls(reference, adapter, arithmetic, x)
 
 
-def check_param(plan: ParamPlan, oracle: ParamOracle, tol: Tolerance) -> LayerCheck:
+def check_param(
+    plan: ParamPlan, oracle: ParamOracle, tol: Tolerance, rounded_base: torch.Tensor | None = None
+) -> LayerCheck:
     """The merged parameter against PEFT's adapter mode, under the tolerance rule of a layer check:
     ``probe_error <= factor * storage_error + floor / 4``, where ``storage_error`` is the output
     error that storing the merged values in their dtype (½ulp per element) and the fp32
-    arithmetic of ΔW may add."""
+    arithmetic of ΔW may add. ``rounded_base``: the base the oracle was taken on was itself
+    computed and rounded (an unmerge's output): its rounding is allowed too."""
     merged = plan.param.detach()
     stored = merged.dtype
     wide = oracle.reference.dtype
@@ -228,6 +263,8 @@ def check_param(plan: ParamPlan, oracle: ParamOracle, tol: Tolerance) -> LayerCh
         variance = ulp(merged, stored).to(wide).pow_(2).div_(12) @ x.pow(2)
         if stored != torch.float64:
             variance.add_(oracle.arithmetic)
+        if rounded_base is not None:
+            variance.add_(ulp(rounded_base, stored).to(wide).pow_(2).div_(12) @ x.pow(2))
     err, _ = relative_errors(value, oracle.reference)
     a_err, _ = relative_errors(oracle.adapter, oracle.reference)
     ref_rms = float(oracle.reference.double().pow(2).mean().sqrt())
@@ -258,3 +295,37 @@ def param_plans(model: nn.Module, adapter_names: Sequence[str]) -> list[ParamPla
             owner = owner.removesuffix(".base_layer")
         plans.append(ParamPlan(f"{owner}.{module.parameter_name}", module, active, module.get_base_layer()))
     return plans
+
+
+@contextmanager
+def _holding(owner: nn.Module, attr: str, value: torch.Tensor) -> Iterator[None]:
+    saved = getattr(owner, attr)
+    try:
+        setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+        yield
+    finally:
+        setattr(owner, attr, saved)
+
+
+def judge_values(
+    name: str,
+    wrapper: Any,
+    adapter: str,
+    base: torch.Tensor,
+    merged: torch.Tensor,
+    tol: Tolerance,
+    seed: int,
+    rounded_base: bool = False,
+) -> LayerCheck:
+    """``merged`` against what PEFT's ``wrapper`` computes in adapter mode on ``base`` (both the
+    parameter's values, e.g. read from checkpoints), under the rule of :func:`check_param`."""
+    owner = cast(nn.Module, wrapper.get_base_layer())
+    plan = ParamPlan(name, wrapper, [adapter], owner)
+    if tuple(base.shape) != tuple(wrapper.get_param().shape) or base.shape != merged.shape:
+        reason = f"shape {tuple(merged.shape)} is not the parameter's {tuple(wrapper.get_param().shape)}"
+        dtype = str(merged.dtype)[6:]
+        return LayerCheck(name, KIND, dtype, math.nan, math.nan, math.inf, math.nan, 0.0, 0.0, False, reason)
+    with _holding(owner, plan.attr, base.to(merged.dtype)):
+        oracle = ParamOracle.of(plan, seed)
+    with _holding(owner, plan.attr, merged):
+        return check_param(plan, oracle, tol, base.to(merged.dtype) if rounded_base else None)
