@@ -70,6 +70,16 @@ def _outputs(model: nn.Module, probes: dict[str, torch.Tensor]) -> torch.Tensor:
         return run_model(model, probes).double()
 
 
+def _off_by_five_percent(own: Any) -> Any:
+    """``param_targets.expert_update`` with every scale 5 % too large: a fault in loramerge's own merge."""
+
+    def wrong(*args: Any) -> Any:
+        up = own(*args)
+        return dataclasses.replace(up, scale=up.scale * 1.05)
+
+    return wrong
+
+
 def _routed(run: Any, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``run()``'s outputs and, per token, the experts every router (``mlp.gate``) chose, as a set."""
     chosen: dict[int, torch.Tensor] = {}  # the last call of each router (a widened run may repeat one)
@@ -141,13 +151,7 @@ def test_a_wrong_expert_scale_fails_verification_and_names_the_parameter(
     base = _moe("mixtral")
     lora = {"r": 4, "lora_alpha": 8, "target_modules": [], "target_parameters": EXPERTS}
     peft_model = _adapter_mode(base, save_adapter(base, lora, tmp_path / "adapter"))
-    own = param_targets.expert_update
-
-    def off_by_five_percent(*args: Any) -> Any:
-        up = own(*args)
-        return dataclasses.replace(up, scale=up.scale * 1.05)
-
-    monkeypatch.setattr(param_targets, "expert_update", off_by_five_percent)
+    monkeypatch.setattr(param_targets, "expert_update", _off_by_five_percent(param_targets.expert_update))
     with pytest.raises(lm.VerificationError) as caught:
         lm.merge(peft_model, check_outputs=False)
     failed = [c.name for c in caught.value.report.layers if not c.passed]
@@ -223,13 +227,7 @@ def _mixtral_files(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_a_wrong_expert_scale_on_files_fails_against_peft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, adapter = _mixtral_files(tmp_path)
-    own = param_targets.expert_update
-
-    def off_by_five_percent(*args: Any) -> Any:
-        up = own(*args)
-        return dataclasses.replace(up, scale=up.scale * 1.05)
-
-    monkeypatch.setattr(param_targets, "expert_update", off_by_five_percent)
+    monkeypatch.setattr(param_targets, "expert_update", _off_by_five_percent(param_targets.expert_update))
     with pytest.raises(lm.VerificationError) as caught:
         lm.merge_checkpoint(base, adapter, tmp_path / "out", progress=False)
     assert "experts.down_proj" in str(caught.value) and "PEFT's own ParamWrapper" in str(caught.value)
@@ -269,3 +267,14 @@ def test_rerouted_positions_are_left_out_only_up_to_half_of_them() -> None:
     most = [reference[0], torch.tensor([[0, 3]] * 16)]
     assert same_route_positions(most, reference, probes, torch.Size([2, 8, 4])) is None
     assert same_route_positions(reference, reference, probes, torch.Size([2, 8, 4])) is None
+
+
+def test_a_receipt_restores_an_expert_merge_bit_for_bit(tmp_path: Path) -> None:
+    base, adapter = _mixtral_files(tmp_path)
+    assert lm.merge_checkpoint(base, adapter, tmp_path / "merged", progress=False, receipt=True).passed
+    assert lm.unmerge_checkpoint(tmp_path / "merged", adapter, tmp_path / "restored", progress=False).passed
+    original = load_file(base / "model.safetensors")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    restored = load_file(tmp_path / "restored" / "model.safetensors")
+    assert any(not torch.equal(merged[n], original[n]) for n in original if ".experts." in n)
+    assert all(torch.equal(restored[n], original[n]) for n in original)

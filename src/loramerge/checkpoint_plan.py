@@ -25,7 +25,7 @@ from loramerge.errors import (
 )
 from loramerge.fused import fused_keys
 from loramerge.io import read_json_object
-from loramerge.param_targets import stored_updates
+from loramerge.param_targets import parameter_path, stored_updates
 from loramerge.shards import (
     CheckpointReader,
 )
@@ -301,10 +301,7 @@ def expert_tensors(
     for path, layer in mode.layers.items():
         if not isinstance(layer, ParamWrapper):
             continue
-        owner = path
-        while owner.endswith(".base_layer"):
-            owner = owner.removesuffix(".base_layer")
-        param = f"{owner}.{layer.parameter_name}"
+        param = parameter_path(path, layer)
         pieces = fused.get(param)
         if pieces is None:
             problems.append((param, "the checkpoint stores no tensors transformers builds this parameter from"))

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from loramerge.adapter import TRAINING_STATE, Adapter
-from loramerge.param_targets import judge_values
+from loramerge.param_targets import judge_values, parameter_path
 from loramerge.reports import LayerCheck
 from loramerge.shards import CheckpointReader
 from loramerge.skeleton import meta_model, module_kind, renamed_keys, tied_names
@@ -420,10 +420,7 @@ def _param_check(
 ) -> Callable[[Tolerance, int, bool], LayerCheck] | None:
     """PEFT's ``ParamWrapper`` judged on the parameter as transformers assembles it from the stored
     pieces of the base and of the merged checkpoint (``None``: nothing to judge, or a problem)."""
-    owner = name
-    while owner.endswith(".base_layer"):
-        owner = owner.removesuffix(".base_layer")
-    param = f"{owner}.{layer.parameter_name}"
+    param = parameter_path(name, layer)
     pieces = pieces_of.get(param)
     if pieces is None:
         problems.append(f"{param}: PEFT adapts it, but the checkpoint stores no tensors transformers builds it from")

@@ -279,6 +279,15 @@ def check_param(
     return LayerCheck(plan.name, KIND, str(stored)[6:], math.nan, math.nan, err, a_err, s_err, limit, ok, reason)
 
 
+def parameter_path(wrapper_path: str, wrapper: Any) -> str:
+    """The model's name of the parameter PEFT's wrapper at ``wrapper_path`` adapts (a wrapper nested
+    in another sits at ``<module>.base_layer``; all of them adapt a parameter of ``<module>``)."""
+    owner = wrapper_path
+    while owner.endswith(".base_layer"):
+        owner = owner.removesuffix(".base_layer")
+    return f"{owner}.{wrapper.parameter_name}"
+
+
 def param_plans(model: nn.Module, adapter_names: Sequence[str]) -> list[ParamPlan]:
     """One :class:`ParamPlan` per parameter PEFT adapts with ``adapter_names`` (``target_parameters``)."""
     from peft.tuners.lora.layer import ParamWrapper
@@ -290,10 +299,7 @@ def param_plans(model: nn.Module, adapter_names: Sequence[str]) -> list[ParamPla
         active = [a for a in adapter_names if a in module.lora_A]
         if not active:
             continue
-        owner = name
-        while owner.endswith(".base_layer"):  # nested wrappers: one per parameter of the same module
-            owner = owner.removesuffix(".base_layer")
-        plans.append(ParamPlan(f"{owner}.{module.parameter_name}", module, active, module.get_base_layer()))
+        plans.append(ParamPlan(parameter_path(name, module), module, active, module.get_base_layer()))
     return plans
 
 
