@@ -32,7 +32,6 @@ from loramerge.errors import (
     InvalidArgumentError,
     LoraMergeWarning,
     NonFiniteMergeError,
-    UnsupportedAdapterError,
     UnsupportedQuantizationError,
 )
 from loramerge.hub_download import hub_path
@@ -154,12 +153,6 @@ def merge_checkpoint(
     )
     if qlora_base not in (None, "original", "simulated"):
         raise InvalidArgumentError(f"qlora_base={qlora_base!r}: use 'simulated' or 'original'")
-    if verify == "model" and loaded.parameter_factors:
-        raise UnsupportedAdapterError(
-            "verify='model' (--verify-model) runs the in-memory verify(), which does not cover target_parameters "
-            "yet; nothing was written. Use the default verification: it judges every expert parameter against "
-            "PEFT's own wrapper."
-        )
     if quantization is not None and qlora_base is None:
         raise InvalidArgumentError(
             "quantization= describes a QLoRA base; pass qlora_base='simulated' or 'original' with it"

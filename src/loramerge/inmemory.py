@@ -176,7 +176,7 @@ def _updates_by_name(
 ) -> dict[str, list[LoraUpdate]]:
     """Every adapted weight's and parameter's updates (of one ``adapter``, or all), by name."""
     found = {p.name: [u for a, u in p.updates if adapter in (None, a)] for p in plans}
-    found.update({pp.name: [u for a, u in pp.updates() if adapter in (None, a)] for pp in params})
+    found.update({pp.path: [u for a, u in pp.fingerprinted() if adapter in (None, a)] for pp in params})
     return {name: ups for name, ups in found.items() if ups}
 
 
@@ -490,7 +490,10 @@ def _merge(
             source=sources.get(n, f"attached adapter {n!r}"),
             fingerprint=adapter_fingerprint(_updates_by_name(plans, params, n)),
             config=peft_model.peft_config[n].to_dict(),
-            scales={name: u.scale for name, ups in _updates_by_name(plans, params, n).items() for u in ups},
+            scales={
+                **{p.name: u.scale for p in plans for a, u in p.updates if a == n},
+                **{pp.name: u.scale for pp in params for a, u in pp.updates() if a == n},
+            },
             dtype=str(next((p.weight.dtype for p in plans), next((pp.param.dtype for pp in params), ""))).replace(
                 "torch.", ""
             ),

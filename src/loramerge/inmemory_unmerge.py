@@ -16,8 +16,8 @@ from loramerge.adapter import Adapter
 from loramerge.delta import LoraUpdate, check_updates, unmerge_tensor_
 from loramerge.errors import (
     AdapterMismatchError,
+    InvalidArgumentError,
     UnmergeImpossibleError,
-    UnsupportedAdapterError,
     VerificationError,
 )
 from loramerge.inmemory_common import FileMappings, _raise_problems
@@ -41,6 +41,7 @@ from loramerge.lineage_records import (
 )
 from loramerge.model_runs import CheckOutputs, Probes, probe_batch, run_model
 from loramerge.output_checks import output_check, reference_outputs, storage_baseline
+from loramerge.param_targets import planned_unmerges, unmerge_param_, unmerged_checks
 from loramerge.peft_glue import adapter_mode, check_compatible
 from loramerge.peft_plans import LayerPlan
 from loramerge.preserve import preserved
@@ -108,12 +109,6 @@ def unmerge(
         >>> merged = load_base(merged_dir)  # doctest: +SKIP
         >>> result = unmerge(merged, load_adapter(adapter_dir))  # doctest: +SKIP
     """
-    if adapter.parameter_factors:
-        raise UnsupportedAdapterError(
-            f"unmerge(): the adapter uses target_parameters ({sorted(adapter.parameter_factors)[:3]} ...), which "
-            "the in-memory unmerge does not cover yet; nothing was changed. Unmerge the saved checkpoint with "
-            "loramerge.unmerge_checkpoint (or `loramerge unmerge`), which does."
-        )
     with preserved(model):
         return _unmerge(
             model,
@@ -195,6 +190,12 @@ def _unmerge(
         layer = model.get_submodule(name)
         plans.append(LayerPlan(name, kind, layer, [("adapter", up)]))
     problems = [f"{p.name}: {msg}" for p in plans for msg in check_updates([u for _, u in p.updates], p.weight)]
+    experts = planned_unmerges(model, adapter, seed, verify) if adapter.parameter_factors else []
+    if experts and rc is not None:
+        raise InvalidArgumentError("receipts do not cover target_parameters; unmerge without receipt=")
+    problems += [
+        f"{x.name}: {m}" for x in experts for e, ups in enumerate(x.updates) for m in check_updates(ups, x.param[e])
+    ]
     _raise_problems(problems, "unmerging")
 
     notes: list[str] = []
@@ -258,6 +259,10 @@ def _unmerge(
                 notes.append(
                     f"{plan.name}.weight: the adapter's saved base copy differs from the recovered weight; kept the recovered one"
                 )
+    for item in experts:
+        if mapped.holds(item.param):
+            mapped.own_copy(item.param)
+        unmerge_param_(item)
     bound = max((st.error_bound for n, st in stats.items() if f"{n}.weight" not in exact), default=0.0)
     notes_lineage = lineage_notes
     for pname, value in originals.items():
@@ -288,6 +293,7 @@ def _unmerge(
                     )
                 both = math.hypot(storage[plan.name], probe.storage(plan.weight))
                 layers.append(probe.check(target_out[plan.name], tol, st.relative_residual, st.max_ulp, reason, both))
+            layers += unmerged_checks(model, adapter, experts, tol, seed) if experts else []
             if merged_model_out is not None and batch is not None:
                 with adapter_mode(model, [adapter]) as peft_model:
                     ref = reference_outputs(peft_model, batch)

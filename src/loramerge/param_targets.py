@@ -30,7 +30,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from loramerge.delta import LoraUpdate, check_updates, merge_tensor_
+from loramerge.delta import LoraUpdate, check_updates, merge_tensor_, unmerge_tensor_
 from loramerge.fused import FusedParam
 from loramerge.reports import LayerCheck
 from loramerge.tolerance import Tolerance, reference_dtype, relative_errors, ulp, unit_roundoff
@@ -49,6 +49,7 @@ class ParamPlan:
     wrapper: Any  # PEFT's ParamWrapper that adapts it
     adapters: list[str]
     owner: nn.Module  # the module that owns the parameter, under every nested wrapper (stays after unwrapping)
+    path: str = ""  # the wrapper's module path, as adapter files name its tensors
 
     @property
     def attr(self) -> str:
@@ -63,6 +64,21 @@ class ParamPlan:
         w = self.wrapper
         return [
             (a, LoraUpdate("linear", w.lora_A[a].weight.detach(), w.lora_B[a].weight.detach(), float(w.scaling[a])))
+            for a in self.adapters
+        ]
+
+    def fingerprinted(self) -> list[tuple[str, LoraUpdate]]:
+        """Each adapter's factors with ``lora_alpha / r`` as the scale: what
+        :func:`~loramerge.lineage_records.fingerprint_of` records for the same adapter read from its
+        file (which cannot know the parameter, nor rsLoRA's scale, before it is planned)."""
+        w = self.wrapper
+        return [
+            (
+                a,
+                LoraUpdate(
+                    "linear", w.lora_A[a].weight.detach(), w.lora_B[a].weight.detach(), w.lora_alpha[a] / w.r[a]
+                ),
+            )
             for a in self.adapters
         ]
 
@@ -202,11 +218,11 @@ def _adapter_mode_weight(plan: ParamPlan) -> torch.Tensor:
         return cast(torch.Tensor, getattr(plan.owner, plan.attr)).detach().clone()
 
 
-def _probes(plan: ParamPlan, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """Seeded vectors along the parameter's last dimension."""
-    digest = hashlib.sha256(f"param:{seed}:{plan.name}".encode()).digest()[:4]
+def _probe_vectors(name: str, features: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Seeded vectors along a parameter's last dimension."""
+    digest = hashlib.sha256(f"param:{seed}:{name}".encode()).digest()[:4]
     gen = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
-    return torch.randn(int(plan.param.shape[-1]), _PROBES, generator=gen, dtype=dtype)
+    return torch.randn(features, _PROBES, generator=gen, dtype=dtype)
 
 
 @dataclass
@@ -226,12 +242,13 @@ class ParamOracle:
     adapter: torch.Tensor
     arithmetic: torch.Tensor
     probes: torch.Tensor
+    seed: int
 
     @classmethod
     def of(cls, plan: ParamPlan, seed: int) -> ParamOracle:
         stored = plan.param.dtype
         wide = reference_dtype(stored)
-        x = _probes(plan, seed, wide)
+        x = _probe_vectors(plan.name, int(plan.param.shape[-1]), seed, wide)
         with torch.no_grad():
             adapter = _adapter_mode_weight(plan).to(wide) @ x
             with _widened(plan, wide):
@@ -243,29 +260,45 @@ class ParamOracle:
                 bound = _adapter_mode_weight(plan).sub_(getattr(plan.owner, plan.attr).detach()).abs_()
             rank = max(int(w.r[name]) for name in plan.adapters)
             arithmetic = bound.mul_((rank + 2) * unit_roundoff(torch.float32)).pow_(2).div_(3) @ x.pow(2)
-        return cls(reference, adapter, arithmetic, x)
+        return cls(reference, adapter, arithmetic, x, seed)
 
 
-def check_param(
-    plan: ParamPlan, oracle: ParamOracle, tol: Tolerance, rounded_base: torch.Tensor | None = None
+@dataclass(frozen=True)
+class ProbedValues:
+    """A parameter's values on the seeded probes, and the output variance storing them may add."""
+
+    name: str
+    dtype: torch.dtype
+    value: torch.Tensor
+    variance: torch.Tensor
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor, seed: int) -> ProbedValues:
+        """``tensor @ x`` in the wide dtype, and ``ulp(tensor)² / 12 @ x²`` (½ulp per element)."""
+        stored = tensor.dtype
+        wide = reference_dtype(stored)
+        x = _probe_vectors(name, int(tensor.shape[-1]), seed, wide)
+        with torch.no_grad():
+            value = tensor.detach().to(wide) @ x
+            variance = ulp(tensor.detach(), stored).to(wide).pow_(2).div_(12) @ x.pow(2)
+        return cls(name, stored, value, variance)
+
+
+def verdict(
+    merged: ProbedValues, oracle: ParamOracle, tol: Tolerance, rounded_base: ProbedValues | None = None
 ) -> LayerCheck:
-    """The merged parameter against PEFT's adapter mode, under the tolerance rule of a layer check:
-    ``probe_error <= factor * storage_error + floor / 4``, where ``storage_error`` is the output
-    error that storing the merged values in their dtype (½ulp per element) and the fp32
-    arithmetic of ΔW may add. ``rounded_base``: the base the oracle was taken on was itself
-    computed and rounded (an unmerge's output): its rounding is allowed too."""
-    merged = plan.param.detach()
+    """The merged parameter's probed values against PEFT's adapter mode, under the tolerance rule of a
+    layer check: ``probe_error <= factor * storage_error + floor / 4``, where ``storage_error`` is
+    the output error that storing the merged values in their dtype (½ulp per element) and the fp32
+    arithmetic of ΔW may add. ``rounded_base``: the base the oracle was taken on was itself computed
+    and rounded (an unmerge's output): its rounding is allowed too."""
     stored = merged.dtype
-    wide = oracle.reference.dtype
-    x = oracle.probes
-    with torch.no_grad():
-        value = merged.to(wide) @ x
-        variance = ulp(merged, stored).to(wide).pow_(2).div_(12) @ x.pow(2)
-        if stored != torch.float64:
-            variance.add_(oracle.arithmetic)
-        if rounded_base is not None:
-            variance.add_(ulp(rounded_base, stored).to(wide).pow_(2).div_(12) @ x.pow(2))
-    err, _ = relative_errors(value, oracle.reference)
+    variance = merged.variance.clone()
+    if stored != torch.float64:
+        variance.add_(oracle.arithmetic)
+    if rounded_base is not None:
+        variance.add_(rounded_base.variance)
+    err, _ = relative_errors(merged.value, oracle.reference)
     a_err, _ = relative_errors(oracle.adapter, oracle.reference)
     ref_rms = float(oracle.reference.double().pow(2).mean().sqrt())
     s_err = float(variance.double().mean().sqrt()) / ref_rms if ref_rms > 0 else 0.0
@@ -276,7 +309,15 @@ def check_param(
         if ok
         else (f"output error {err:.3g} against PEFT's own ParamWrapper in adapter mode exceeds the limit {limit:.3g}")
     )
-    return LayerCheck(plan.name, KIND, str(stored)[6:], math.nan, math.nan, err, a_err, s_err, limit, ok, reason)
+    return LayerCheck(merged.name, KIND, str(stored)[6:], math.nan, math.nan, err, a_err, s_err, limit, ok, reason)
+
+
+def check_param(
+    plan: ParamPlan, oracle: ParamOracle, tol: Tolerance, rounded_base: torch.Tensor | None = None
+) -> LayerCheck:
+    """:func:`verdict` for the parameter as ``plan`` holds it now."""
+    base = None if rounded_base is None else ProbedValues.of(plan.name, rounded_base, oracle.seed)
+    return verdict(ProbedValues.of(plan.name, plan.param, oracle.seed), oracle, tol, base)
 
 
 def parameter_path(wrapper_path: str, wrapper: Any) -> str:
@@ -299,7 +340,7 @@ def param_plans(model: nn.Module, adapter_names: Sequence[str]) -> list[ParamPla
         active = [a for a in adapter_names if a in module.lora_A]
         if not active:
             continue
-        plans.append(ParamPlan(parameter_path(name, module), module, active, module.get_base_layer()))
+        plans.append(ParamPlan(parameter_path(name, module), module, active, module.get_base_layer(), name))
     return plans
 
 
@@ -335,3 +376,83 @@ def judge_values(
         oracle = ParamOracle.of(plan, seed)
     with _holding(owner, plan.attr, merged):
         return check_param(plan, oracle, tol, base.to(merged.dtype) if rounded_base else None)
+
+
+# ---- a saved adapter on a live model: verify and unmerge ------------------------------------
+
+
+def attached_checks(
+    base: nn.Module, adapter: Any, merged: Mapping[str, torch.Tensor], tol: Tolerance, seed: int
+) -> list[LayerCheck]:
+    """Each parameter ``adapter`` adapts (``target_parameters``), in ``merged``, against PEFT's own
+    wrapper attached to ``base`` as adapter mode runs it."""
+    from loramerge.peft_glue import adapter_mode
+
+    checks = []
+    with adapter_mode(base, [adapter]) as peft_model:
+        inner = cast(nn.Module, cast(Any, peft_model).base_model.model)
+        for plan in param_plans(inner, ["loramerge_0"]):
+            got = merged.get(plan.name)
+            if got is None:
+                got = torch.full_like(plan.param, math.nan)  # judged as missing: fails
+            checks.append(
+                judge_values(plan.name, plan.wrapper, "loramerge_0", plan.param.detach(), got.detach(), tol, seed)
+            )
+    return checks
+
+
+@dataclass
+class Unmerge:
+    """One parameter to unmerge: where it is, each expert's updates, and its merged values on probes."""
+
+    name: str
+    owner: nn.Module
+    attr: str
+    updates: list[list[LoraUpdate]]
+    merged: ProbedValues | None
+
+    @property
+    def param(self) -> torch.Tensor:
+        return cast(torch.Tensor, getattr(self.owner, self.attr))
+
+
+def planned_unmerges(model: nn.Module, adapter: Any, seed: int, verify: bool) -> list[Unmerge]:
+    """What unmerging ``adapter``'s ``target_parameters`` from ``model`` does, planned by PEFT's own
+    injection (attached and taken off again; nothing changes)."""
+    from loramerge.peft_glue import adapter_mode
+
+    found = []
+    with adapter_mode(model, [adapter]) as peft_model:
+        inner = cast(nn.Module, cast(Any, peft_model).base_model.model)
+        for plan in param_plans(inner, ["loramerge_0"]):
+            updates = [_expert_updates(plan, e) for e in range(_experts(plan.param))]
+            merged = ProbedValues.of(plan.name, plan.param, seed) if verify else None
+            found.append(Unmerge(plan.name, plan.owner, plan.attr, updates, merged))
+    return found
+
+
+def unmerge_param_(item: Unmerge) -> None:
+    """Subtract each expert's updates in place (fp32, one rounding)."""
+    with torch.no_grad():
+        for e, updates in enumerate(item.updates):
+            unmerge_tensor_(_matrix(item.param, e), updates)
+
+
+def unmerged_checks(
+    model: nn.Module, adapter: Any, items: Sequence[Unmerge], tol: Tolerance, seed: int
+) -> list[LayerCheck]:
+    """The reverse judgement: PEFT's adapter mode on the restored parameter must reproduce the merged one."""
+    from loramerge.peft_glue import adapter_mode
+
+    merged = {item.name: item.merged for item in items if item.merged is not None}
+    checks = []
+    with adapter_mode(model, [adapter]) as peft_model:
+        inner = cast(nn.Module, cast(Any, peft_model).base_model.model)
+        for plan in param_plans(inner, ["loramerge_0"]):
+            before = merged.get(plan.name)
+            if before is None:
+                continue
+            oracle = ParamOracle.of(plan, seed)
+            restored = ProbedValues.of(plan.name, plan.param, seed)
+            checks.append(verdict(before, oracle, tol, restored))
+    return checks

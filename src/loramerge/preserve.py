@@ -1,8 +1,14 @@
-"""Give objects back as they came in: training flags and ``requires_grad`` of every module and parameter.
+"""Give objects back as they came in: training flags and ``requires_grad`` of every module and
+parameter, and the order in which each module registers its parameters.
 
 Anything loramerge runs a model for (probes, references, attaching an adapter for a check) happens
 inside :func:`preserved`, so the caller's model comes back in the mode it was handed in: a model in
 eval mode is still in eval mode (dropout off), a model being trained is still in training mode.
+
+The order matters for PEFT's ``target_parameters``: running a ``ParamWrapper`` in adapter mode
+registers its parameter again (``torch.nn.utils.parametrize``), which moves it to the end of its
+module's parameters, and PEFT nests the wrappers of the next adapter in that order, so that the
+adapter files saved from it name their tensors otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ class ModuleFlags:
 
     training: dict[int, tuple[nn.Module, bool]] = field(default_factory=dict)
     grads: dict[int, tuple[torch.Tensor, bool]] = field(default_factory=dict)
+    order: dict[int, tuple[nn.Module, tuple[str, ...]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, models: Iterable[nn.Module]) -> ModuleFlags:
@@ -32,6 +39,8 @@ class ModuleFlags:
         for model in models:
             for module in model.modules():
                 flags.training.setdefault(id(module), (module, module.training))
+                if len(module._parameters) > 1:
+                    flags.order.setdefault(id(module), (module, tuple(module._parameters)))
             for p in model.parameters():
                 flags.grads.setdefault(id(p), (p, p.requires_grad))
         return flags
@@ -43,6 +52,13 @@ class ModuleFlags:
         for p, grad in self.grads.values():
             if p.requires_grad != grad and (p.is_leaf or not grad):
                 p.requires_grad_(grad)
+        for module, names in self.order.values():
+            current = module._parameters
+            if tuple(current) != names and set(names) <= set(current):
+                ordered = {n: current[n] for n in names}
+                ordered.update((n, v) for n, v in current.items() if n not in ordered)
+                current.clear()
+                current.update(ordered)
 
     def carry(self, old: nn.Module, new: nn.Module) -> None:
         """``new`` replaces ``old`` (a dequantized layer, say): give it ``old``'s flags."""

@@ -27,7 +27,6 @@ from torch import nn
 
 from loramerge.adapter import Adapter
 from loramerge.delta import LoraUpdate
-from loramerge.errors import UnsupportedAdapterError
 from loramerge.layer_checks import LayerProbe, loses_precision, oracle_check, peft_layer_output, weight_space_check
 from loramerge.model_runs import CheckOutputs, Probes, make_probes, model_dtype, probe_batch, run_model
 from loramerge.output_checks import output_check, reference_outputs, storage_baseline
@@ -93,12 +92,6 @@ def verify(
         >>> report.passed  # doctest: +SKIP
         True
     """
-    if adapter.parameter_factors:
-        raise UnsupportedAdapterError(
-            f"verify(): the adapter uses target_parameters ({sorted(adapter.parameter_factors)[:3]} ...), which "
-            "the in-memory verify() does not cover yet. merge() proves them against PEFT's own wrapper; for saved "
-            "checkpoints use loramerge.verify_checkpoint (or `loramerge verify`)."
-        )
     with keep_layout(base), preserved(base, merged):
         return _verify(base, adapter, merged, probes, tolerance or Tolerance(), check_outputs, seed)
 
@@ -152,6 +145,12 @@ def _verify(
             inner = cast(nn.Module, cast(Any, peft_model).base_model.model)
             oracles = [peft_layer_output(inner.get_submodule(p.name), p) for p, _ in judged]
         layers = [oracle_check(c, out, o) for c, (_, out), o in zip(layers, judged, oracles, strict=True)]
+    if adapter.parameter_factors:  # target_parameters: judged by PEFT's own wrapper on the base
+        from loramerge.param_targets import attached_checks
+
+        experts = attached_checks(base, adapter, merged_params, tol, seed)
+        layers += experts
+        touched.update(c.name for c in experts)
     changed: list[str] = []
     checked = 0
     merged_state = merged.state_dict()
