@@ -321,3 +321,53 @@ def test_parameters_keep_their_order_after_adapter_mode_ran(tmp_path: Path) -> N
     with inner._activate_lora(["default"]):
         pass
     assert list(inner.get_base_layer()._parameters) != order
+
+
+class _TransposedExperts(nn.Module):
+    """Experts stored ``[experts, in, out]`` (the module says ``is_transposed``, as GPT-OSS's do);
+    token ``t`` goes to expert ``t % experts``."""
+
+    is_transposed = True
+
+    def __init__(self, experts: int = 3, d_in: int = 12, d_out: int = 10) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, d_in, d_out) / d_in**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chosen = torch.arange(x.shape[0]) % self.weight.shape[0]
+        return torch.einsum("ti,tio->to", x, self.weight[chosen])
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = _TransposedExperts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_transposed_expert_stacks_merge_in_memory(dtype: torch.dtype) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = _Model().to(dtype).eval()
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["experts.weight"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape) * 0.3)
+    x = torch.randn(9, 12, dtype=dtype)
+    with torch.no_grad():
+        exact = run_widened(peft_model, {"x": x}, torch.float64).double()
+        adapter_out = peft_model(x).double()
+    result = lm.merge(peft_model, probes={"x": x})
+    assert result.passed and [c.kind for c in result.report.layers] == ["parameter"]
+    merged_out = result.model(x).double()
+    limit = 2 * relative_errors(adapter_out, exact)[0] + Tolerance().floor_for(dtype)
+    assert relative_errors(merged_out, exact)[0] <= limit
+    assert not torch.equal(result.model.experts.weight, base.experts.weight)

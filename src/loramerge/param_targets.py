@@ -380,23 +380,31 @@ def judge_values(
 
 # ---- a saved adapter on a live model: verify and unmerge ------------------------------------
 
+_ATTACHED = "loramerge_0"  # the name peft_glue.adapter_mode gives the (first) adapter it attaches
+
+
+@contextmanager
+def _attached(model: nn.Module, adapter: Any) -> Iterator[list[ParamPlan]]:
+    """``adapter``'s parameter plans with the adapter attached to ``model`` by PEFT (taken off after)."""
+    from loramerge.peft_glue import adapter_mode
+
+    with adapter_mode(model, [adapter]) as peft_model:
+        yield param_plans(cast(nn.Module, cast(Any, peft_model).base_model.model), [_ATTACHED])
+
 
 def attached_checks(
     base: nn.Module, adapter: Any, merged: Mapping[str, torch.Tensor], tol: Tolerance, seed: int
 ) -> list[LayerCheck]:
     """Each parameter ``adapter`` adapts (``target_parameters``), in ``merged``, against PEFT's own
     wrapper attached to ``base`` as adapter mode runs it."""
-    from loramerge.peft_glue import adapter_mode
-
     checks = []
-    with adapter_mode(base, [adapter]) as peft_model:
-        inner = cast(nn.Module, cast(Any, peft_model).base_model.model)
-        for plan in param_plans(inner, ["loramerge_0"]):
+    with _attached(base, adapter) as plans:
+        for plan in plans:
             got = merged.get(plan.name)
             if got is None:
                 got = torch.full_like(plan.param, math.nan)  # judged as missing: fails
             checks.append(
-                judge_values(plan.name, plan.wrapper, "loramerge_0", plan.param.detach(), got.detach(), tol, seed)
+                judge_values(plan.name, plan.wrapper, _ATTACHED, plan.param.detach(), got.detach(), tol, seed)
             )
     return checks
 
@@ -419,12 +427,9 @@ class Unmerge:
 def planned_unmerges(model: nn.Module, adapter: Any, seed: int, verify: bool) -> list[Unmerge]:
     """What unmerging ``adapter``'s ``target_parameters`` from ``model`` does, planned by PEFT's own
     injection (attached and taken off again; nothing changes)."""
-    from loramerge.peft_glue import adapter_mode
-
     found = []
-    with adapter_mode(model, [adapter]) as peft_model:
-        inner = cast(nn.Module, cast(Any, peft_model).base_model.model)
-        for plan in param_plans(inner, ["loramerge_0"]):
+    with _attached(model, adapter) as plans:
+        for plan in plans:
             updates = [_expert_updates(plan, e) for e in range(_experts(plan.param))]
             merged = ProbedValues.of(plan.name, plan.param, seed) if verify else None
             found.append(Unmerge(plan.name, plan.owner, plan.attr, updates, merged))
@@ -442,13 +447,10 @@ def unmerged_checks(
     model: nn.Module, adapter: Any, items: Sequence[Unmerge], tol: Tolerance, seed: int
 ) -> list[LayerCheck]:
     """The reverse judgement: PEFT's adapter mode on the restored parameter must reproduce the merged one."""
-    from loramerge.peft_glue import adapter_mode
-
     merged = {item.name: item.merged for item in items if item.merged is not None}
     checks = []
-    with adapter_mode(model, [adapter]) as peft_model:
-        inner = cast(nn.Module, cast(Any, peft_model).base_model.model)
-        for plan in param_plans(inner, ["loramerge_0"]):
+    with _attached(model, adapter) as plans:
+        for plan in plans:
             before = merged.get(plan.name)
             if before is None:
                 continue
