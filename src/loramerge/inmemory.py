@@ -57,7 +57,8 @@ from loramerge.lineage_records import (
 )
 from loramerge.model_runs import CheckOutputs, Probes, probe_batch, run_model
 from loramerge.output_checks import ModelReference, output_check, reference_outputs, storage_baseline
-from loramerge.param_targets import ParamOracle, ParamPlan, check_param, merge_param_, param_plans, param_problems
+from loramerge.param_checks import ParamOracle, check_param
+from loramerge.param_targets import ParamPlan, merge_param_, param_plans, param_problems
 from loramerge.peft_glue import attach, unwrap
 from loramerge.peft_plans import LayerPlan, collect_plans, peft_merged, untie_shared
 from loramerge.preserve import ModuleFlags, preserved

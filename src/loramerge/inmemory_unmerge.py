@@ -41,7 +41,8 @@ from loramerge.lineage_records import (
 )
 from loramerge.model_runs import CheckOutputs, Probes, probe_batch, run_model
 from loramerge.output_checks import output_check, reference_outputs, storage_baseline
-from loramerge.param_targets import planned_unmerges, unmerge_param_, unmerged_checks
+from loramerge.param_checks import ProbedValues, unmerged_checks
+from loramerge.param_targets import planned_unmerges, unmerge_param_
 from loramerge.peft_glue import adapter_mode, check_compatible
 from loramerge.peft_plans import LayerPlan
 from loramerge.preserve import preserved
@@ -190,7 +191,8 @@ def _unmerge(
         layer = model.get_submodule(name)
         plans.append(LayerPlan(name, kind, layer, [("adapter", up)]))
     problems = [f"{p.name}: {msg}" for p in plans for msg in check_updates([u for _, u in p.updates], p.weight)]
-    experts = planned_unmerges(model, adapter, seed, verify) if adapter.parameter_factors else []
+    experts = planned_unmerges(model, adapter) if adapter.parameter_factors else []
+    experts_merged = {x.name: ProbedValues.of(x.name, x.param, seed) for x in experts} if verify else {}
     if experts and rc is not None:
         raise InvalidArgumentError("receipts do not cover target_parameters; unmerge without receipt=")
     problems += [
@@ -293,7 +295,7 @@ def _unmerge(
                     )
                 both = math.hypot(storage[plan.name], probe.storage(plan.weight))
                 layers.append(probe.check(target_out[plan.name], tol, st.relative_residual, st.max_ulp, reason, both))
-            layers += unmerged_checks(model, adapter, experts, tol, seed) if experts else []
+            layers += unmerged_checks(model, adapter, experts_merged, tol, seed) if experts else []
             if merged_model_out is not None and batch is not None:
                 with adapter_mode(model, [adapter]) as peft_model:
                     ref = reference_outputs(peft_model, batch)

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from loramerge.adapter import TRAINING_STATE, Adapter
-from loramerge.param_targets import judge_values, parameter_path
+from loramerge.param_checks import judge_values
+from loramerge.param_targets import parameter_path
 from loramerge.reports import LayerCheck
 from loramerge.shards import CheckpointReader
 from loramerge.skeleton import meta_model, module_kind, renamed_keys, tied_names

@@ -146,7 +146,7 @@ def _verify(
             oracles = [peft_layer_output(inner.get_submodule(p.name), p) for p, _ in judged]
         layers = [oracle_check(c, out, o) for c, (_, out), o in zip(layers, judged, oracles, strict=True)]
     if adapter.parameter_factors:  # target_parameters: judged by PEFT's own wrapper on the base
-        from loramerge.param_targets import attached_checks
+        from loramerge.param_checks import attached_checks
 
         experts = attached_checks(base, adapter, merged_params, tol, seed)
         layers += experts
