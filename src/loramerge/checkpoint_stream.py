@@ -117,6 +117,7 @@ class _Pipeline:
         self.reads.shutdown(wait=True)
         self.writes.shutdown(wait=True)
         self.writer.close()
+        self.buffers.clear()  # what runs next (the verification's end, PEFT's judgement) needs that memory
 
     def abort(self) -> None:
         """Stop after a failure: let the threads end, close the open shard, keep the first error."""
@@ -272,6 +273,7 @@ def _stream(
                 bar.set_postfix_str(f"{count}/{len(order)} tensors", refresh=False)
             bar.close()
             pipe.finish()
+            return_freed_memory_to_os()
             torch.set_num_threads(threads)
             finalize(tmp)
         except BaseException:

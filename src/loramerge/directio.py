@@ -270,3 +270,8 @@ class BufferPool:
         with self._lock:
             self._free.append(buffer)
         self._slots.release()
+
+    def clear(self) -> None:
+        """Drop the buffers not lent out (their memory can go back to the system)."""
+        with self._lock:
+            self._free.clear()
