@@ -289,7 +289,8 @@ def expert_tensors(
     which stored tensors make up that parameter comes from transformers' weight converters."""
     from peft.tuners.lora.layer import ParamWrapper
 
-    from loramerge.oracle import ADAPTER, adapter_mode
+    from loramerge.oracle import adapter_mode
+    from loramerge.oracle_layers import ADAPTER
 
     mode = adapter_mode(reader.root, adapter)
     if isinstance(mode, str):
