@@ -17,7 +17,7 @@ from peft.utils import ModulesToSaveWrapper
 from peft.utils.other import TrainableTokensWrapper
 from torch import nn
 
-from loramerge.adapter import check_mergeable_settings
+from loramerge.adapter_config import check_mergeable_settings
 from loramerge.delta import Kind, LoraUpdate
 from loramerge.errors import LoraMergeWarning, UnsupportedAdapterError
 from loramerge.peft_glue import _attention_refused, base_layer_of
