@@ -144,9 +144,9 @@ def relative_errors(value: torch.Tensor, reference: torch.Tensor) -> tuple[float
     """
     wide = torch.float64 if torch.float64 in (value.dtype, reference.dtype) else torch.float32
     ref = reference.to(wide)
-    diff = value.to(wide) - ref
-    ref_rms = float(ref.pow(2).mean().sqrt())
-    ref_max = float(ref.abs().max())
-    rms = float(diff.pow(2).mean().sqrt()) / ref_rms if ref_rms > 0 else float(diff.abs().max())
-    mx = float(diff.abs().max()) / ref_max if ref_max > 0 else float(diff.abs().max())
-    return rms, mx
+    diff = value - ref if value.dtype == wide else value.to(wide).sub_(ref)  # one temporary, never the caller's
+    root_n = math.sqrt(max(ref.numel(), 1))
+    norm = torch.linalg.vector_norm  # no squared temporary; NaN and inf propagate
+    ref_rms, ref_max = float(norm(ref)) / root_n, float(norm(ref, ord=math.inf))
+    d_rms, d_max = float(norm(diff)) / root_n, float(norm(diff, ord=math.inf))
+    return (d_rms / ref_rms if ref_rms > 0 else d_max), (d_max / ref_max if ref_max > 0 else d_max)
