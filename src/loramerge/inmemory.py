@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -30,16 +29,18 @@ from loramerge.errors import (
 from loramerge.inmemory_common import (
     FileMappings,
     QuantizedMode,
-    _layer_verdict,
     _merge_quantized,
     _merged_bias,
+    _merged_check,
     _quant_plan,
     _raise_problems,
     _receipt_originals,
     _record_receipt,
     _replace_module,
+    _requantized_check,
     _requantized_output_check,
     _token_check,
+    _unverified,
     _verification_crashed,
 )
 from loramerge.layer_checks import (
@@ -65,11 +66,9 @@ from loramerge.preserve import ModuleFlags, preserved
 from loramerge.quantized import (
     checked_dequantize,
     compute_dtype,
-    dequantize,
     dequantized_linear,
     forget_quantization,
     keep_layout,
-    quant_format,
     quantized_layers,
 )
 from loramerge.receipts import Receipt
@@ -181,14 +180,40 @@ def _updates_by_name(
     return {name: ups for name, ups in found.items() if ups}
 
 
-def _merge_params(params: Sequence[ParamPlan], mapped: FileMappings) -> dict[str, float]:
-    """Merge every targeted parameter (``target_parameters``) in place; ``‖ΔW‖`` of each."""
-    norms = {}
+def _merge_params(params: Sequence[ParamPlan], mapped: FileMappings) -> None:
+    """Merge every targeted parameter (``target_parameters``) in place."""
     for pp in params:
         if mapped.holds(pp.param):
             mapped.own_copy(pp.param)
-        norms[pp.name] = merge_param_(pp)
-    return norms
+        logger.debug("merged %s (|dW| %.3g)", pp.name, merge_param_(pp))
+
+
+def _rounds(
+    peft_model: PeftModel,
+    names: Sequence[str],
+    sources: Mapping[str, str],
+    plans: Sequence[LayerPlan],
+    params: Sequence[ParamPlan],
+    report: VerificationReport,
+    verify: bool,
+) -> list[dict[str, Any]]:
+    """The lineage entries of a merge: one round per adapter, in merge order (they can be unmerged
+    one at a time, in reverse)."""
+    dtype = next((p.weight.dtype for p in plans), next((pp.param.dtype for pp in params), ""))
+    return [
+        new_round(
+            source=sources.get(n, f"attached adapter {n!r}"),
+            fingerprint=adapter_fingerprint(_updates_by_name(plans, params, n)),
+            config=peft_model.peft_config[n].to_dict(),
+            scales={
+                **{p.name: u.scale for p in plans for a, u in p.updates if a == n},
+                **{pp.name: u.scale for pp in params for a, u in pp.updates() if a == n},
+            },
+            dtype=str(dtype).replace("torch.", ""),
+            report=report if verify else None,
+        )
+        for n in names
+    ]
 
 
 def _attach_all(model: nn.Module, adapters: Adapter | Sequence[Adapter] | None) -> tuple[PeftModel, dict[str, Adapter]]:
@@ -360,7 +385,7 @@ def _merge(
             dora_norms[plan.name] = stats[plan.name].extras["dora_norms"].detach().cpu()
         if receipt is not None:
             _record_receipt(receipt, plan, originals, dora_norms.get(plan.name))
-    param_norms = _merge_params(params, mapped)
+    _merge_params(params, mapped)
     layers_extra: list[LayerCheck] = []
     for token_plan in tokens:  # PEFT's rows replace the base's, as its own merge writes them
         ids, rows = token_plan.rows()
@@ -405,46 +430,10 @@ def _merge(
     if verify:
         try:
             for plan, probe in zip(plans, layer_probes, strict=True):
-                st = stats[plan.name]
                 if plan.quantized:  # re-quantized: judged against the base without the adapter
-                    merged_w = dequantize(plan.layer).to(probe.dtype)
-                    out = probe.outputs(merged_w, bias_of(plan.layer))
-                    err, _ = relative_errors(out, probe.reference)
-                    a_err, _ = relative_errors(probe.adapter, probe.reference)
-                    limit = base_errors[plan.name]
-                    ok = math.isfinite(err) and err < limit
-                    reason = (
-                        ""
-                        if ok
-                        else (
-                            f"re-quantized output error {err:.3g} is not below the base's without the adapter ({limit:.3g}): "
-                            "re-quantizing erased the adapter in this layer"
-                        )
-                    )
-                    layers.append(
-                        LayerCheck(
-                            plan.name,
-                            plan.kind,
-                            quant_format(plan.layer).quant_type,
-                            lost[plan.name],
-                            math.nan,
-                            err,
-                            a_err,
-                            math.nan,
-                            limit,
-                            ok,
-                            reason,
-                        )
-                    )
-                    continue
-                merged_w = plan.weight.detach()
-                out = probe.outputs(merged_w, bias_of(plan.layer))
-                oracle = oracles.get(plan.name)
-                # the rounding a faithful merge may add only widens the limit: computed when needed
-                check = _layer_verdict(plan.via_peft, probe, out, oracle, tol, st, probe.storage(merged_w, False))
-                if not check.passed:
-                    check = _layer_verdict(plan.via_peft, probe, out, oracle, tol, st, probe.storage(merged_w))
-                layers.append(dataclasses.replace(check, dtype=str(merged_w.dtype).replace("torch.", "")))
+                    layers.append(_requantized_check(plan, probe, lost[plan.name], base_errors[plan.name]))
+                else:
+                    layers.append(_merged_check(plan, probe, oracles.get(plan.name), tol, stats[plan.name]))
             layers += [check_param(pp, param_oracles[pp.name], tol) for pp in params]
             if model_ref is not None and batch is not None:
                 routes: list[torch.Tensor] = []
@@ -461,48 +450,11 @@ def _merge(
             raise _verification_crashed(e, plain, names, tol, layers, notes, dora_norms, untied, base_format) from e
     else:
         notes.append("verification off (verify=False)")
-        for plan in plans:
-            st = stats[plan.name]
-            layers.append(
-                LayerCheck(
-                    plan.name,
-                    plan.kind,
-                    str(plan.weight.dtype).replace("torch.", ""),
-                    lost.get(plan.name, st.relative_residual) if plan.quantized else st.relative_residual,
-                    st.max_ulp,
-                    math.nan,
-                    math.nan,
-                    math.nan,
-                    math.nan,
-                    True,
-                    "",
-                )
-            )
-        for pp in params:
-            dtype_name = str(pp.param.dtype).replace("torch.", "")
-            nan = math.nan
-            layers.append(LayerCheck(pp.name, "parameter", dtype_name, nan, nan, nan, nan, nan, nan, True, ""))
-            logger.debug("merged %s (|dW| %.3g)", pp.name, param_norms[pp.name])
+        layers += _unverified(plans, stats, lost, params)
     layers += layers_extra
     passed = all(c.passed for c in layers) and (outputs is None or outputs.passed)
     report = VerificationReport("merge", passed, tol, tuple(layers), outputs, notes=tuple(notes))
-    entries = [  # one round per adapter, in merge order (they can be unmerged one at a time, in reverse)
-        new_round(
-            source=sources.get(n, f"attached adapter {n!r}"),
-            fingerprint=adapter_fingerprint(_updates_by_name(plans, params, n)),
-            config=peft_model.peft_config[n].to_dict(),
-            scales={
-                **{p.name: u.scale for p in plans for a, u in p.updates if a == n},
-                **{pp.name: u.scale for pp in params for a, u in pp.updates() if a == n},
-            },
-            dtype=str(next((p.weight.dtype for p in plans), next((pp.param.dtype for pp in params), ""))).replace(
-                "torch.", ""
-            ),
-            report=report if verify else None,
-        )
-        for n in names
-    ]
-    set_model_lineage(plain, [*lineage(plain), *entries])
+    set_model_lineage(plain, [*lineage(plain), *_rounds(peft_model, names, sources, plans, params, report, verify)])
     result = MergeResult(
         plain,
         report,

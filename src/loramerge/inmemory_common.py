@@ -22,11 +22,13 @@ from loramerge.errors import (
 )
 from loramerge.layer_checks import (
     LayerProbe,
+    bias_of,
     oracle_check,
     oracle_only_check,
 )
 from loramerge.loading import resolve_dtype
 from loramerge.output_checks import ModelReference
+from loramerge.param_targets import ParamPlan
 from loramerge.peft_plans import LayerPlan
 from loramerge.quantized import (
     check_supported,
@@ -282,3 +284,51 @@ def _verification_crashed(
         report,
         result,
     )
+
+
+def _requantized_check(plan: LayerPlan, probe: LayerProbe, lost: float, limit: float) -> LayerCheck:
+    """A re-quantized layer passes when it is closer to adapter mode than the base without the adapter."""
+    out = probe.outputs(dequantize(plan.layer).to(probe.dtype), bias_of(plan.layer))
+    err, _ = relative_errors(out, probe.reference)
+    a_err, _ = relative_errors(probe.adapter, probe.reference)
+    ok = math.isfinite(err) and err < limit
+    reason = (
+        ""
+        if ok
+        else (
+            f"re-quantized output error {err:.3g} is not below the base's without the adapter ({limit:.3g}): "
+            "re-quantizing erased the adapter in this layer"
+        )
+    )
+    dtype = quant_format(plan.layer).quant_type
+    return LayerCheck(plan.name, plan.kind, dtype, lost, math.nan, err, a_err, math.nan, limit, ok, reason)
+
+
+def _merged_check(
+    plan: LayerPlan, probe: LayerProbe, oracle: torch.Tensor | None, tol: Tolerance, stats: TensorStats
+) -> LayerCheck:
+    """One merged layer against loramerge's reference and PEFT's own layer."""
+    merged_w = plan.weight.detach()
+    out = probe.outputs(merged_w, bias_of(plan.layer))
+    # the rounding a faithful merge may add only widens the limit: computed when needed
+    check = _layer_verdict(plan.via_peft, probe, out, oracle, tol, stats, probe.storage(merged_w, False))
+    if not check.passed:
+        check = _layer_verdict(plan.via_peft, probe, out, oracle, tol, stats, probe.storage(merged_w))
+    return dataclasses.replace(check, dtype=str(merged_w.dtype).replace("torch.", ""))
+
+
+def _unverified(
+    plans: Sequence[LayerPlan], stats: Mapping[str, TensorStats], lost: Mapping[str, float], params: Sequence[ParamPlan]
+) -> list[LayerCheck]:
+    """The report rows of a merge with verification off: what was merged, nothing judged."""
+    nan = math.nan
+    rows = []
+    for plan in plans:
+        st = stats[plan.name]
+        residual = lost.get(plan.name, st.relative_residual) if plan.quantized else st.relative_residual
+        dtype = str(plan.weight.dtype).replace("torch.", "")
+        rows.append(LayerCheck(plan.name, plan.kind, dtype, residual, st.max_ulp, nan, nan, nan, nan, True, ""))
+    for pp in params:
+        dtype = str(pp.param.dtype).replace("torch.", "")
+        rows.append(LayerCheck(pp.name, "parameter", dtype, nan, nan, nan, nan, nan, nan, True, ""))
+    return rows
