@@ -184,6 +184,7 @@ def test_expert_adapters_merge_on_files_as_in_memory(arch: str, dtype: torch.dty
     adapter_dir = save_adapter(base, lora, tmp_path / "adapter")
     adapter = lm.load_adapter(adapter_dir)
     assert len(adapter.parameter_factors) == 4 and len(adapter.modules) == 2
+    assert "2 adapted modules, 4 target_parameters wrappers" in adapter.summary()
 
     report = lm.merge_checkpoint(tmp_path / "base", adapter_dir, tmp_path / "merged", progress=False)
     assert report.passed and report.verification is not None

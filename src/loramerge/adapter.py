@@ -166,7 +166,9 @@ class Adapter:
             lines.append(f"{name:<60} replaces the base tensor ({kind}, shape {tuple(self.replaced[name].shape)})")
         total = self.num_parameters()
         lines.append(
-            f"{len(self.modules)} adapted modules, {len(self.replaced)} replaced tensors, {total:,} parameters"
+            f"{len(self.modules)} adapted modules, "
+            + (f"{len(self.parameter_factors)} target_parameters wrappers, " if self.parameter_factors else "")
+            + f"{len(self.replaced)} replaced tensors, {total:,} parameters"
         )
         return "\n".join(lines)
 

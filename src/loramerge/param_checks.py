@@ -82,7 +82,7 @@ class ParamOracle:
     def of(cls, plan: ParamPlan, seed: int) -> ParamOracle:
         stored = plan.param.dtype
         wide = reference_dtype(stored)
-        x = _probe_vectors(plan.name, int(plan.param.shape[-1]), seed, wide)
+        x = _probe_vectors(plan.name, int(plan.param.shape[-1]), seed, wide).to(plan.param.device)
         with torch.no_grad():
             adapter = _adapter_mode_weight(plan).to(wide) @ x
             with _widened(plan, wide):
@@ -111,7 +111,7 @@ class ProbedValues:
         """``tensor @ x`` in the wide dtype, and ``ulp(tensor)² / 12 @ x²`` (½ulp per element)."""
         stored = tensor.dtype
         wide = reference_dtype(stored)
-        x = _probe_vectors(name, int(tensor.shape[-1]), seed, wide)
+        x = _probe_vectors(name, int(tensor.shape[-1]), seed, wide).to(tensor.device)
         with torch.no_grad():
             value = tensor.detach().to(wide) @ x
             variance = ulp(tensor.detach(), stored).to(wide).pow_(2).div_(12) @ x.pow(2)
