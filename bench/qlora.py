@@ -84,9 +84,9 @@ def measure(base: Path, adapter_dir: Path, fmt: str, device: str, out: Path) -> 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     import loramerge
-    from loramerge.model_runs import make_probes, run_model
-    from loramerge.output_checks import reference_outputs
-    from loramerge.tolerance import relative_errors
+    from loramerge.numerics.tolerance import relative_errors
+    from loramerge.proof.model_runs import make_probes, run_model
+    from loramerge.proof.output_checks import reference_outputs
 
     adapter = loramerge.load_adapter(adapter_dir)
     config = BitsAndBytesConfig(**FORMATS[fmt], bnb_4bit_compute_dtype=torch.bfloat16)

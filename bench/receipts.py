@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from loramerge.delta import LoraUpdate, merge_tensor_, unmerge_tensor_
-from loramerge.receipts import encode
+from loramerge.formats.receipts import encode
+from loramerge.numerics.delta import LoraUpdate, merge_tensor_, unmerge_tensor_
 
 SHAPES = {  # Qwen2-1.5B: out x in
     "q_proj": (1536, 1536),

@@ -45,5 +45,5 @@ doctest_global_setup = """
 import torch
 import loramerge as lm
 from loramerge import *
-from loramerge.tolerance import ulp, unit_roundoff, reference_dtype
+from loramerge.numerics.tolerance import ulp, unit_roundoff, reference_dtype
 """

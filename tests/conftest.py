@@ -33,7 +33,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from loramerge.tolerance import ulp
+from loramerge.numerics.tolerance import ulp
 
 hf_logging.set_verbosity_error()
 # the same examples on every run, so that CI cannot fail by the draw (an example that once failed is

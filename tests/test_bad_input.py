@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import loramerge as lm
 from conftest import CASES, make_base, save_adapter
-from loramerge.cli import main
+from loramerge.cli.main import main
 
 
 def _checkpoint(tmp: Path) -> tuple[Path, Path]:
@@ -112,7 +112,7 @@ def test_the_audit_pattern_no_longer_hangs_a_merge(tmp_path: Path) -> None:
 
 
 def test_a_slow_pattern_is_caught_on_a_long_module_name() -> None:
-    from loramerge.adapter_config import pattern_value
+    from loramerge.formats.adapter_config import pattern_value
 
     with pytest.raises(lm.AdapterConfigError, match="did not finish"):
         pattern_value({"(a|aa)+$": 4}, "a" * 60 + "b", 8)

@@ -12,13 +12,14 @@ import torch
 from safetensors import safe_open
 
 import loramerge as lm
-import loramerge.checkpoint as ckpt_mod
+import loramerge.operations.checkpoint as ckpt_mod
 from conftest import CASES, make_base, save_adapter
-from loramerge import directio
-from loramerge.cli import main
-from loramerge.shard_writer import ShardWriter
-from loramerge.shards import CheckpointReader
-from loramerge.tolerance import ulp
+from loramerge.cli.main import main
+from loramerge.formats import directio
+from loramerge.formats.shard_writer import ShardWriter
+from loramerge.formats.shards import CheckpointReader
+from loramerge.numerics.delta import LoraUpdate
+from loramerge.numerics.tolerance import ulp
 
 STREAM_CASES = [c for c in CASES if c.id != "llama-two-adapters"]
 DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -169,9 +170,7 @@ def test_failed_verification_publishes_nothing(tmp_path: Path, monkeypatch: pyte
     _, base_dir, adapter_dir = _prepare(tmp_path, "llama-linear-patterns", torch.bfloat16)
     real = ckpt_mod.merge_tensor_
 
-    def wrong(
-        weight: torch.Tensor, updates: list[lm.delta.LoraUpdate], norms: object = None, source: object = None
-    ) -> object:  # type: ignore[name-defined]
+    def wrong(weight: torch.Tensor, updates: list[LoraUpdate], norms: object = None, source: object = None) -> object:  # type: ignore[name-defined]
         return real(weight, [type(u)(u.kind, u.lora_A, u.lora_B, u.scale * 1.5) for u in updates], None, source)
 
     monkeypatch.setattr(ckpt_mod, "merge_tensor_", wrong)

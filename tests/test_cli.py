@@ -13,7 +13,7 @@ import torch
 
 import loramerge as lm
 from conftest import save_adapter, tiny_llama
-from loramerge.cli import main
+from loramerge.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,14 @@ def test_bad_input_exit_code_and_message(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_console_script_version_and_demo() -> None:
     version = subprocess.run(
-        [sys.executable, "-m", "loramerge.cli", "--version"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "loramerge.cli.main", "--version"], capture_output=True, text=True, check=True
     )
     assert version.stdout.startswith("loramerge ")
     demo = subprocess.run(
-        [sys.executable, "-m", "loramerge.cli", "demo", "--dtype", "fp16"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "loramerge.cli.main", "demo", "--dtype", "fp16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert demo.returncode == 0, demo.stderr
     assert "demo: all checks passed" in demo.stdout

@@ -13,9 +13,9 @@ import torch
 
 import loramerge as lm
 from conftest import CASES, make_base, save_adapter
-from loramerge.cli import main
-from loramerge.confine import confined_file, plain_name, side_files
+from loramerge.cli.main import main
 from loramerge.errors import AdapterConfigError, UnsafePathError
+from loramerge.formats.confine import confined_file, plain_name, side_files
 
 INDEX = "model.safetensors.index.json"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loramerge import directio
-from loramerge.directio import ALIGN, BufferPool, SequentialWriter, read_blocks
+from loramerge.formats import directio
+from loramerge.formats.directio import ALIGN, BufferPool, SequentialWriter, read_blocks
 
 BLOCK = 2 * ALIGN
 # around every boundary that matters: empty, below/at/above the alignment and the block

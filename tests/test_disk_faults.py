@@ -14,7 +14,7 @@ import torch
 
 import loramerge as lm
 from conftest import CASES, make_base, save_adapter
-from loramerge.cli import main
+from loramerge.cli.main import main
 
 
 def _checkpoint(tmp: Path) -> tuple[Path, Path]:

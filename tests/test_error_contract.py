@@ -13,7 +13,7 @@ import torch
 
 import loramerge as lm
 from conftest import CASES, make_base, save_adapter
-from loramerge.shards import parse_size
+from loramerge.formats.shards import parse_size
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 import loramerge as lm
-import loramerge.checkpoint_plan as checkpoint_plan
-import loramerge.param_targets as param_targets
+import loramerge.plan.checkpoint_plan as checkpoint_plan
+import loramerge.plan.param_targets as param_targets
 from conftest import save_adapter
-from loramerge.fused import FusedParam
-from loramerge.model_runs import make_probes, run_model, run_widened
-from loramerge.output_checks import same_route_positions
-from loramerge.tolerance import Tolerance, relative_errors, ulp
+from loramerge.numerics.tolerance import Tolerance, relative_errors, ulp
+from loramerge.plan.fused import FusedParam
+from loramerge.proof.model_runs import make_probes, run_model, run_widened
+from loramerge.proof.output_checks import same_route_positions
 
 SMALL = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2, "tie_word_embeddings": False}
 HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}

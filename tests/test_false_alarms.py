@@ -11,7 +11,7 @@ import torch
 
 import loramerge
 from conftest import CASES, DTYPES, Case, make_base, peft_merge, save_adapter, tiny_bert, tiny_llama
-from loramerge.model_runs import MIN_JUDGED_OUTPUTS, make_probes, run_model
+from loramerge.proof.model_runs import MIN_JUDGED_OUTPUTS, make_probes, run_model
 
 UNTIED_EMBEDDING = Case(
     "llama-untied-embedding", tiny_llama, {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"]}
@@ -41,7 +41,7 @@ def test_peft_embedding_merge_rounds_the_delta_first_and_still_passes(dtype_name
     merged = peft_merge(base, [directory])
     embed = "model.embed_tokens"
     exact = base.get_submodule(embed).weight.double() + adapter.delta(embed).double().to(torch.float64)
-    spacing = loramerge.tolerance.ulp(exact, dtype).double()
+    spacing = loramerge.numerics.tolerance.ulp(exact, dtype).double()
     off = ((merged.get_submodule(embed).weight.double() - exact).abs() / spacing).max()
     report = loramerge.verify(copy.deepcopy(base), adapter, merged)
     assert report.passed, report.failures

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import loramerge as lm
-import loramerge.inmemory as merge_mod
+import loramerge.operations.inmemory as merge_mod
 from conftest import CASES, make_base, save_adapter, tiny_llama
-from loramerge.delta import LoraUpdate
+from loramerge.numerics.delta import LoraUpdate
 
 Q = "model.layers.0.self_attn.q_proj"  # 32 x 32: a transposed delta still fits
 

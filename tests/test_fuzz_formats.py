@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from loramerge.confine import confined_file
 from loramerge.errors import AdapterConfigError, LoraMergeError, UnsafePathError
-from loramerge.shards import _read_weight_map, parse_header
+from loramerge.formats.confine import confined_file
+from loramerge.formats.shards import _read_weight_map, parse_header
 
 WILD: list[Any] = [
     None,

@@ -14,7 +14,9 @@ import torch
 import loramerge as lm
 from conftest import save_adapter, tiny_llama
 from hub_server import READ, WRITE, HubServer
-from loramerge.cli import main
+from loramerge.cli.main import main
+from loramerge.formats.hub_download import hub_path
+from loramerge.formats.shards import CheckpointReader
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -76,7 +78,7 @@ def test_push_merged_checkpoint_then_download_into_a_fresh_cache(
     assert len(shards) >= 2
     assert len(server.state.lfs_puts) >= len(shards)  # the weights went through the LFS path
 
-    downloaded = lm.hub.hub_path("alice/merged-llama", token=WRITE)
+    downloaded = hub_path("alice/merged-llama", token=WRITE)
     assert str(downloaded).startswith(str(tmp_path / "hf-cache"))
     got = _files(downloaded)
     for name, data in _files(local["merged"]).items():
@@ -88,11 +90,11 @@ def test_push_merged_checkpoint_then_download_into_a_fresh_cache(
     receipt = json.loads(got["loramerge.json"])
     assert receipt["report"]["passed"] is True and receipt["probe"]["width"] == 8
     assert receipt["lineage"] == lm.lineage(local["merged"]) and len(receipt["lineage"]) == 1
-    assert set(receipt["tensors"]) == set(lm.shards.CheckpointReader(local["merged"]).names)
+    assert set(receipt["tensors"]) == set(CheckpointReader(local["merged"]).names)
 
     # private: without a token the repo does not exist for the client
     with pytest.raises(lm.HubError, match="not found.*private"):
-        lm.hub.hub_path("alice/merged-llama", cache_dir=tmp_path / "other-cache")
+        hub_path("alice/merged-llama", cache_dir=tmp_path / "other-cache")
 
 
 def test_verify_hub_confirms_the_pushed_model_and_catches_a_changed_one(
@@ -116,7 +118,7 @@ def test_verify_hub_confirms_the_pushed_model_and_catches_a_changed_one(
     shard = next(p for p in files if p.endswith(".safetensors"))
     tensors = load_file(local["merged"] / shard) if (local["merged"] / shard).exists() else None
     tmp = local["root"] / "tampered.safetensors"
-    original = lm.hub.hub_path("alice/from-memory", token=WRITE) / shard
+    original = hub_path("alice/from-memory", token=WRITE) / shard
     tensors = load_file(original)
     name = next(iter(tensors))
     tensors[name] = tensors[name] * 1.01
@@ -161,8 +163,8 @@ def test_load_base_and_merge_checkpoint_straight_from_repo_ids(
         if name.endswith(".safetensors") or name.endswith(".index.json"):
             continue
         assert (tmp_path / "merged" / name).exists(), name
-    ours = lm.shards.CheckpointReader(tmp_path / "merged")
-    theirs = lm.shards.CheckpointReader(local["merged"])
+    ours = CheckpointReader(tmp_path / "merged")
+    theirs = CheckpointReader(local["merged"])
     for name in theirs.names:
         assert torch.equal(ours.get(name), theirs.get(name)), name
     # only what is needed was downloaded: no pickle weights even when the repo has them
@@ -310,7 +312,7 @@ def test_pushed_records_carry_no_local_absolute_paths(
     server: HubServer, local: dict[str, Path], tmp_path: Path
 ) -> None:
     lm.push_to_hub(local["merged"], "alice/private-paths", token=WRITE, probe=False)
-    downloaded = lm.hub.hub_path("alice/private-paths", token=WRITE)
+    downloaded = hub_path("alice/private-paths", token=WRITE)
     home = str(local["root"])
     for path in downloaded.iterdir():
         data = path.read_bytes()

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import loramerge as lm
-from loramerge.tolerance import relative_errors
+from loramerge.numerics.tolerance import relative_errors
 from test_modes import ARCHS
 
 

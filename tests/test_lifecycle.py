@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import loramerge as lm
 from conftest import CASES, DTYPES, Case, make_base, peft_merge, save_adapter
-from loramerge.tolerance import ulp
+from loramerge.numerics.tolerance import ulp
 
 UNMERGE_SCRIPT = textwrap.dedent(
     """

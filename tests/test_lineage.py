@@ -16,6 +16,7 @@ from torch import nn
 
 import loramerge as lm
 from conftest import CASES, DTYPES, LLAMA_PROJ, Case, make_base, save_adapter, tiny_llama
+from loramerge.operations.benchmark import BenchRow
 
 RECEIPT_CASES = [c for c in CASES if not c.extra_adapters]  # a receipt is per adapter: one at a time
 
@@ -226,7 +227,7 @@ def test_receipt_size_is_reported(tmp_path: Path) -> None:
 
 
 def test_cli_receipt_lineage_and_forced_unmerge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from loramerge.cli import main
+    from loramerge.cli.main import main
 
     torch.manual_seed(0)
     base = tiny_llama().to(torch.float16).eval()
@@ -296,7 +297,7 @@ def test_training_loop_helper_three_rounds_and_back(tmp_path: Path) -> None:
 
 
 def test_bench_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from loramerge.cli import main
+    from loramerge.cli.main import main
 
     torch.manual_seed(0)
     base = tiny_llama().to(torch.float32).eval()
@@ -332,7 +333,7 @@ def test_bench_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert code == 0 and "adapter mode / merged at batch 1" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert set(data) == {"device", "dtype", "prompt_len", "new_tokens", "repeats", "rows", "notes"}
-    assert set(data["rows"][0]) == {f.name for f in __import__("dataclasses").fields(lm.benchmark.BenchRow)}
+    assert set(data["rows"][0]) == {f.name for f in __import__("dataclasses").fields(BenchRow)}
 
 
 def test_checkpoint_with_a_wrong_or_corrupt_receipt_writes_nothing(tmp_path: Path) -> None:
@@ -365,7 +366,7 @@ def test_checkpoint_with_a_wrong_or_corrupt_receipt_writes_nothing(tmp_path: Pat
 def test_bench_interleaves_the_modes_and_says_when_numbers_are_noise(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import loramerge.benchmark as benchmark
+    import loramerge.operations.benchmark as benchmark
 
     torch.manual_seed(0)
     base = tiny_llama().to(torch.float32).eval()

@@ -27,8 +27,8 @@ from torch import nn
 
 import loramerge as lm
 from conftest import save_adapter, tiny_vit
-from loramerge.model_runs import make_probes, run_model, run_widened
-from loramerge.tolerance import Tolerance, relative_errors, ulp
+from loramerge.numerics.tolerance import Tolerance, relative_errors, ulp
+from loramerge.proof.model_runs import make_probes, run_model, run_widened
 from test_modes import ARCHS, minilm_dir
 
 SMALL = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}

@@ -34,8 +34,8 @@ from transformers import (
 
 import loramerge
 from conftest import save_adapter
-from loramerge.model_runs import make_probes
-from loramerge.tolerance import relative_errors
+from loramerge.numerics.tolerance import relative_errors
+from loramerge.proof.model_runs import make_probes
 
 DROP = 0.3  # large enough that a model left in training mode is far off
 

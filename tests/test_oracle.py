@@ -1,4 +1,4 @@
-"""The checkpoint path is judged by PEFT's own LoRA layers (loramerge.oracle), not by its own plan.
+"""The checkpoint path is judged by PEFT's own LoRA layers (loramerge.proof.oracle), not by its own plan.
 
 Each negative control injects a mistake into loramerge's checkpoint planning (a layout, a scale, a
 tie) so that loramerge's own checks, made from the same plan, still pass: the oracle must fail it
@@ -20,11 +20,11 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import loramerge as lm
-import loramerge.checkpoint as ckpt
-import loramerge.checkpoint_plan as checkpoint_plan
-import loramerge.checkpoint_unmerge as ckpt_unmerge
-from loramerge.delta import LoraUpdate
-from loramerge.oracle import check_merged_checkpoint
+import loramerge.operations.checkpoint as ckpt
+import loramerge.operations.checkpoint_unmerge as ckpt_unmerge
+import loramerge.plan.checkpoint_plan as checkpoint_plan
+from loramerge.numerics.delta import LoraUpdate
+from loramerge.proof.oracle import check_merged_checkpoint
 from test_layout import _gpt2_with_mixed_targets, _t5
 
 

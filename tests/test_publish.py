@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-import loramerge.publish as publish
+import loramerge.formats.publish as publish
 from loramerge.errors import LoraMergeError, OutputWriteError
-from loramerge.publish import OutputBusyError, atomic_directory
+from loramerge.formats.publish import OutputBusyError, atomic_directory
 
 CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from loramerge.publish import atomic_directory
+    from loramerge.formats.publish import atomic_directory
     out = Path(sys.argv[1])
     with atomic_directory(out, overwrite=True) as tmp:
         (tmp / "weights").write_text("new, partial")
@@ -163,7 +163,7 @@ STREAMING_CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    import loramerge.checkpoint as ckpt
+    import loramerge.operations.checkpoint as ckpt
     real = ckpt.merge_tensor_
     def slow(*args, **kwargs):
         print("streaming", flush=True)

@@ -22,9 +22,9 @@ from transformers import (
 )
 
 import loramerge
-from loramerge.model_runs import make_probes, run_model
-from loramerge.quantized import checked_dequantize, dequantize, quantized_layers
-from loramerge.tolerance import ulp
+from loramerge.numerics.quantized import checked_dequantize, dequantize, quantized_layers
+from loramerge.numerics.tolerance import ulp
+from loramerge.proof.model_runs import make_probes, run_model
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -409,7 +409,7 @@ def test_checkpoint_quantized_with_another_method_is_refused(qlora_files: dict[s
 def test_cli_merge_with_qlora_base_and_inspect(
     qlora_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from loramerge.cli import main
+    from loramerge.cli.main import main
 
     out = tmp_path / "cli-sim"
     code = main(

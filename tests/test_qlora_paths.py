@@ -23,7 +23,7 @@ from torch import nn
 import loramerge
 from conftest import within_ulp
 from loramerge.errors import UnsupportedQuantizationError
-from loramerge.quantized import compute_dtype, dequantize, keep_layout
+from loramerge.numerics.quantized import compute_dtype, dequantize, keep_layout
 
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.backends.default import ops as default_ops  # noqa: E402
@@ -218,7 +218,7 @@ def test_avx512bf16_layout_is_read_on_any_cpu(quant_type: str, double: bool) -> 
 
 
 def test_a_wrong_dequantization_is_refused_on_every_path(cpu_path: str) -> None:
-    from loramerge.quantized import checked_dequantize
+    from loramerge.numerics.quantized import checked_dequantize
 
     layer = quant_layer(64, 128)
     pm = qlora_net(layer)
@@ -236,7 +236,7 @@ def test_a_wrong_dequantization_is_refused_on_every_path(cpu_path: str) -> None:
 def test_the_check_leaves_the_layer_as_it_was(cpu_path: str) -> None:
     """bitsandbytes fixes a layer's compute dtype on its first forward and converts its bias in place;
     loramerge's check must not do either to the caller's layer."""
-    from loramerge.quantized import checked_dequantize
+    from loramerge.numerics.quantized import checked_dequantize
 
     layer = quant_layer(64, 128, compute=None, bias=True, dtype=torch.float16)
     layer.bias.data = layer.bias.data.to(torch.float32)

@@ -74,7 +74,7 @@ def test_variants_with_extra_layer_state_are_merged_by_peft_s_own_layer(
 
 def test_a_variant_merged_wrongly_fails_its_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """Negative control: a PEFT-merged layer whose result is off by 1 % fails against PEFT's own layer."""
-    import loramerge.inmemory as inmemory
+    import loramerge.operations.inmemory as inmemory
 
     real = inmemory.peft_merged
 
@@ -174,7 +174,7 @@ def test_a_crash_inside_verification_after_the_merge_is_a_verification_error(mon
     def crash(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected fault in the output check")
 
-    monkeypatch.setattr("loramerge.inmemory.output_check", crash)
+    monkeypatch.setattr("loramerge.operations.inmemory.output_check", crash)
     with pytest.raises(VerificationError, match="verification could not run after the merge") as e:
         loramerge.merge(pm)
     assert "injected fault" in str(e.value)
@@ -197,7 +197,7 @@ def test_a_crash_inside_unmerge_verification_is_a_verification_error(
     def crash(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected fault in the output check")
 
-    monkeypatch.setattr("loramerge.inmemory_unmerge.output_check", crash)
+    monkeypatch.setattr("loramerge.operations.inmemory_unmerge.output_check", crash)
     with pytest.raises(VerificationError, match="could not run after the unmerge") as e:
         loramerge.unmerge(merged, adapter)
     assert e.value.result is not None and e.value.result.model is merged
@@ -210,7 +210,7 @@ def test_a_mistake_shared_by_the_merge_and_its_own_reference_is_caught_by_peft_s
     self-consistent; PEFT's own layer (the oracle) is not fooled, and names the layer."""
     import dataclasses
 
-    import loramerge.peft_plans as glue
+    import loramerge.plan.peft_plans as glue
 
     real = glue._lora_update
 
@@ -292,7 +292,7 @@ def test_a_conv_scale_mistake_shared_with_loramerges_reference_is_caught_by_peft
 ) -> None:
     import dataclasses
 
-    import loramerge.peft_plans as glue
+    import loramerge.plan.peft_plans as glue
 
     real = glue._lora_update
     monkeypatch.setattr(
@@ -310,7 +310,7 @@ def test_a_weight_mapped_from_its_file_is_copied_before_the_merge_writes_it(tmp_
     process's own memory first (each page fault was most of a merge's time), and the file stays as it was."""
     from safetensors.torch import load_file
 
-    from loramerge.inmemory import FileMappings
+    from loramerge.operations.inmemory import FileMappings
 
     torch.manual_seed(0)
     tiny_llama().eval().save_pretrained(tmp_path / "base")

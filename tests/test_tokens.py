@@ -180,7 +180,7 @@ def test_wrong_rows_written_in_memory_fail_against_peft_s_layer(
 ) -> None:
     """The in-memory check compares the embedding with what PEFT's trainable-tokens layer computes,
     not with the rows loramerge wrote."""
-    import loramerge.peft_plans as glue
+    import loramerge.plan.peft_plans as glue
 
     real = glue.TokenPlan.rows
     monkeypatch.setattr(glue.TokenPlan, "rows", lambda self: (real(self)[0], real(self)[1] * 1.5))

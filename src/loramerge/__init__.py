@@ -36,50 +36,50 @@ from loramerge.errors import (
 )
 
 if TYPE_CHECKING:
-    from loramerge.adapter import Adapter, AdapterModule, load_adapter
-    from loramerge.benchmark import BenchReport, bench
-    from loramerge.checkpoint import CheckpointMergeReport, merge_checkpoint
-    from loramerge.checkpoint_unmerge import unmerge_checkpoint
-    from loramerge.checkpoint_verify import verify_checkpoint
-    from loramerge.hub import HubError, HubVerification, push_to_hub, verify_hub
-    from loramerge.inmemory import merge
-    from loramerge.inmemory_unmerge import unmerge
-    from loramerge.lineage_records import LineageError, lineage
-    from loramerge.loading import load_base
-    from loramerge.model_runs import make_probes
-    from loramerge.peft_glue import attach
-    from loramerge.publish import OutputBusyError
-    from loramerge.quant_spec import QuantSpec
-    from loramerge.receipts import Receipt, ReceiptError, load_receipt
-    from loramerge.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
-    from loramerge.rounds import RoundResult, next_round, unmerge_rounds
-    from loramerge.tolerance import Tolerance
-    from loramerge.verification import verify
+    from loramerge.formats.adapter import Adapter, AdapterModule, load_adapter
+    from loramerge.formats.lineage_records import LineageError, lineage
+    from loramerge.formats.loading import load_base
+    from loramerge.formats.publish import OutputBusyError
+    from loramerge.formats.receipts import Receipt, ReceiptError, load_receipt
+    from loramerge.numerics.tolerance import Tolerance
+    from loramerge.operations.benchmark import BenchReport, bench
+    from loramerge.operations.checkpoint import CheckpointMergeReport, merge_checkpoint
+    from loramerge.operations.checkpoint_unmerge import unmerge_checkpoint
+    from loramerge.operations.checkpoint_verify import verify_checkpoint
+    from loramerge.operations.hub import HubError, HubVerification, push_to_hub, verify_hub
+    from loramerge.operations.inmemory import merge
+    from loramerge.operations.inmemory_unmerge import unmerge
+    from loramerge.operations.rounds import RoundResult, next_round, unmerge_rounds
+    from loramerge.operations.verification import verify
+    from loramerge.plan.peft_glue import attach
+    from loramerge.plan.quant_spec import QuantSpec
+    from loramerge.proof.model_runs import make_probes
+    from loramerge.proof.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
 
 # Everything but the errors is imported on first use: torch, safetensors, transformers and peft take
 # seconds to import, which `loramerge --version`, `--help` and a typo in a command do not need.
 _LAZY = {
-    **dict.fromkeys(("Adapter", "AdapterModule", "load_adapter"), "loramerge.adapter"),
-    **dict.fromkeys(("BenchReport", "bench"), "loramerge.benchmark"),
-    "merge_checkpoint": "loramerge.checkpoint",
-    "unmerge_checkpoint": "loramerge.checkpoint_unmerge",
-    "verify_checkpoint": "loramerge.checkpoint_verify",
-    **dict.fromkeys(("HubError", "HubVerification", "push_to_hub", "verify_hub"), "loramerge.hub"),
-    "merge": "loramerge.inmemory",
-    "unmerge": "loramerge.inmemory_unmerge",
-    **dict.fromkeys(("LineageError", "lineage"), "loramerge.lineage_records"),
-    "load_base": "loramerge.loading",
-    "attach": "loramerge.peft_glue",
-    "OutputBusyError": "loramerge.publish",
-    "QuantSpec": "loramerge.quant_spec",
-    **dict.fromkeys(("Receipt", "ReceiptError", "load_receipt"), "loramerge.receipts"),
+    **dict.fromkeys(("Adapter", "AdapterModule", "load_adapter"), "loramerge.formats.adapter"),
+    **dict.fromkeys(("BenchReport", "bench"), "loramerge.operations.benchmark"),
+    "merge_checkpoint": "loramerge.operations.checkpoint",
+    "unmerge_checkpoint": "loramerge.operations.checkpoint_unmerge",
+    "verify_checkpoint": "loramerge.operations.checkpoint_verify",
+    **dict.fromkeys(("HubError", "HubVerification", "push_to_hub", "verify_hub"), "loramerge.operations.hub"),
+    "merge": "loramerge.operations.inmemory",
+    "unmerge": "loramerge.operations.inmemory_unmerge",
+    **dict.fromkeys(("LineageError", "lineage"), "loramerge.formats.lineage_records"),
+    "load_base": "loramerge.formats.loading",
+    "attach": "loramerge.plan.peft_glue",
+    "OutputBusyError": "loramerge.formats.publish",
+    "QuantSpec": "loramerge.plan.quant_spec",
+    **dict.fromkeys(("Receipt", "ReceiptError", "load_receipt"), "loramerge.formats.receipts"),
     **dict.fromkeys(
         ("CheckpointMergeReport", "LayerCheck", "MergeResult", "OutputCheck", "UnmergeResult", "VerificationReport"),
-        "loramerge.reports",
+        "loramerge.proof.reports",
     ),
-    **dict.fromkeys(("RoundResult", "next_round", "unmerge_rounds"), "loramerge.rounds"),
-    "Tolerance": "loramerge.tolerance",
-    **dict.fromkeys(("make_probes", "verify"), "loramerge.verification"),
+    **dict.fromkeys(("RoundResult", "next_round", "unmerge_rounds"), "loramerge.operations.rounds"),
+    "Tolerance": "loramerge.numerics.tolerance",
+    **dict.fromkeys(("make_probes", "verify"), "loramerge.operations.verification"),
 }
 
 
@@ -88,7 +88,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
-    if importlib.util.find_spec(f"loramerge.{name}") is not None:  # a submodule: loramerge.hub, ...
+    if importlib.util.find_spec(f"loramerge.{name}") is not None:  # a submodule: loramerge.operations.hub, ...
         return importlib.import_module(f"loramerge.{name}")
     raise AttributeError(f"module 'loramerge' has no attribute {name!r}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from loramerge.reports import VerificationReport
+    from loramerge.proof.reports import VerificationReport
 
 __all__ = [
     "AdapterConfigError",

@@ -1,0 +1,1 @@
+"""The ``loramerge`` command line and its demo."""

@@ -1,0 +1,411 @@
+"""Reading a PEFT LoRA adapter directory into a typed, validated :class:`Adapter`.
+
+An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or the legacy
+pickle ``adapter_model.bin``, refused unless the caller opts in). Keys look like
+``base_model.model.<module path>.lora_A.weight``; this module turns them into one
+:class:`~loramerge.numerics.delta.LoraUpdate` per adapted module plus the full tensors the adapter replaces
+(``modules_to_save`` copies, trained biases, saved embedding bases).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+
+from loramerge.errors import AdapterConfigError, AdapterNotFoundError, UnsafeFormatError, UnsupportedAdapterError
+from loramerge.formats.hub_download import hub_path
+from loramerge.formats.io import read_tensors
+from loramerge.numerics.delta import Kind, LoraUpdate
+
+__all__ = ["Adapter", "AdapterModule", "load_adapter"]
+
+from loramerge.formats.adapter_config import _validate_config, pattern_value
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+# Variants that compute plain LoRA at inference and merge as plain LoRA (PEFT's own merge is
+# ``W + s B A`` for them): VeLoRA compresses activations for the backward pass only, MonteCLoRA
+# samples A only in training, MiCA only chooses how B is initialized (from the base's minor singular
+# vectors, leaving the base as it is). Their saved training state is not part of the merge.
+TRAINING_STATE = re.compile(r"\.(lora_velora_embed|lora_monteclora_sampler\.[A-Za-z_]+)$")
+
+Bias = Literal["none", "all", "lora_only"]
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """The LoRA update of one module of the base model.
+
+    Attributes:
+        name: Module path in the base model, e.g. ``"model.layers.0.self_attn.q_proj"``.
+        kind: ``"linear"``, ``"conv1d"`` (GPT-2 style, ``fan_in_fan_out``), ``"embedding"`` or ``"conv"``.
+        rank: ``r`` for this module (``rank_pattern`` applied).
+        alpha: ``lora_alpha`` for this module (``alpha_pattern`` applied).
+        scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+        update: The tensors, as a :class:`~loramerge.numerics.delta.LoraUpdate`.
+    """
+
+    name: str
+    kind: Kind
+    rank: int
+    alpha: float
+    scale: float
+    update: LoraUpdate
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether this module is a DoRA module (has a magnitude vector)."""
+        return self.update.magnitude is not None
+
+    def delta(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """ΔW in fp32, in the layout of the module's weight.
+
+        ``shape`` is needed for convolutions (the kernel shape); other kinds infer it.
+        """
+        if shape is None:
+            a, b = self.update.lora_A, self.update.lora_B
+            if self.kind == "linear":
+                shape = (b.shape[0], a.shape[1])
+            elif self.kind in ("conv1d", "embedding"):
+                shape = (a.shape[1], b.shape[0])
+            else:
+                shape = (b.shape[0], *a.shape[1:])
+        return self.update.delta(shape)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A validated, typed view of a PEFT LoRA adapter.
+
+    Create it with :func:`load_adapter`. All mappings are read-only and sorted by name.
+
+    Attributes:
+        path: The directory it was read from (``None`` when built in memory).
+        config: The raw ``adapter_config.json`` contents.
+        modules: One :class:`AdapterModule` per adapted module, by module path.
+        replaced: Full tensors that *replace* base parameters when the adapter is applied, by
+            parameter name: ``modules_to_save`` copies, biases trained with ``bias="all"`` or
+            ``"lora_only"``, and saved embedding bases (PEFT's ``save_embedding_layers``).
+        replaced_kinds: Why each entry of ``replaced`` exists: ``"modules_to_save"``,
+            ``"trained_bias"`` or ``"saved_base"``.
+        tensors: The adapter's tensors exactly as stored (keys as in the file).
+        token_rows: PEFT's trainable tokens (``trainable_token_indices``): for each embedding
+            weight, by parameter name, the token ids and the rows that replace theirs, as
+            ``(indices, rows)``. Adapter mode looks those rows up instead of the base's (and, when
+            the output head is tied to the embedding, scores with them too).
+        parameter_factors: PEFT's ``target_parameters`` (LoRA on raw parameters, e.g. MoE expert
+            stacks): ``(lora_A, lora_B)`` by the path of PEFT's wrapper as the file names it
+            (``model.layers.0.mlp.experts``, or ``...experts.base_layer`` for a wrapper nested in
+            another). Which parameter each adapts, and its scale, is decided when it is planned
+            against a model, by PEFT's own injection (wrappers nest in PEFT's order).
+    """
+
+    path: Path | None
+    config: Mapping[str, Any]
+    modules: Mapping[str, AdapterModule]
+    replaced: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    replaced_kinds: Mapping[str, str] = field(default_factory=dict)
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    token_rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    parameter_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        """Paths of the modules that get a low-rank update, sorted."""
+        return tuple(self.modules)
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        """The base model the adapter was trained on, as recorded in its config."""
+        value = self.config.get("base_model_name_or_path")
+        return str(value) if value else None
+
+    @property
+    def uses_dora(self) -> bool:
+        """Whether any module is a DoRA module."""
+        return any(m.use_dora for m in self.modules.values())
+
+    def delta(self, module_name: str) -> torch.Tensor:
+        """ΔW (fp32) of one module; see :meth:`AdapterModule.delta`."""
+        try:
+            return self.modules[module_name].delta()
+        except KeyError:
+            raise KeyError(
+                f"the adapter has no module {module_name!r}; its modules are {list(self.modules)[:5]}..."
+            ) from None
+
+    def num_parameters(self) -> int:
+        """Number of stored adapter parameters."""
+        return sum(t.numel() for t in self.tensors.values())
+
+    def summary(self) -> str:
+        """A human-readable table: module, kind, rank, alpha, scale, ΔW shape."""
+        lines = [f"adapter: {self.path or '<in memory>'}", f"base model: {self.base_model_name_or_path or '?'}"]
+        lines.append(f"{'module':<60} {'kind':<9} {'r':>4} {'alpha':>7} {'scale':>8} {'dora':>4}")
+        for m in self.modules.values():
+            lines.append(
+                f"{m.name:<60} {m.kind:<9} {m.rank:>4} {m.alpha:>7g} {m.scale:>8.4g} {'yes' if m.use_dora else '':>4}"
+            )
+        for name, (a, b) in self.parameter_factors.items():
+            lines.append(f"{name:<60} target_parameters wrapper, lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}")
+        for name, kind in self.replaced_kinds.items():
+            lines.append(f"{name:<60} replaces the base tensor ({kind}, shape {tuple(self.replaced[name].shape)})")
+        total = self.num_parameters()
+        lines.append(
+            f"{len(self.modules)} adapted modules, "
+            + (f"{len(self.parameter_factors)} target_parameters wrappers, " if self.parameter_factors else "")
+            + f"{len(self.replaced)} replaced tensors, {total:,} parameters"
+        )
+        return "\n".join(lines)
+
+
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|"
+    r"lora_magnitude_vector(?:\.weight)?)$"
+)
+
+
+def _strip_prefix(key: str) -> str:
+    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+
+
+def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], path: Path | None = None) -> Adapter:
+    """Build and validate an :class:`Adapter` from a config dict and its tensors (keys as PEFT saves them)."""
+    where = str(path / CONFIG_NAME) if path is not None else "adapter config"
+    _validate_config(config, where)
+    r_default = int(config["r"])
+    alpha_default = float(config["lora_alpha"])
+    use_rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    rank_pattern = dict(config.get("rank_pattern") or {})
+    alpha_pattern = dict(config.get("alpha_pattern") or {})
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    replaced: dict[str, torch.Tensor] = {}
+    replaced_kinds: dict[str, str] = {}
+    problems: list[str] = []
+    token_tensors: dict[str, torch.Tensor] = {}
+    modules_to_save = set(config.get("modules_to_save") or [])
+    for key in sorted(tensors):
+        name = _strip_prefix(key)
+        if name.endswith(".token_adapter.trainable_tokens_delta"):
+            token_tensors[name.removesuffix(".token_adapter.trainable_tokens_delta")] = tensors[key]
+            continue
+        if ".token_adapter." in name or "trainable_tokens" in name:
+            problems.append(f"{key}: a trainable-tokens tensor loramerge does not know")
+            continue
+        if TRAINING_STATE.search(name):  # VeLoRA's or MonteCLoRA's training state: not part of the merge
+            continue
+        match = _LORA_KEY.match(name)
+        if match and not tensors[key].is_floating_point():
+            problems.append(
+                f"{key}: stored as {str(tensors[key].dtype).replace('torch.', '')}; LoRA weights are floating point"
+            )
+            continue
+        if match and any(d == 0 for d in tensors[key].shape):
+            problems.append(f"{key}: has an empty shape {tuple(tensors[key].shape)}")
+            continue
+        if match:
+            parts.setdefault(match["module"], {})[
+                match["part"].split(".")[0] + ("_bias" if match["part"] == "lora_B.bias" else "")
+            ] = tensors[key]
+            continue
+        if "lora_" in name:
+            problems.append(f"{key}: not a LoRA tensor name loramerge knows")
+            continue
+        if ".base_layer." in name:
+            param = name.replace(".base_layer.", ".")
+            kind = "trained_bias" if param.endswith(".bias") else "saved_base"
+        else:
+            param = name
+            module = name.rsplit(".", 1)[0]
+            is_saved_module = any(module == m or module.endswith("." + m) for m in modules_to_save)
+            kind = (
+                "modules_to_save"
+                if is_saved_module
+                else "trained_bias"
+                if name.endswith(".bias")
+                else "modules_to_save"
+            )
+        replaced[param] = tensors[key]
+        replaced_kinds[param] = kind
+
+    parameter_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    owners = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]
+    for module_name in sorted(parts):
+        plain = module_name.replace(".base_layer", "")
+        if not any(plain == o or plain.endswith("." + o) for o in owners if o):
+            continue
+        p = parts.pop(module_name)
+        if set(p) != {"lora_A", "lora_B"} or p["lora_A"].dim() != 2 or p["lora_A"].shape[0] != p["lora_B"].shape[1]:
+            problems.append(
+                f"{module_name}: a target_parameters wrapper needs matching lora_A and lora_B matrices only"
+            )
+            continue
+        parameter_factors[module_name] = (p["lora_A"], p["lora_B"])
+    modules: dict[str, AdapterModule] = {}
+    for module_name, p in sorted(parts.items()):
+        if "lora_embedding_A" in p or "lora_embedding_B" in p:
+            a, b, kind = p.get("lora_embedding_A"), p.get("lora_embedding_B"), "embedding"
+        else:
+            a, b = p.get("lora_A"), p.get("lora_B")
+            kind = "conv" if a is not None and a.dim() > 2 else "conv1d" if fan_in_fan_out else "linear"
+        if a is None or b is None:
+            problems.append(f"{module_name}: has {sorted(p)} but needs both the A and the B matrix")
+            continue
+        if a.dim() < 2 or b.dim() < 2:
+            problems.append(
+                f"{module_name}: A {tuple(a.shape)} and B {tuple(b.shape)} must be matrices (or conv kernels)"
+            )
+            continue
+        rank = int(a.shape[0])
+        if b.shape[1] != rank:
+            problems.append(
+                f"{module_name}: A has rank {rank} but B has {b.shape[1]} columns (A {tuple(a.shape)}, B {tuple(b.shape)})"
+            )
+            continue
+        expected_rank = int(pattern_value(rank_pattern, module_name, r_default))
+        if expected_rank != rank:
+            problems.append(f"{module_name}: the config gives rank {expected_rank} but the tensors have rank {rank}")
+            continue
+        alpha = float(pattern_value(alpha_pattern, module_name, alpha_default))
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        magnitude = p.get("lora_magnitude_vector")
+        if magnitude is not None and kind not in ("linear", "conv1d"):
+            raise UnsupportedAdapterError(
+                f"{where}: DoRA on {kind} layers ({module_name}) is not supported yet; DoRA on linear layers is."
+            )
+        update = LoraUpdate(kind, a, b, scale, magnitude=magnitude, bias=p.get("lora_B_bias"))  # type: ignore[arg-type]
+        modules[module_name] = AdapterModule(module_name, kind, rank, alpha, scale, update)  # type: ignore[arg-type]
+    token_rows = _token_rows(config.get("trainable_token_indices"), token_tensors, set(modules), problems)
+    if problems:
+        raise AdapterConfigError(f"{where}: the adapter's tensors are inconsistent:\n  - " + "\n  - ".join(problems))
+    if not modules and not replaced and not token_rows and not parameter_factors:
+        raise AdapterConfigError(f"{where}: the adapter contains no LoRA tensors.")
+    return Adapter(
+        path=path,
+        config=MappingProxyType(dict(config)),
+        modules=MappingProxyType(modules),
+        replaced=MappingProxyType(replaced),
+        replaced_kinds=MappingProxyType(replaced_kinds),
+        tensors=MappingProxyType(dict(tensors)),
+        token_rows=MappingProxyType(token_rows),
+        parameter_factors=MappingProxyType(parameter_factors),
+    )
+
+
+def _token_rows(
+    indices: Any, found: Mapping[str, torch.Tensor], lora_modules: set[str], problems: list[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT's trainable tokens: ``trainable_token_indices`` (a list for the input embedding, or a
+    dict by module name) joined with each ``token_adapter.trainable_tokens_delta`` tensor."""
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if indices and not found:
+        problems.append("trainable_token_indices is set but the file holds no trainable-tokens rows")
+    if found and not indices:
+        problems.append(f"trainable-tokens rows for {sorted(found)} but no trainable_token_indices in the config")
+        return rows
+    for module, values in sorted(found.items()):
+        if isinstance(indices, dict):
+            keys = [k for k in indices if module == k or module.endswith("." + str(k))]
+            ids = indices[keys[0]] if len(keys) == 1 else None
+        else:
+            ids = indices if len(found) == 1 else None
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            problems.append(f"{module}: trainable_token_indices gives no list of token ids for it")
+            continue
+        if len(set(ids)) != len(ids):
+            problems.append(f"{module}: trainable_token_indices repeats a token id")
+            continue
+        if not values.is_floating_point() or values.dim() != 2 or values.shape[0] != len(ids):
+            problems.append(
+                f"{module}: the trainable-tokens rows have shape {tuple(values.shape)}, for {len(ids)} token ids"
+            )
+            continue
+        if module in lora_modules:
+            problems.append(f"{module}: both a LoRA update and trainable tokens; merge them as two adapters")
+            continue
+        rows[f"{module}.weight"] = (torch.tensor(ids, dtype=torch.long), values)
+    return rows
+
+
+def load_adapter(
+    path: str | Path,
+    *,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> Adapter:
+    """Read and validate a PEFT LoRA adapter directory, or download one from the Hub.
+
+    Args:
+        path: Directory with ``adapter_config.json`` and ``adapter_model.safetensors``, or a Hub
+            repo id (``namespace/name``) when no such directory exists.
+        allow_pickle: Accept a legacy ``adapter_model.bin`` (read with ``weights_only=True``) when
+            no safetensors file is present. Off by default: pickle files can run code.
+        revision: Hub only: branch, tag or commit (default ``main``).
+        token: Hub only: token (default ``HF_TOKEN`` or the stored login).
+        endpoint: Hub only: Hub URL (default ``HF_ENDPOINT`` or huggingface.co).
+
+    Returns:
+        The adapter, with per-module scales resolved and tensors checked against the config.
+
+    Raises:
+        AdapterNotFoundError: The directory or a required file is missing.
+        AdapterConfigError: The config is malformed or disagrees with the tensors.
+        UnsupportedAdapterError: The adapter uses a PEFT feature loramerge cannot merge.
+        UnsafeFormatError: Only a pickle file exists and ``allow_pickle`` is false.
+
+    Example:
+        >>> adapter = load_adapter(adapter_dir)  # doctest: +SKIP
+        >>> adapter.modules["model.layers.0.self_attn.q_proj"].scale  # doctest: +SKIP
+        2.0
+    """
+    root = hub_path(path, revision=revision, token=token, endpoint=endpoint)
+    if not root.is_dir():
+        raise AdapterNotFoundError(
+            f"adapter directory {str(root)!r} does not exist (or is not a directory); pass the folder that PEFT's "
+            "save_pretrained() wrote, containing adapter_config.json."
+        )
+    config_path = root / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterNotFoundError(f"{str(config_path)!r} is missing: {str(root)!r} is not a PEFT adapter directory.")
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterConfigError(f"{str(config_path)!r} is not valid JSON ({e}); re-save the adapter with PEFT.") from e
+    if not isinstance(raw, dict):
+        raise AdapterConfigError(f"{str(config_path)!r} must hold a JSON object, found {type(raw).__name__}.")
+    st_path = root / SAFETENSORS_NAME
+    bin_path = root / PICKLE_NAME
+    if st_path.is_file():
+        tensors = read_tensors(st_path)
+    elif bin_path.is_file():
+        if not allow_pickle:
+            raise UnsafeFormatError(
+                f"{str(root)!r} has only the pickle file {PICKLE_NAME}, which can run arbitrary code when loaded. "
+                "Convert it to safetensors, or pass allow_pickle=True (it is then read with weights_only=True) "
+                "if you trust its source."
+            )
+        tensors = read_tensors(bin_path, allow_pickle=True)
+    else:
+        raise AdapterNotFoundError(
+            f"{str(root)!r} has no {SAFETENSORS_NAME} (nor {PICKLE_NAME}); the adapter weights are missing."
+        )
+    logger.debug("read %d adapter tensors from %s", len(tensors), root)
+    return build_adapter(raw, tensors, root)

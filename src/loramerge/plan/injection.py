@@ -1,0 +1,113 @@
+"""PEFT's adapter mode without weights: the base's module tree built by transformers from
+``config.json`` on the ``meta`` device, with PEFT's LoRA layers injected and the adapter's factors
+loaded as ``PeftModel.from_pretrained(..., low_cpu_mem_usage=True)`` does.
+
+Both the checkpoint plan (which stored tensor each wrapper changes, and which layer class it is)
+and the oracle (PEFT's layers run on probes) read PEFT's own injection from here: neither guesses
+targets from names or shapes. Nothing here does LoRA math.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import torch
+from torch import nn
+
+from loramerge.formats.adapter import TRAINING_STATE, Adapter
+from loramerge.plan.skeleton import meta_model, tied_names
+
+__all__ = ["ADAPTER", "AdapterMode", "adapter_mode"]
+
+ADAPTER = "default"  # the adapter name PEFT's injected layers use
+
+
+@dataclass
+class AdapterMode:
+    """The base model as PEFT's adapter mode runs it, without base weights.
+
+    Attributes:
+        layers: PEFT's LoRA layer for each adapted module path (LoRA factors loaded, base weight a
+            placeholder unless the adapter file itself carries one).
+        tokens: PEFT's trainable-tokens wrapper for each embedding (or tied head) with trainable tokens.
+        saved: Parameters whose value adapter mode takes from the adapter, not the base
+            (``modules_to_save`` copies, biases trained with ``bias="all"``, saved base layers).
+        groups: Parameter names of the base model that share one tensor.
+        prefix: The model's ``base_model_prefix`` (checkpoints saved by another head class add or drop it).
+    """
+
+    layers: dict[str, nn.Module]
+    tokens: dict[str, nn.Module]  # PEFT's TrainableTokensWrapper by module path
+    saved: dict[str, torch.Tensor]
+    groups: tuple[tuple[str, ...], ...]
+    prefix: str
+    placeholders: set[int]
+    alive: list[torch.Tensor]
+
+
+def _placeholder(param: torch.Tensor) -> nn.Parameter:
+    """A CPU stand-in of ``param``'s shape that takes no memory (stride 0), so that PEFT keeps the
+    loaded LoRA factors on the CPU instead of moving them to the meta device of their base layer."""
+    return nn.Parameter(torch.zeros((), dtype=param.dtype).expand(param.shape), requires_grad=False)
+
+
+def _model_name(peft_name: str) -> str | None:
+    """A parameter name of the wrapped model as the base model names it (``None``: PEFT's own)."""
+    if "lora_" in peft_name or ".original_module." in peft_name:
+        return None
+    return peft_name.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER}.", ".")
+
+
+def adapter_mode(root: Path, adapter: Adapter) -> AdapterMode | str:
+    """Build :class:`AdapterMode` for the checkpoint at ``root``, or say why it cannot be built."""
+    from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    model = meta_model(root)
+    if isinstance(model, str):
+        return model
+    groups = tied_names(model)
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    allowed = {f.name for f in dataclasses.fields(LoraConfig)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = LoraConfig(**{k: v for k, v in adapter.config.items() if k in allowed})
+            config.inference_mode = True
+            # Every base parameter becomes a CPU stand-in that takes no memory before PEFT wraps the
+            # model, so that PEFT initializes its layers (and keeps the loaded factors) on the CPU.
+            placeholders: set[int] = set()
+            alive: list[torch.Tensor] = []  # kept, so that no loaded tensor can reuse a placeholder's id
+            for module in model.modules():
+                for pname, p in list(module.named_parameters(recurse=False)):
+                    if p.is_meta:
+                        alive.append(_placeholder(p))
+                        setattr(module, pname, alive[-1])
+                        placeholders.add(id(alive[-1]))
+            peft_model = PeftModel(model, config, adapter_name=ADAPTER, low_cpu_mem_usage=True)
+            inner = cast(nn.Module, peft_model.base_model.model)
+            layers = {n: cast(nn.Module, m) for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
+            tensors = {k: v.clone() for k, v in adapter.tensors.items() if not TRAINING_STATE.search(k)}
+            result = set_peft_model_state_dict(peft_model, tensors, adapter_name=ADAPTER, low_cpu_mem_usage=True)
+    except Exception as e:  # PEFT's own refusal: the adapter does not fit what the config builds
+        return f"PEFT cannot load the adapter into the model the config builds ({type(e).__name__}: {e})"
+    unused = sorted(getattr(result, "unexpected_keys", []) or [])
+    unloaded = sorted(n for n, p in peft_model.named_parameters() if "lora_" in n and p.is_meta)
+    if unused or unloaded:
+        return (
+            "the adapter's tensors do not fit the module names of the model the config builds "
+            f"(unused: {unused[:3]}, not loaded: {unloaded[:3]})"
+        )
+    tokens = {n: m for n, m in inner.named_modules() if type(m).__name__ == "TrainableTokensWrapper"}
+    saved: dict[str, torch.Tensor] = {}
+    for name, p in inner.named_parameters(remove_duplicate=False):
+        if ".token_adapter." in name:  # trainable tokens: judged through PEFT's wrapper (tokens)
+            continue
+        key = _model_name(name)
+        if key is not None and not p.is_meta and id(p) not in placeholders:
+            saved[key] = p.detach()
+    return AdapterMode(layers, tokens, saved, groups, prefix, placeholders, alive)

@@ -1,0 +1,409 @@
+"""Typed, frozen results of every operation: what was done and how well it was verified."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from loramerge.numerics.tolerance import Tolerance
+
+__all__ = ["LayerCheck", "MergeResult", "OutputCheck", "UnmergeResult", "VerificationReport"]
+
+Operation = Literal["merge", "unmerge", "verify"]
+
+
+def _fmt(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.3g}"
+
+
+def _num(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """Verification of one adapted weight.
+
+    Attributes:
+        name: Module path, e.g. ``"model.layers.0.self_attn.q_proj"``.
+        kind: Layer kind (``linear``, ``conv1d``, ``embedding``, ``conv``).
+        dtype: The weight's dtype.
+        residual: ‖W_merged − (W_base + ΔW)‖ / ‖ΔW‖ computed in fp32: how much of the update was
+            lost to rounding (0 for an exact fp32 merge; bf16 can lose a visible fraction of a tiny
+            update). For an unmerge: the same for the subtraction.
+        max_ulp: Measured by :func:`~loramerge.verify` only: the largest elementwise difference
+            between ``W_merged`` and ``W_base + ΔW``, in units in the last place of the merged
+            dtype, beyond the fp32 arithmetic error any merger's computation of ΔW may have (0.5
+            for a correctly rounded merge). NaN in merge/unmerge reports, whose rounding is to
+            nearest by construction.
+        probe_error: Relative RMS error of the layer's output on random probe vectors, computed
+            exactly (in the wide dtype) from the stored weight, against adapter mode's layer output
+            computed exactly.
+        adapter_error: Adapter mode's own error when run in the model's dtype (for context).
+        storage_error: The relative RMS output error expected from storing the weight in its
+            dtype at all (each element rounded to the nearest representable value): an error no
+            merge can avoid.
+        limit: The largest ``probe_error`` allowed: ``factor * storage_error + floor / 4`` (the
+            layer is evaluated exactly, so only its stored values are judged).
+        passed: Whether this layer is within tolerance.
+        reason: Why it failed (empty when it passed).
+    """
+
+    name: str
+    kind: str
+    dtype: str
+    residual: float
+    max_ulp: float
+    probe_error: float
+    adapter_error: float
+    storage_error: float
+    limit: float
+    passed: bool
+    reason: str = ""
+
+    @property
+    def margin(self) -> float:
+        """``probe_error / limit``: below 1 passes; the higher, the worse."""
+        return self.probe_error / self.limit if self.limit > 0 else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "dtype": self.dtype,
+            "residual": _num(self.residual),
+            "max_ulp": _num(self.max_ulp),
+            "probe_error": _num(self.probe_error),
+            "adapter_error": _num(self.adapter_error),
+            "storage_error": _num(self.storage_error),
+            "limit": _num(self.limit),
+            "passed": self.passed,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """Whole-model functional check on probe inputs.
+
+    Errors are relative to the reference output (adapter mode run in ``reference_dtype``): RMS
+    error over RMS of the reference, and largest error over largest reference value.
+
+    Attributes:
+        dtype: The model's compute dtype.
+        reference_dtype: The dtype of the reference run.
+        probe_shape: Shape of the probe batch.
+        merged_error: Relative RMS error of the merged (or recovered) model.
+        adapter_error: Relative RMS error of adapter mode in ``dtype``.
+        storage_error: Relative RMS change of the merged model's outputs under random
+            rounding-sized (±½ulp) perturbations of its adapted weights: the error that storing
+            ``W + ΔW`` in ``dtype`` costs any merge (adapter mode keeps ΔW in its LoRA weights).
+            Measured only when the merge would fail without it (NaN otherwise).
+        limit: The limit on ``merged_error``: ``factor * hypot(adapter_error, storage_error) + floor``.
+        merged_max_error: Relative max error of the merged model.
+        adapter_max_error: Relative max error of adapter mode.
+        storage_max_error: Relative max change under the rounding-sized perturbation.
+        max_abs_diff: Largest absolute difference between merged and adapter-mode outputs.
+        output_scale: Largest absolute value of the reference output.
+        passed: ``merged_error <= limit`` (and everything finite). The max errors are reported,
+            not judged: the largest single-output deviation is dominated by where the network
+            happens to amplify rounding and changes from one random draw to the next.
+        rerouted_positions: Mixture-of-experts models: probe positions left out of the
+            comparison because a router there chose other experts than in the reference run (a
+            rounding-sized difference at a near-tie flips a discrete choice), with every later
+            position of the same sequence. At most half of the positions are left out;
+            beyond that everything is judged.
+    """
+
+    dtype: str
+    reference_dtype: str
+    probe_shape: tuple[int, ...]
+    merged_error: float
+    adapter_error: float
+    storage_error: float
+    limit: float
+    merged_max_error: float
+    adapter_max_error: float
+    storage_max_error: float
+    max_abs_diff: float
+    output_scale: float
+    passed: bool
+    rerouted_positions: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict."""
+        return {
+            k: (list(v) if isinstance(v, tuple) else _num(v) if isinstance(v, float) else v)
+            for k, v in self.__dict__.items()
+        }
+
+
+@dataclass(frozen=True)
+class VerificationReport:
+    """The verdict of a verification and the numbers behind it.
+
+    Attributes:
+        operation: ``"merge"``, ``"unmerge"`` or ``"verify"``.
+        passed: Every check within tolerance.
+        tolerance: The tolerance used.
+        layers: One :class:`LayerCheck` per adapted weight.
+        outputs: The whole-model check, or ``None`` when it was not run (see ``notes``).
+        unchanged_checked: Number of tensors that must be unchanged and were compared bit for bit.
+        unexpected_changes: Names of tensors that should be unchanged but differ.
+        notes: Remarks (checks skipped and why, weights untied, ...).
+    """
+
+    operation: Operation
+    passed: bool
+    tolerance: Tolerance
+    layers: tuple[LayerCheck, ...]
+    outputs: OutputCheck | None
+    unchanged_checked: int = 0
+    unexpected_changes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def failures(self) -> tuple[str, ...]:
+        """One line per failed check, naming the layer or tensor."""
+        lines = [f"layer {c.name}: {c.reason}" for c in self.layers if not c.passed]
+        if self.outputs is not None and not self.outputs.passed:
+            o = self.outputs
+            lines.append(
+                f"model outputs: relative error {o.merged_error:.3g} exceeds the limit {o.limit:.3g} (adapter mode "
+                f"{o.adapter_error:.3g}, storage rounding {o.storage_error:.3g}) against the {o.reference_dtype} reference"
+            )
+        lines += [f"tensor {n}: changed but should be identical to the base" for n in self.unexpected_changes]
+        return tuple(lines)
+
+    def worst(self, n: int = 5) -> tuple[LayerCheck, ...]:
+        """The ``n`` layers closest to (or furthest past) their limit."""
+        return tuple(sorted(self.layers, key=lambda c: -c.margin)[:n])
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict of the whole report."""
+        return {
+            "operation": self.operation,
+            "passed": self.passed,
+            "tolerance": self.tolerance.to_dict(),
+            "outputs": self.outputs.to_dict() if self.outputs is not None else None,
+            "layers": [c.to_dict() for c in self.layers],
+            "unchanged_checked": self.unchanged_checked,
+            "unexpected_changes": list(self.unexpected_changes),
+            "notes": list(self.notes),
+            "failures": list(self.failures),
+        }
+
+    def __str__(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        t = self.tolerance
+        floor = "per-dtype" if t.floor is None else f"{t.floor:g}"
+        lines = [f"loramerge {self.operation} verification: {verdict}  (tolerance: factor {t.factor:g}, floor {floor})"]
+        if self.outputs is not None:
+            o = self.outputs
+            lines.append(
+                f"  model outputs ({o.dtype}, reference {o.reference_dtype}, probes {list(o.probe_shape)}): "
+                f"rel. error {o.merged_error:.3g} (adapter mode {o.adapter_error:.3g}, storage rounding "
+                f"{_fmt(o.storage_error)}, limit {o.limit:.3g}); max {o.merged_max_error:.3g} "
+                f"(adapter mode {o.adapter_max_error:.3g}); "
+                f"largest |merged - adapter| {o.max_abs_diff:.3g} on scale {o.output_scale:.3g}"
+            )
+            if o.rerouted_positions:
+                lines.append(
+                    f"  {o.rerouted_positions} probe position(s) left out: a mixture-of-experts router chose other "
+                    "experts there than in the reference run (a near-tie flipped by rounding)"
+                )
+        if self.layers:
+            bad = sum(not c.passed for c in self.layers)
+            lines.append(f"  layers: {len(self.layers) - bad}/{len(self.layers)} within tolerance; worst:")
+            lines.append(
+                f"    {'layer':<56} {'dtype':<9} {'residual':>9} {'max ulp':>8} {'error':>9} {'adapter':>9} {'limit':>9}  ok"
+            )
+            for c in self.worst(8):
+                lines.append(
+                    f"    {c.name[-56:]:<56} {c.dtype:<9} {c.residual:>9.3g} {_fmt(c.max_ulp):>8} {c.probe_error:>9.3g} "
+                    f"{c.adapter_error:>9.3g} {c.limit:>9.3g}  {'yes' if c.passed else 'NO'}"
+                )
+        if self.unchanged_checked:
+            lines.append(
+                f"  unchanged tensors: {self.unchanged_checked - len(self.unexpected_changes)}/{self.unchanged_checked} identical"
+            )
+        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  FAIL: {f}" for f in self.failures]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :func:`~loramerge.merge` returns.
+
+    Attributes:
+        model: The plain merged model (the same object that was passed in, unwrapped).
+        report: The verification report (``report.passed`` is true unless verification was off).
+        adapters: Names of the merged adapters, in merge order.
+        dora_norms: For each DoRA-merged module, the norms ``‖W + ΔW‖`` used; pass them to
+            :func:`~loramerge.unmerge` to undo a DoRA merge.
+        untied: Parameters given their own copy because they shared a merged weight.
+        verified: Whether verification ran.
+        receipt: With ``receipt=True``: what :func:`~loramerge.unmerge` needs to restore the base
+            bit for bit (:class:`~loramerge.Receipt`; save it with ``receipt.save(path)``).
+        base_format: For a quantized base, its format and what the merge made of it, e.g.
+            ``"bnb-4bit nf4, double quantization, blocks of 64, bfloat16 (14 layers) -> dequantized to bfloat16"``;
+            empty otherwise.
+    """
+
+    model: nn.Module
+    report: VerificationReport
+    adapters: tuple[str, ...]
+    dora_norms: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    untied: tuple[str, ...] = ()
+    verified: bool = True
+    base_format: str = ""
+    receipt: Any = None
+
+    @property
+    def passed(self) -> bool:
+        """Shortcut for ``report.passed``."""
+        return self.report.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (without the model and tensors)."""
+        return {
+            "adapters": list(self.adapters),
+            "dora_modules": sorted(self.dora_norms),
+            "untied": list(self.untied),
+            "verified": self.verified,
+            "base_format": self.base_format,
+            "receipt_bytes": self.receipt.nbytes if self.receipt is not None else None,
+            "report": self.report.to_dict(),
+        }
+
+    def __str__(self) -> str:
+        base = f" (base: {self.base_format})" if self.base_format else ""
+        return f"merged adapters {list(self.adapters)}{base}\n{self.report}"
+
+
+@dataclass(frozen=True)
+class UnmergeResult:
+    """What :func:`~loramerge.unmerge` returns.
+
+    Attributes:
+        model: The model with the adapter removed (changed in place).
+        report: The verification report.
+        restored_exactly: Tensors restored bit for bit (from copies the adapter or caller supplied).
+        max_error_bound: Largest elementwise bound on ``|W_recovered - W_base|`` over the
+            recovered weights: each element is within ``½ulp(W_merged) + ½ulp(W_recovered)`` of the
+            base (one rounding step of the merge plus one of the unmerge), for a base merged by
+            loramerge. ``0.0`` when every weight was restored from a stored copy.
+        verified: Whether verification ran.
+    """
+
+    model: nn.Module
+    report: VerificationReport
+    restored_exactly: tuple[str, ...] = ()
+    max_error_bound: float = 0.0
+    verified: bool = True
+
+    @property
+    def passed(self) -> bool:
+        """Shortcut for ``report.passed``."""
+        return self.report.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (without the model)."""
+        return {
+            "restored_exactly": list(self.restored_exactly),
+            "max_error_bound": self.max_error_bound,
+            "verified": self.verified,
+            "report": self.report.to_dict(),
+        }
+
+    def __str__(self) -> str:
+        return f"unmerge (every recovered weight within {self.max_error_bound:.3g} of the original)\n{self.report}"
+
+
+@dataclass(frozen=True)
+class CheckpointMergeReport:
+    """What :func:`merge_checkpoint` or :func:`unmerge_checkpoint` wrote, and its verification.
+
+    Attributes:
+        output: The finished checkpoint directory.
+        operation: ``"merge"`` or ``"unmerge"``.
+        files: The weight files written (shards and index).
+        tensors: Number of tensors written.
+        changed: Names of the tensors the adapter changed.
+        bytes_written: Bytes of tensor data written.
+        seconds: Wall time of the whole operation (verification included).
+        verification: The verification report (``None`` with ``verify=False``).
+        dora_norms: For DoRA modules merged, the norms an unmerge needs (by module name).
+        qlora_base: With ``qlora_base=``: which base the adapter was merged into and the
+            quantization simulated, e.g. ``"simulated nf4, double quantization, blocks of 64"``.
+        qlora_gap: With ``qlora_base=``: per adapted module, how far the two choices of base are
+            apart, ``‖W_simulated − W_original‖ / ‖ΔW‖`` (the quantization error the adapter was
+            trained against, as a fraction of the adapter's own update).
+        side_files: The base's side files copied into the output (config, tokenizer, ...).
+        skipped: Entries of the base directory not copied, each with the reason (subdirectories,
+            links out of the directory, files a transformers checkpoint does not need).
+    """
+
+    output: Path
+    operation: str
+    files: tuple[str, ...]
+    tensors: int
+    changed: tuple[str, ...]
+    bytes_written: int
+    seconds: float
+    verification: VerificationReport | None
+    dora_norms: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    qlora_base: str = ""
+    qlora_gap: Mapping[str, float] = field(default_factory=dict)
+    side_files: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """Whether verification passed (``True`` when it did not run)."""
+        return self.verification is None or self.verification.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict."""
+        return {
+            "output": str(self.output),
+            "operation": self.operation,
+            "files": list(self.files),
+            "tensors": self.tensors,
+            "changed": list(self.changed),
+            "bytes_written": self.bytes_written,
+            "seconds": self.seconds,
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+            "qlora_base": self.qlora_base,
+            "qlora_gap": dict(self.qlora_gap),
+            "side_files": list(self.side_files),
+            "skipped": list(self.skipped),
+        }
+
+    def __str__(self) -> str:
+        gb = self.bytes_written / 1e9
+        lines = [
+            f"{self.operation}d checkpoint written to {self.output}: {self.tensors} tensors ({len(self.changed)} changed), "
+            f"{gb:.2f} GB in {len(self.files)} file(s), {self.seconds:.1f} s ({gb / max(self.seconds, 1e-9):.2f} GB/s)"
+        ]
+        if self.qlora_base:
+            lines.append(f"QLoRA base: {self.qlora_base}")
+        if self.qlora_gap:
+            gaps = sorted(self.qlora_gap.items(), key=lambda kv: kv[1])
+            median = gaps[len(gaps) // 2][1]
+            lines.append(
+                f"  simulated vs original base, ‖W_sim − W_orig‖ / ‖ΔW‖ per layer: median {median:.3g}, "
+                f"worst {gaps[-1][1]:.3g} ({gaps[-1][0]})"
+            )
+        if self.skipped:
+            lines.append(f"not copied from the base: {', '.join(self.skipped)}")
+        lines.append(str(self.verification) if self.verification is not None else "verification off")
+        return "\n".join(lines)
