@@ -3,8 +3,8 @@
 - No module imports another in a circle.
 - A folder imports only from itself and from the folders below it in ``LAYERS`` (``operations``
   may use ``proof``; ``proof`` may not use ``engine``), so a newcomer can read the package bottom up.
-- No module is over ``MAX_LINES`` lines and no function over ``MAX_FUNCTION_LINES``, with the
-  exceptions listed (and counted) in ``LONG``, which may shrink but not grow.
+- No module is over ``MAX_LINES`` lines and no function over ``MAX_FUNCTION_LINES`` (docstrings not
+  counted), except those listed with their length in ``LONG``, which may shrink but not grow.
 
 Imports anywhere in a module count (a function-level import is a dependency too); only imports
 under ``if TYPE_CHECKING:`` are left out, since they never run.
@@ -25,25 +25,21 @@ MAX_FUNCTION_LINES = 80
 LONG: dict[str, int] = {
     "cli.main._parser": 103,
     "formats.adapter": 411,
-    "formats.adapter.build_adapter": 123,
+    "formats.adapter.build_adapter": 122,
     "formats.shards": 423,
     "numerics.delta": 454,
     "numerics.quantized": 485,
-    "operations.benchmark.bench": 85,
-    "operations.checkpoint.merge_checkpoint": 272,
-    "operations.checkpoint_unmerge.unmerge_checkpoint": 161,
-    "operations.checkpoint_verify.verify_checkpoint": 119,
+    "operations.checkpoint.merge_checkpoint": 104,
+    "operations.checkpoint_verify.verify_checkpoint": 101,
     "operations.hub": 488,
-    "operations.hub.push_to_hub": 98,
     "operations.inmemory": 475,
     "operations.inmemory._merge": 239,
-    "operations.inmemory.merge": 89,
     "operations.inmemory_unmerge._unmerge": 202,
     "operations.verification._verify": 109,
-    "plan.checkpoint_plan.map_adapter": 91,
-    "plan.peft_glue.check_compatible": 109,
+    "plan.checkpoint_plan.map_adapter": 90,
+    "plan.peft_glue.check_compatible": 97,
     "proof.model_runs": 401,
-    "proof.oracle.check_merged_checkpoint": 144,
+    "proof.oracle.check_merged_checkpoint": 129,
     "proof.reports": 409,
 }
 
@@ -148,7 +144,11 @@ def _function_lengths(tree: ast.AST) -> dict[str, int]:
     out: dict[str, int] = {}
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno is not None:
-            out[node.name] = max(out.get(node.name, 0), node.end_lineno - node.lineno + 1)
+            length = node.end_lineno - node.lineno + 1
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and first.end_lineno is not None:
+                length -= first.end_lineno - first.lineno + 1  # the docstring is documentation, not code
+            out[node.name] = max(out.get(node.name, 0), length)
     return out
 
 
@@ -174,5 +174,5 @@ def test_modules_and_functions_stay_short() -> None:
 
 def test_the_length_scan_measures_functions() -> None:
     """Negative control: a long function is measured as long."""
-    tree = ast.parse("def f():\n" + "    x = 1\n" * 90)
-    assert _function_lengths(tree) == {"f": 91}
+    tree = ast.parse('def f():\n    """A docstring\n    of two lines."""\n' + "    x = 1\n" * 90)
+    assert _function_lengths(tree) == {"f": 91}, "def line and body counted, the docstring not"

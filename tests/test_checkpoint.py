@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 import loramerge as lm
-import loramerge.operations.checkpoint as ckpt_mod
+import loramerge.engine.checkpoint_steps as ckpt_mod
 from conftest import CASES, make_base, save_adapter
 from loramerge.cli.main import main
 from loramerge.formats import directio

@@ -20,8 +20,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import loramerge as lm
+import loramerge.engine.checkpoint_steps as steps
 import loramerge.operations.checkpoint as ckpt
-import loramerge.operations.checkpoint_unmerge as ckpt_unmerge
 import loramerge.plan.checkpoint_plan as checkpoint_plan
 from loramerge.numerics.delta import LoraUpdate
 from loramerge.proof.oracle import check_merged_checkpoint
@@ -53,13 +53,13 @@ def test_a_transposed_layout_passes_loramerges_own_check_but_not_peft(
 
 def test_a_wrong_scale_fails_against_peft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, _, base, adapter = _gpt2_with_mixed_targets(tmp_path)
-    right = ckpt._updates_for
+    right = steps._updates_for
 
     def five_percent_off(mod: Any, kind: Any) -> LoraUpdate:
         up = right(mod, kind)
         return LoraUpdate(up.kind, up.lora_A, up.lora_B, up.scale * 1.05, up.magnitude, up.bias)
 
-    monkeypatch.setattr(ckpt, "_updates_for", five_percent_off)
+    monkeypatch.setattr(steps, "_updates_for", five_percent_off)
     message = _verified_merge_fails(base, adapter, tmp_path / "merged")
     # one layer of each family is run through PEFT's layer inside merge_checkpoint
     for layer in ("transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj", "lm_head"):
@@ -193,13 +193,13 @@ def test_an_unmerge_with_a_wrong_scale_fails_against_peft(tmp_path: Path, monkey
     restored = lm.unmerge_checkpoint(merged, adapter, tmp_path / "restored", progress=False)
     assert restored.passed and restored.verification is not None
     assert any("judged against PEFT's own LoRA layers" in n for n in restored.verification.notes)
-    right = ckpt_unmerge._updates_for
+    right = steps._updates_for
 
     def five_percent_off(mod: Any, kind: Any) -> LoraUpdate:
         up = right(mod, kind)
         return LoraUpdate(up.kind, up.lora_A, up.lora_B, up.scale * 1.05, up.magnitude, up.bias)
 
-    monkeypatch.setattr(ckpt_unmerge, "_updates_for", five_percent_off)
+    monkeypatch.setattr(steps, "_updates_for", five_percent_off)
     with pytest.raises(lm.VerificationError, match="PEFT's own LoRA layer"):
         lm.unmerge_checkpoint(merged, adapter, tmp_path / "wrong", progress=False)
     assert not (tmp_path / "wrong").exists()

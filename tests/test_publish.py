@@ -163,14 +163,15 @@ STREAMING_CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    import loramerge.operations.checkpoint as ckpt
+    import loramerge as lm
+    import loramerge.engine.checkpoint_steps as ckpt
     real = ckpt.merge_tensor_
     def slow(*args, **kwargs):
         print("streaming", flush=True)
         time.sleep(0.5)
         return real(*args, **kwargs)
     ckpt.merge_tensor_ = slow
-    ckpt.merge_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+    lm.merge_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
     """
 )
 

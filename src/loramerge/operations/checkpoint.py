@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import time
 import warnings
@@ -23,11 +22,11 @@ from typing import Any, Literal, cast
 
 import torch
 
-from loramerge.engine.checkpoint_stream import _Expectations, _probe_check, _publish
+from loramerge.engine.checkpoint_steps import MergeStep
+from loramerge.engine.checkpoint_stream import _publish
 from loramerge.errors import (
     InvalidArgumentError,
     LoraMergeWarning,
-    NonFiniteMergeError,
     UnsupportedQuantizationError,
 )
 from loramerge.formats.adapter import Adapter, load_adapter
@@ -45,17 +44,11 @@ from loramerge.formats.lineage_records import (
 from loramerge.formats.loading import resolve_dtype
 from loramerge.formats.receipts import FILENAME as RECEIPT_FILE
 from loramerge.formats.receipts import Receipt
-from loramerge.formats.receipts import encode as encode_receipt
 from loramerge.formats.shard_writer import copy_side_files
 from loramerge.formats.shards import CheckpointReader
-from loramerge.numerics.delta import check_updates, merge_tensor_, unmerge_tensor_
 from loramerge.numerics.tolerance import Tolerance
-from loramerge.plan.checkpoint_plan import _read_config, _untie_plan, _updates_for, map_adapter
-from loramerge.plan.quant_spec import QuantSpec, bnb_config, checkpoint_quantization, quantizable, simulate
-from loramerge.proof.layer_checks import (
-    MAX_PROBE_OUTPUTS,
-    LayerProbe,
-)
+from loramerge.plan.checkpoint_plan import AdapterMapping, _read_config, _untie_plan, map_adapter
+from loramerge.plan.quant_spec import QuantSpec, bnb_config, checkpoint_quantization
 from loramerge.proof.reports import CheckpointMergeReport, VerificationReport
 
 __all__ = ["CheckpointMergeReport", "map_adapter", "merge_checkpoint"]
@@ -151,25 +144,8 @@ def merge_checkpoint(
         if isinstance(adapter, Adapter)
         else load_adapter(adapter, revision=adapter_revision, token=token, endpoint=endpoint)
     )
-    if qlora_base not in (None, "original", "simulated"):
-        raise InvalidArgumentError(f"qlora_base={qlora_base!r}: use 'simulated' or 'original'")
-    if quantization is not None and qlora_base is None:
-        raise InvalidArgumentError(
-            "quantization= describes a QLoRA base; pass qlora_base='simulated' or 'original' with it"
-        )
-    spec = QuantSpec.of(quantization) if qlora_base is not None else None
-    method = checkpoint_quantization(_read_config(base_dir))
-    if method is not None:
-        if method != "bitsandbytes":
-            raise UnsupportedQuantizationError(
-                f"{str(base_dir)!r} is quantized with {method!r}, which loramerge cannot dequantize exactly. "
-                "Merge into the unquantized base checkpoint instead (qlora_base='original' or 'simulated')."
-            )
-        if qlora_base is not None:
-            raise InvalidArgumentError(
-                f"{str(base_dir)!r} is already quantized with bitsandbytes: qlora_base= chooses between the 16-bit "
-                "weights and a simulation of them, which a pre-quantized checkpoint does not have. Leave it out."
-            )
+    spec = _quantization_spec(qlora_base, quantization)
+    if _prequantized(base_dir, qlora_base):
         return _merge_prequantized(
             base_dir, loaded, out_dir, dtype, max_shard_size, overwrite, bool(verify), tolerance, started
         )
@@ -182,107 +158,22 @@ def merge_checkpoint(
     reader = CheckpointReader(base_dir)
     mapping = map_adapter(reader, loaded)
     fingerprint = fingerprint_of(loaded)
-    rc = Receipt(fingerprint) if receipt else None
+    target = resolve_dtype(dtype)
     entry = new_round(
         source=str(adapter) if not isinstance(adapter, Adapter) else str(loaded.path or "<in memory>"),
         fingerprint=fingerprint,
         config=loaded.config,
         scales={m.name: m.scale for m in loaded.modules.values()},
-        dtype=str(resolve_dtype(dtype) or next(iter(reader.tensors.values())).dtype).replace("torch.", ""),
+        dtype=str(target or next(iter(reader.tensors.values())).dtype).replace("torch.", ""),
         report=None,
         receipt=None,
     )
     rounds = [*lineage(base_dir), entry]
     if receipt:  # one file per round, so that every round can be undone exactly
         entry["receipt"] = RECEIPT_FILE.replace(".safetensors", f"-{len(rounds):03d}.safetensors")
-    untie = _untie_plan(base_dir, reader, set(mapping.modules) | set(mapping.replaced))
-    if mapping.tied_copies:
-        warnings.warn(
-            f"the adapter replaces {sorted(mapping.tied_copies)}, which the checkpoint ties to "
-            f"{sorted(set(mapping.tied_copies.values()))}: the output stores them as tensors of their own (as adapter "
-            "mode computes) and says tie_word_embeddings=false in config.json.",
-            LoraMergeWarning,
-            stacklevel=2,
-        )
-    for name, source in {**untie, **mapping.tied_copies}.items():
-        reader.add_alias(name, source)
-    target = resolve_dtype(dtype)
+    _alias_untied(base_dir, reader, mapping)
     tol = tolerance or Tolerance()
-    norms: dict[str, torch.Tensor] = {}
-    expect = _Expectations()
-
-    gaps: dict[str, float] = {}
-    passthrough = {  # byte for byte: never read into memory, the writer copies their bytes
-        name
-        for name, info in reader.tensors.items()
-        if name not in mapping.changed
-        and not (target is not None and info.dtype.is_floating_point)
-        and not (qlora_base == "simulated" and info.dtype.is_floating_point and quantizable(name, info.shape))
-    }
-
-    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        quantized = spec is not None and quantizable(name, tuple(tensor.shape)) and tensor.is_floating_point()
-        if name in mapping.modules:
-            mod, kind = mapping.modules[name]
-            up = _updates_for(mod, kind)
-            if name in mapping.replaced:  # a saved embedding base: adapter mode applies the delta to it
-                tensor = mapping.replaced[name].to(tensor.dtype, copy=True)  # merged into in place below
-            work = tensor if target is None else tensor.to(target)
-            source: torch.Tensor | None = None
-            if spec is not None and quantized and kind == "linear":
-                simulated = simulate(tensor, spec)
-                gap = float(torch.linalg.vector_norm(simulated - tensor.float()))  # before work (maybe tensor) changes
-                if qlora_base == "simulated":
-                    source = simulated
-            if verify:  # the probe's reference comes from the base tensor, before it is changed
-                base_w = work if source is None else source.to(tensor.dtype)  # exact: bitsandbytes' values
-                probe = LayerProbe(mod.name, kind, base_w, None, [up], 0, MAX_PROBE_OUTPUTS)
-            original = work.clone() if rc is not None else None
-            # The output is atomic, so non-finite results need not be found before computing them: the
-            # rounding residual is NaN or infinite exactly when a result is non-finite or overflowed.
-            stats = merge_tensor_(work, [up], source=source)
-            if spec is not None and quantized and kind == "linear":
-                gaps[mod.name] = gap / stats.delta_norm if stats.delta_norm > 0 else math.inf
-            if not math.isfinite(stats.residual_norm) or not math.isfinite(stats.delta_norm):
-                problems = check_updates([up], tensor if target is None else tensor.to(target)) or ["non-finite result"]
-                raise NonFiniteMergeError(
-                    f"merging {mod.name} would produce non-finite weights or overflow ({'; '.join(problems)}); "
-                    "nothing was written. Check the adapter for NaN/Inf, or merge into a wider dtype."
-                )
-            if verify:
-                expect.checks[name] = _probe_check(probe, tol, stats.relative_residual, math.nan, "")
-            if "dora_norms" in stats.extras:
-                norms[mod.name] = stats.extras["dora_norms"].cpu()
-            if rc is not None and original is not None:
-                recovered = work.clone()
-                unmerge_tensor_(recovered, [up], norms.get(mod.name))
-                rc.tensors[name] = encode_receipt(original, recovered)
-                if mod.name in norms:
-                    rc.dora_norms[mod.name] = norms[mod.name]
-            return work
-        if name in mapping.biases:
-            mod = mapping.biases[name]
-            assert mod.update.bias is not None
-            work = tensor if target is None else tensor.to(target)
-            merged_bias = (work.float() + mod.scale * mod.update.bias.float()).to(work.dtype)
-            if rc is not None:
-                recovered = (merged_bias.float() - mod.scale * mod.update.bias.float()).to(work.dtype)
-                rc.tensors[name] = encode_receipt(work, recovered)
-            return merged_bias
-        if name in mapping.replaced:
-            if rc is not None:
-                rc.originals[name] = (tensor if target is None else tensor.to(target)).clone()
-            return mapping.replaced[name].to(tensor.dtype if target is None else target)
-        if name in mapping.token_rows:  # trainable tokens: PEFT's rows replace the base's, in its dtype
-            ids, rows = mapping.token_rows[name]
-            work = tensor if target is None else tensor.to(target)
-            if rc is not None:
-                rc.originals[name] = work.clone()
-            return work.index_copy(0, ids, rows.to(work.dtype))
-        if quantized and qlora_base == "simulated":
-            assert spec is not None
-            return simulate(tensor, spec).to(tensor.dtype if target is None else target)
-        return tensor  # untouched but converted to ``dtype`` on the way out
+    step = MergeStep(mapping, target, bool(verify), tol, spec, qlora_base, Receipt(fingerprint) if receipt else None)
 
     def model_check(tmp: Path, report: VerificationReport) -> VerificationReport:
         if qlora_base != "simulated":  # adapter mode on this base is the reference (not on a simulated one)
@@ -292,21 +183,14 @@ def merge_checkpoint(
             report = dataclasses.replace(report, notes=(*report.notes, note))
         if verify != "model" or not report.passed:
             return report
-        from loramerge.formats.loading import load_base
-        from loramerge.operations.verification import verify as verify_models
-
-        if qlora_base == "simulated":  # the real QLoRA model: the base loaded with bitsandbytes
-            assert spec is not None
-            reference = load_base(base_dir, dtype=target, quantization_config=bnb_config(spec), device_map="cpu")
-        else:
-            reference = load_base(base_dir, dtype=target)
-        full = verify_models(reference, loaded, load_base(tmp), tolerance=tol, check_outputs=True)
-        return dataclasses.replace(report, passed=full.passed, outputs=full.outputs)
+        return _whole_model_check(
+            report, base_dir, tmp, loaded, target, tol, spec if qlora_base == "simulated" else None
+        )
 
     def record(tmp: Path, verification: VerificationReport | None) -> None:
         done = dict(entry, verification=summary(verification))
-        if rc is not None:
-            rc.save(tmp / str(entry["receipt"]))
+        if step.receipt is not None:
+            step.receipt.save(tmp / str(entry["receipt"]))
         _carry_receipts(base_dir, tmp, rounds[:-1])
         write_record(tmp, [*rounds[:-1], done], verification)
 
@@ -316,9 +200,9 @@ def merge_checkpoint(
         out_dir,
         reader,
         mapping,
-        expect,
-        transform,
-        passthrough,
+        step.expect,
+        step,
+        step.passthrough(reader.tensors),
         target,
         max_shard_size,
         overwrite,
@@ -327,7 +211,7 @@ def merge_checkpoint(
         tol,
         started,
         model_check,
-        norms,
+        step.norms,
         record,
         {METADATA_KEY: json.dumps(rounds, default=str)},
     )
@@ -336,7 +220,74 @@ def merge_checkpoint(
     what = f"{qlora_base} ({spec.describe()})"
     if qlora_base == "simulated":
         what += ": every linear weight quantized and dequantized as bitsandbytes does, then merged"
-    return dataclasses.replace(report, qlora_base=what, qlora_gap=gaps)
+    return dataclasses.replace(report, qlora_base=what, qlora_gap=step.gaps)
+
+
+def _quantization_spec(
+    qlora_base: str | None, quantization: QuantSpec | str | Mapping[str, Any] | Any
+) -> QuantSpec | None:
+    """The bitsandbytes format a QLoRA merge simulates (``None``: not a QLoRA merge), after checking the arguments."""
+    if qlora_base not in (None, "original", "simulated"):
+        raise InvalidArgumentError(f"qlora_base={qlora_base!r}: use 'simulated' or 'original'")
+    if quantization is not None and qlora_base is None:
+        raise InvalidArgumentError(
+            "quantization= describes a QLoRA base; pass qlora_base='simulated' or 'original' with it"
+        )
+    return QuantSpec.of(quantization) if qlora_base is not None else None
+
+
+def _prequantized(base_dir: Path, qlora_base: str | None) -> bool:
+    """Whether the base checkpoint was saved quantized by bitsandbytes (refusing other methods)."""
+    method = checkpoint_quantization(_read_config(base_dir))
+    if method is None:
+        return False
+    if method != "bitsandbytes":
+        raise UnsupportedQuantizationError(
+            f"{str(base_dir)!r} is quantized with {method!r}, which loramerge cannot dequantize exactly. "
+            "Merge into the unquantized base checkpoint instead (qlora_base='original' or 'simulated')."
+        )
+    if qlora_base is not None:
+        raise InvalidArgumentError(
+            f"{str(base_dir)!r} is already quantized with bitsandbytes: qlora_base= chooses between the 16-bit "
+            "weights and a simulation of them, which a pre-quantized checkpoint does not have. Leave it out."
+        )
+    return True
+
+
+def _alias_untied(base_dir: Path, reader: CheckpointReader, mapping: AdapterMapping) -> None:
+    """Tensors the output stores on their own although the base ties them: read them from their source."""
+    untie = _untie_plan(base_dir, reader, set(mapping.modules) | set(mapping.replaced))
+    if mapping.tied_copies:
+        warnings.warn(
+            f"the adapter replaces {sorted(mapping.tied_copies)}, which the checkpoint ties to "
+            f"{sorted(set(mapping.tied_copies.values()))}: the output stores them as tensors of their own (as adapter "
+            "mode computes) and says tie_word_embeddings=false in config.json.",
+            LoraMergeWarning,
+            stacklevel=3,
+        )
+    for name, source in {**untie, **mapping.tied_copies}.items():
+        reader.add_alias(name, source)
+
+
+def _whole_model_check(
+    report: VerificationReport,
+    base_dir: Path,
+    merged_dir: Path,
+    adapter: Adapter,
+    target: torch.dtype | None,
+    tol: Tolerance,
+    simulated: QuantSpec | None,
+) -> VerificationReport:
+    """``verify="model"``: load base and result and run the whole-model output check of :func:`~loramerge.verify`."""
+    from loramerge.formats.loading import load_base
+    from loramerge.operations.verification import verify as verify_models
+
+    if simulated is not None:  # the real QLoRA model: the base loaded with bitsandbytes
+        reference = load_base(base_dir, dtype=target, quantization_config=bnb_config(simulated), device_map="cpu")
+    else:
+        reference = load_base(base_dir, dtype=target)
+    full = verify_models(reference, adapter, load_base(merged_dir), tolerance=tol, check_outputs=True)
+    return dataclasses.replace(report, passed=full.passed, outputs=full.outputs)
 
 
 def _carry_receipts(src: Path, dst: Path, rounds: list[dict[str, Any]]) -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from loramerge.engine.checkpoint_stream import _Expectations, _fixed_check, _publish
+from loramerge.engine.checkpoint_steps import UnmergeStep, find_original
+from loramerge.engine.checkpoint_stream import _publish
 from loramerge.errors import (
     UnmergeImpossibleError,
 )
@@ -27,17 +28,11 @@ from loramerge.formats.lineage_records import (
     write_record,
 )
 from loramerge.formats.receipts import Receipt, ReceiptError, as_receipt, load_receipt
-from loramerge.formats.receipts import apply as apply_receipt
 from loramerge.formats.shards import CheckpointReader
-from loramerge.numerics.delta import unmerge_tensor_
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.operations.checkpoint import _carry_receipts
 from loramerge.operations.checkpoint_verify import _judged
-from loramerge.plan.checkpoint_plan import _updates_for, map_adapter
-from loramerge.proof.layer_checks import (
-    MAX_PROBE_OUTPUTS,
-    LayerProbe,
-)
+from loramerge.plan.checkpoint_plan import AdapterMapping, map_adapter
 from loramerge.proof.reports import CheckpointMergeReport, VerificationReport
 
 __all__ = ["unmerge_checkpoint"]
@@ -94,20 +89,7 @@ def unmerge_checkpoint(
     fingerprint = fingerprint_of(loaded)
     rounds = lineage(merged_dir)
     lineage_notes = check_last(rounds, fingerprint, force)
-    rc: Receipt | None = None
-    if isinstance(receipt, (Receipt, str, Path)):
-        rc = as_receipt(receipt)
-    elif (
-        receipt is None and rounds and rounds[-1].get("receipt") and rounds[-1]["adapter"].get("sha256") == fingerprint
-    ):
-        found = confined_file(merged_dir, rounds[-1]["receipt"], "lineage: receipt", must_exist=False)
-        if not found.is_file():
-            raise ReceiptError(
-                f"the lineage of {str(merged_dir)!r} says the last merge wrote the receipt {found.name!r}, but it is "
-                "missing: without it the unmerge is not byte-exact. Restore the file, or pass receipt=False "
-                "(--no-receipt) for a plain unmerge within the documented bound."
-            )
-        rc = load_receipt(found)
+    rc = _receipt(receipt, merged_dir, rounds, fingerprint)
     if rc is not None:
         rc.check_adapter(fingerprint)
         absent = sorted(n for n in [*mapping.modules, *mapping.biases] if n not in rc.tensors)
@@ -115,63 +97,8 @@ def unmerge_checkpoint(
             raise ReceiptError(f"the receipt has no entry for {absent}; it was written for another checkpoint.")
     norms = {**(rc.dora_norms if rc is not None else {}), **dict(dora_norms or {})}
     originals = {**(rc.originals if rc is not None else {}), **dict(originals or {})}
-    missing_norms = sorted(mod.name for mod, _ in mapping.modules.values() if mod.use_dora and mod.name not in norms)
-    missing_originals = sorted(
-        [n for n, k in loaded.replaced_kinds.items() if k in ("modules_to_save", "trained_bias") and n not in originals]
-        + [
-            n
-            for n in mapping.token_rows
-            if not any(n == k or n.endswith("." + k) or k.endswith("." + n) for k in originals)
-        ]
-    )
-    if missing_norms or missing_originals:
-        raise UnmergeImpossibleError(
-            "cannot unmerge exactly; nothing was written:\n"
-            + (f"  - DoRA modules {missing_norms} need dora_norms= (from the merge report)\n" if missing_norms else "")
-            + (
-                f"  - {missing_originals} were replaced by the adapter (modules_to_save, trained biases, trainable-token "
-                "rows) and neither the merged checkpoint nor the adapter holds their original values: pass originals= "
-                "(read from the base checkpoint), or merge with receipt=True (--receipt), which keeps them\n"
-                if missing_originals
-                else ""
-            )
-        )
-    expect = _Expectations()
-
-    passthrough = set(reader.names) - mapping.changed
-
-    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if name in mapping.modules:
-            mod, kind = mapping.modules[name]
-            up = _updates_for(mod, kind)
-            work = tensor.clone()
-            stats = unmerge_tensor_(work, [up], norms.get(mod.name))
-            if rc is not None:
-                work = apply_receipt(work, rc.tensors[name], name)
-            if verify:
-                probe = LayerProbe(mod.name, kind, work, None, [up], seed, MAX_PROBE_OUTPUTS)
-                reason = ""
-                if stats.remerge_gap > 1.0 + 1e-6:
-                    reason = f"re-merging misses the merged tensor by {stats.remerge_gap:.3g}x what rounding allows"
-                storage = math.hypot(probe.storage(tensor), probe.storage(work))
-                layer = probe.check(
-                    probe.outputs(tensor, None), tol, stats.relative_residual, math.nan, reason, storage
-                )
-                expect.checks[name] = _fixed_check(layer)
-            return work
-        if name in mapping.biases:
-            mod = mapping.biases[name]
-            assert mod.update.bias is not None
-            bias = (tensor.float() - mod.scale * mod.update.bias.float()).to(tensor.dtype)
-            return apply_receipt(bias, rc.tensors[name], name) if rc is not None else bias
-        if name in mapping.token_rows:  # the original rows, from originals=
-            ids, _ = mapping.token_rows[name]
-            key = next(k for k in originals if name == k or name.endswith("." + k) or k.endswith("." + name))
-            return tensor.index_copy(0, ids, originals[key].to(tensor.dtype).index_select(0, ids))
-        assert name in mapping.replaced  # every other tensor is copied through
-        key = next(k for k in originals if name == k or name.endswith("." + k) or k.endswith("." + name))
-        return originals[key].to(tensor.dtype)
-
+    _check_unmergeable(loaded, mapping, norms, originals)
+    step = UnmergeStep(mapping, norms, originals, rc, verify, tol, seed)
     remaining = drop_round(rounds, fingerprint)
 
     def record(tmp: Path, verification: VerificationReport | None) -> None:
@@ -189,9 +116,9 @@ def unmerge_checkpoint(
         out_dir,
         reader,
         mapping,
-        expect,
-        transform,
-        passthrough,
+        step.expect,
+        step,
+        set(reader.names) - mapping.changed,
         None,
         max_shard_size,
         overwrite,
@@ -205,4 +132,52 @@ def unmerge_checkpoint(
         ),
         record=record,
         extra_metadata={METADATA_KEY: json.dumps(remaining, default=str)},
+    )
+
+
+def _receipt(
+    receipt: Receipt | str | Path | bool | None, merged_dir: Path, rounds: list[dict[str, Any]], fingerprint: str
+) -> Receipt | None:
+    """The receipt to apply: the one passed, or the one the last merge wrote (if it merged this adapter)."""
+    if isinstance(receipt, (Receipt, str, Path)):
+        return as_receipt(receipt)
+    if receipt is not None or not rounds or not rounds[-1].get("receipt"):
+        return None
+    if rounds[-1]["adapter"].get("sha256") != fingerprint:
+        return None
+    found = confined_file(merged_dir, rounds[-1]["receipt"], "lineage: receipt", must_exist=False)
+    if not found.is_file():
+        raise ReceiptError(
+            f"the lineage of {str(merged_dir)!r} says the last merge wrote the receipt {found.name!r}, but it is "
+            "missing: without it the unmerge is not byte-exact. Restore the file, or pass receipt=False "
+            "(--no-receipt) for a plain unmerge within the documented bound."
+        )
+    return load_receipt(found)
+
+
+def _check_unmergeable(
+    adapter: Adapter, mapping: AdapterMapping, norms: Mapping[str, torch.Tensor], originals: Mapping[str, torch.Tensor]
+) -> None:
+    """Refuse, before writing anything, an unmerge that cannot be exact: DoRA norms or replaced originals missing."""
+    missing_norms = sorted(mod.name for mod, _ in mapping.modules.values() if mod.use_dora and mod.name not in norms)
+    missing_originals = sorted(
+        [
+            n
+            for n, k in adapter.replaced_kinds.items()
+            if k in ("modules_to_save", "trained_bias") and n not in originals
+        ]
+        + [n for n in mapping.token_rows if find_original(originals, n) is None]
+    )
+    if not missing_norms and not missing_originals:
+        return
+    raise UnmergeImpossibleError(
+        "cannot unmerge exactly; nothing was written:\n"
+        + (f"  - DoRA modules {missing_norms} need dora_norms= (from the merge report)\n" if missing_norms else "")
+        + (
+            f"  - {missing_originals} were replaced by the adapter (modules_to_save, trained biases, trainable-token "
+            "rows) and neither the merged checkpoint nor the adapter holds their original values: pass originals= "
+            "(read from the base checkpoint), or merge with receipt=True (--receipt), which keeps them\n"
+            if missing_originals
+            else ""
+        )
     )
