@@ -32,8 +32,6 @@ LONG: dict[str, int] = {
     "operations.checkpoint.merge_checkpoint": 104,
     "operations.checkpoint_verify.verify_checkpoint": 101,
     "operations.hub": 488,
-    "operations.inmemory": 475,
-    "operations.inmemory._merge": 239,
     "operations.inmemory_unmerge._unmerge": 202,
     "operations.verification._verify": 109,
     "plan.checkpoint_plan.map_adapter": 90,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import loramerge as lm
-import loramerge.operations.inmemory as merge_mod
+import loramerge.engine.inmemory_merge as merge_mod
 from conftest import CASES, make_base, save_adapter, tiny_llama
 from loramerge.numerics.delta import LoraUpdate
 

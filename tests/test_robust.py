@@ -74,7 +74,7 @@ def test_variants_with_extra_layer_state_are_merged_by_peft_s_own_layer(
 
 def test_a_variant_merged_wrongly_fails_its_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """Negative control: a PEFT-merged layer whose result is off by 1 % fails against PEFT's own layer."""
-    import loramerge.operations.inmemory as inmemory
+    import loramerge.engine.inmemory_merge as inmemory
 
     real = inmemory.peft_merged
 
@@ -174,7 +174,7 @@ def test_a_crash_inside_verification_after_the_merge_is_a_verification_error(mon
     def crash(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected fault in the output check")
 
-    monkeypatch.setattr("loramerge.operations.inmemory.output_check", crash)
+    monkeypatch.setattr("loramerge.engine.inmemory_merge.output_check", crash)
     with pytest.raises(VerificationError, match="verification could not run after the merge") as e:
         loramerge.merge(pm)
     assert "injected fault" in str(e.value)
@@ -310,7 +310,7 @@ def test_a_weight_mapped_from_its_file_is_copied_before_the_merge_writes_it(tmp_
     process's own memory first (each page fault was most of a merge's time), and the file stays as it was."""
     from safetensors.torch import load_file
 
-    from loramerge.operations.inmemory import FileMappings
+    from loramerge.engine.inmemory_common import FileMappings
 
     torch.manual_seed(0)
     tiny_llama().eval().save_pretrained(tmp_path / "base")
