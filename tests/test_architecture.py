@@ -32,7 +32,6 @@ LONG: dict[str, int] = {
     "operations.checkpoint.merge_checkpoint": 104,
     "operations.checkpoint_verify.verify_checkpoint": 101,
     "operations.hub": 488,
-    "operations.inmemory_unmerge._unmerge": 202,
     "operations.verification._verify": 109,
     "plan.checkpoint_plan.map_adapter": 90,
     "plan.peft_glue.check_compatible": 97,

@@ -197,7 +197,7 @@ def test_a_crash_inside_unmerge_verification_is_a_verification_error(
     def crash(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected fault in the output check")
 
-    monkeypatch.setattr("loramerge.operations.inmemory_unmerge.output_check", crash)
+    monkeypatch.setattr("loramerge.engine.inmemory_unmerge.output_check", crash)
     with pytest.raises(VerificationError, match="could not run after the unmerge") as e:
         loramerge.unmerge(merged, adapter)
     assert e.value.result is not None and e.value.result.model is merged
