@@ -28,16 +28,12 @@ LONG: dict[str, int] = {
     "formats.adapter.build_adapter": 122,
     "formats.shards": 423,
     "numerics.delta": 454,
-    "numerics.quantized": 485,
     "operations.checkpoint.merge_checkpoint": 104,
     "operations.checkpoint_verify.verify_checkpoint": 101,
-    "operations.hub": 488,
     "operations.verification._verify": 109,
     "plan.checkpoint_plan.map_adapter": 90,
     "plan.peft_glue.check_compatible": 97,
-    "proof.model_runs": 401,
     "proof.oracle.check_merged_checkpoint": 129,
-    "proof.reports": 409,
 }
 
 

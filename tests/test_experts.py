@@ -25,8 +25,9 @@ import loramerge.plan.param_targets as param_targets
 from conftest import save_adapter
 from loramerge.numerics.tolerance import Tolerance, relative_errors, ulp
 from loramerge.plan.fused import FusedParam
-from loramerge.proof.model_runs import make_probes, run_model, run_widened
+from loramerge.proof.model_runs import make_probes, run_model
 from loramerge.proof.output_checks import same_route_positions
+from loramerge.proof.widened_runs import run_widened
 
 SMALL = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2, "tie_word_embeddings": False}
 HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}

@@ -28,7 +28,8 @@ from torch import nn
 import loramerge as lm
 from conftest import save_adapter, tiny_vit
 from loramerge.numerics.tolerance import Tolerance, relative_errors, ulp
-from loramerge.proof.model_runs import make_probes, run_model, run_widened
+from loramerge.proof.model_runs import make_probes, run_model
+from loramerge.proof.widened_runs import run_widened
 from test_modes import ARCHS, minilm_dir
 
 SMALL = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import CASE_IDS, CASES, make_base
-from loramerge.proof.model_runs import make_probes, run_model, run_widened, widened
+from loramerge.proof.model_runs import make_probes, run_model
 from loramerge.proof.output_checks import storage_baseline
+from loramerge.proof.widened_runs import run_widened, widened
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -46,7 +46,8 @@ if TYPE_CHECKING:
     from loramerge.operations.checkpoint import CheckpointMergeReport, merge_checkpoint
     from loramerge.operations.checkpoint_unmerge import unmerge_checkpoint
     from loramerge.operations.checkpoint_verify import verify_checkpoint
-    from loramerge.operations.hub import HubError, HubVerification, push_to_hub, verify_hub
+    from loramerge.operations.hub import HubError, push_to_hub
+    from loramerge.operations.hub_verify import HubVerification, verify_hub
     from loramerge.operations.inmemory import merge
     from loramerge.operations.inmemory_unmerge import unmerge
     from loramerge.operations.rounds import RoundResult, next_round, unmerge_rounds
@@ -54,7 +55,8 @@ if TYPE_CHECKING:
     from loramerge.plan.peft_glue import attach
     from loramerge.plan.quant_spec import QuantSpec
     from loramerge.proof.model_runs import make_probes
-    from loramerge.proof.reports import LayerCheck, MergeResult, OutputCheck, UnmergeResult, VerificationReport
+    from loramerge.proof.reports import LayerCheck, OutputCheck, VerificationReport
+    from loramerge.proof.results import MergeResult, UnmergeResult
 
 # Everything but the errors is imported on first use: torch, safetensors, transformers and peft take
 # seconds to import, which `loramerge --version`, `--help` and a typo in a command do not need.
@@ -64,7 +66,8 @@ _LAZY = {
     "merge_checkpoint": "loramerge.operations.checkpoint",
     "unmerge_checkpoint": "loramerge.operations.checkpoint_unmerge",
     "verify_checkpoint": "loramerge.operations.checkpoint_verify",
-    **dict.fromkeys(("HubError", "HubVerification", "push_to_hub", "verify_hub"), "loramerge.operations.hub"),
+    **dict.fromkeys(("HubError", "push_to_hub"), "loramerge.operations.hub"),
+    **dict.fromkeys(("HubVerification", "verify_hub"), "loramerge.operations.hub_verify"),
     "merge": "loramerge.operations.inmemory",
     "unmerge": "loramerge.operations.inmemory_unmerge",
     **dict.fromkeys(("LineageError", "lineage"), "loramerge.formats.lineage_records"),
@@ -73,10 +76,8 @@ _LAZY = {
     "OutputBusyError": "loramerge.formats.publish",
     "QuantSpec": "loramerge.plan.quant_spec",
     **dict.fromkeys(("Receipt", "ReceiptError", "load_receipt"), "loramerge.formats.receipts"),
-    **dict.fromkeys(
-        ("CheckpointMergeReport", "LayerCheck", "MergeResult", "OutputCheck", "UnmergeResult", "VerificationReport"),
-        "loramerge.proof.reports",
-    ),
+    **dict.fromkeys(("LayerCheck", "OutputCheck", "VerificationReport"), "loramerge.proof.reports"),
+    **dict.fromkeys(("CheckpointMergeReport", "MergeResult", "UnmergeResult"), "loramerge.proof.results"),
     **dict.fromkeys(("RoundResult", "next_round", "unmerge_rounds"), "loramerge.operations.rounds"),
     "Tolerance": "loramerge.numerics.tolerance",
     **dict.fromkeys(("make_probes", "verify"), "loramerge.operations.verification"),
@@ -88,7 +89,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
-    if importlib.util.find_spec(f"loramerge.{name}") is not None:  # a submodule: loramerge.operations.hub, ...
+    if importlib.util.find_spec(f"loramerge.{name}") is not None:  # a subpackage: loramerge.operations, ...
         return importlib.import_module(f"loramerge.{name}")
     raise AttributeError(f"module 'loramerge' has no attribute {name!r}")
 

@@ -258,7 +258,7 @@ def _verify(args: argparse.Namespace) -> int:
     from loramerge.formats.adapter import load_adapter
     from loramerge.formats.loading import load_base, resolve_dtype
     from loramerge.operations.checkpoint_verify import verify_checkpoint
-    from loramerge.operations.hub import verify_hub
+    from loramerge.operations.hub_verify import verify_hub
     from loramerge.operations.verification import verify
 
     if args.hub:

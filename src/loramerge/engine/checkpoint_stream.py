@@ -30,7 +30,8 @@ from loramerge.formats.shards import CheckpointReader, TensorInfo, parse_size, s
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.plan.checkpoint_plan import AdapterMapping, _untie_config
 from loramerge.proof.layer_checks import MAX_PROBE_OUTPUTS, LayerProbe, check_stored
-from loramerge.proof.reports import CheckpointMergeReport, LayerCheck, VerificationReport
+from loramerge.proof.reports import LayerCheck, VerificationReport
+from loramerge.proof.results import CheckpointMergeReport
 
 logger = logging.getLogger(__name__)
 

@@ -23,15 +23,8 @@ from loramerge.formats.loading import resolve_dtype
 from loramerge.formats.receipts import Receipt
 from loramerge.formats.receipts import encode as encode_receipt
 from loramerge.numerics.delta import LoraUpdate, TensorStats, merge_tensor_, unmerge_tensor_
-from loramerge.numerics.quantized import (
-    check_supported,
-    checked_dequantize,
-    dequantize,
-    dequantized_linear,
-    quant_format,
-    quantized_layers,
-    requantize,
-)
+from loramerge.numerics.quantized import check_supported, checked_dequantize, dequantize, quant_format, quantized_layers
+from loramerge.numerics.requantize import dequantized_linear, requantize
 from loramerge.numerics.tolerance import Tolerance, relative_errors
 from loramerge.plan.param_targets import ParamPlan
 from loramerge.plan.peft_plans import LayerPlan
@@ -42,7 +35,8 @@ from loramerge.proof.layer_checks import (
     oracle_only_check,
 )
 from loramerge.proof.output_checks import ModelReference
-from loramerge.proof.reports import LayerCheck, MergeResult, OutputCheck, VerificationReport
+from loramerge.proof.reports import LayerCheck, OutputCheck, VerificationReport
+from loramerge.proof.results import MergeResult
 
 logger = logging.getLogger(__name__)
 

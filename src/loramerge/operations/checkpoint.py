@@ -49,7 +49,8 @@ from loramerge.formats.shards import CheckpointReader
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.plan.checkpoint_plan import AdapterMapping, _read_config, _untie_plan, map_adapter
 from loramerge.plan.quant_spec import QuantSpec, bnb_config, checkpoint_quantization
-from loramerge.proof.reports import CheckpointMergeReport, VerificationReport
+from loramerge.proof.reports import VerificationReport
+from loramerge.proof.results import CheckpointMergeReport
 
 __all__ = ["CheckpointMergeReport", "map_adapter", "merge_checkpoint"]
 

@@ -33,7 +33,8 @@ from loramerge.numerics.tolerance import Tolerance
 from loramerge.operations.checkpoint import _carry_receipts
 from loramerge.operations.checkpoint_verify import _judged
 from loramerge.plan.checkpoint_plan import AdapterMapping, map_adapter
-from loramerge.proof.reports import CheckpointMergeReport, VerificationReport
+from loramerge.proof.reports import VerificationReport
+from loramerge.proof.results import CheckpointMergeReport
 
 __all__ = ["unmerge_checkpoint"]
 

@@ -35,16 +35,15 @@ from loramerge.formats.lineage_records import (
     set_model_lineage,
 )
 from loramerge.numerics.delta import LoraUpdate
-from loramerge.numerics.quantized import (
-    keep_layout,
-)
+from loramerge.numerics.quantized import keep_layout
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.plan.param_targets import ParamPlan
 from loramerge.plan.peft_glue import attach, unwrap
 from loramerge.plan.peft_plans import LayerPlan
 from loramerge.preserve import ModuleFlags, preserved
 from loramerge.proof.model_runs import CheckOutputs, Probes
-from loramerge.proof.reports import LayerCheck, MergeResult, VerificationReport
+from loramerge.proof.reports import LayerCheck, VerificationReport
+from loramerge.proof.results import MergeResult
 
 __all__ = ["merge"]
 

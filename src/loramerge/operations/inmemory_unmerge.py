@@ -28,7 +28,8 @@ from loramerge.numerics.tolerance import Tolerance
 from loramerge.plan.peft_glue import check_compatible
 from loramerge.preserve import preserved
 from loramerge.proof.model_runs import CheckOutputs, Probes
-from loramerge.proof.reports import LayerCheck, UnmergeResult, VerificationReport
+from loramerge.proof.reports import LayerCheck, VerificationReport
+from loramerge.proof.results import UnmergeResult
 
 __all__ = ["unmerge"]
 

@@ -25,7 +25,7 @@ from loramerge.formats.lineage_records import LineageError, fingerprint_of, line
 from loramerge.formats.receipts import ReceiptError
 from loramerge.operations.inmemory import merge
 from loramerge.operations.inmemory_unmerge import unmerge
-from loramerge.proof.reports import MergeResult, UnmergeResult
+from loramerge.proof.results import MergeResult, UnmergeResult
 
 __all__ = ["RoundResult", "next_round", "unmerge_rounds"]
 

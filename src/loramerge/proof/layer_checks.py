@@ -17,8 +17,9 @@ from loramerge.numerics.delta import Kind, LoraUpdate, apply_weight, dora_norms,
 from loramerge.numerics.quantized import quantized_layers
 from loramerge.numerics.tolerance import Tolerance, reference_dtype, relative_errors, ulp, unit_roundoff
 from loramerge.preserve import preserved
-from loramerge.proof.model_runs import _seed_for, widened
+from loramerge.proof.model_runs import _seed_for
 from loramerge.proof.reports import LayerCheck
+from loramerge.proof.widened_runs import widened
 
 logger = logging.getLogger(__name__)
 

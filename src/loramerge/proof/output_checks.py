@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from loramerge.errors import LoraMergeError
-from loramerge.numerics.quantized import exact_forward
+from loramerge.numerics.requantize import exact_forward
 from loramerge.numerics.tolerance import Tolerance, reference_dtype, relative_errors, ulp
-from loramerge.proof.model_runs import Perturb, Probes, _seed_for, model_dtype, recorded_routes, run_model, run_widened
+from loramerge.proof.model_runs import Probes, _seed_for, model_dtype, recorded_routes, run_model
 from loramerge.proof.reports import OutputCheck
+from loramerge.proof.widened_runs import Perturb, run_widened
 
 logger = logging.getLogger(__name__)
 
