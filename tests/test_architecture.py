@@ -26,8 +26,6 @@ LONG: dict[str, int] = {
     "cli.main._parser": 103,
     "formats.adapter": 411,
     "formats.adapter.build_adapter": 122,
-    "formats.shards": 423,
-    "numerics.delta": 454,
     "operations.checkpoint.merge_checkpoint": 104,
     "operations.checkpoint_verify.verify_checkpoint": 101,
     "operations.verification._verify": 109,

@@ -11,8 +11,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from loramerge.numerics import delta as delta_mod
-from loramerge.numerics.delta import LoraUpdate, apply_weight, check_updates, dora_norms, merge_tensor_, unmerge_tensor_
+from loramerge.numerics.delta import LoraUpdate, apply_weight, dora_norms, merge_tensor_, unmerge_tensor_
 from loramerge.numerics.tolerance import reference_dtype, ulp, unit_roundoff
+from loramerge.numerics.update_checks import check_updates
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 dims = st.integers(min_value=1, max_value=24)

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from loramerge.errors import AdapterConfigError, LoraMergeError, UnsafePathError
 from loramerge.formats.confine import confined_file
-from loramerge.formats.shards import _read_weight_map, parse_header
+from loramerge.formats.safetensors_header import parse_header
+from loramerge.formats.shards import _read_weight_map
 
 WILD: list[Any] = [
     None,

@@ -24,8 +24,9 @@ from loramerge.formats.receipts import Receipt
 from loramerge.formats.receipts import apply as apply_receipt
 from loramerge.formats.receipts import encode as encode_receipt
 from loramerge.formats.shards import TensorInfo
-from loramerge.numerics.delta import LoraUpdate, check_updates, merge_tensor_, unmerge_tensor_
+from loramerge.numerics.delta import LoraUpdate, merge_tensor_, unmerge_tensor_
 from loramerge.numerics.tolerance import Tolerance
+from loramerge.numerics.update_checks import check_updates
 from loramerge.plan.checkpoint_plan import AdapterMapping, _updates_for
 from loramerge.plan.quant_spec import QuantSpec, quantizable, simulate
 from loramerge.proof.layer_checks import MAX_PROBE_OUTPUTS, LayerProbe

@@ -40,10 +40,11 @@ from loramerge.engine.inmemory_common import (
 )
 from loramerge.errors import InvalidArgumentError, LoraMergeError, UnsupportedAdapterError
 from loramerge.formats.receipts import Receipt
-from loramerge.numerics.delta import TensorStats, check_updates, merge_tensor_
+from loramerge.numerics.delta import TensorStats, merge_tensor_
 from loramerge.numerics.quantized import checked_dequantize, compute_dtype, keep_layout, quantized_layers
 from loramerge.numerics.requantize import dequantized_linear, forget_quantization
 from loramerge.numerics.tolerance import Tolerance, relative_errors
+from loramerge.numerics.update_checks import check_updates
 from loramerge.plan.param_targets import ParamPlan, merge_param_, param_plans, param_problems
 from loramerge.plan.peft_glue import unwrap
 from loramerge.plan.peft_plans import LayerPlan, TokenPlan, collect_plans, peft_merged, untie_shared

@@ -27,8 +27,9 @@ from loramerge.errors import AdapterMismatchError, InvalidArgumentError, Unmerge
 from loramerge.formats.adapter import Adapter
 from loramerge.formats.receipts import Receipt, ReceiptError
 from loramerge.formats.receipts import apply as apply_receipt
-from loramerge.numerics.delta import Kind, LoraUpdate, TensorStats, check_updates, unmerge_tensor_
+from loramerge.numerics.delta import Kind, LoraUpdate, TensorStats, unmerge_tensor_
 from loramerge.numerics.tolerance import Tolerance, ulp
+from loramerge.numerics.update_checks import check_updates
 from loramerge.plan.param_targets import Unmerge, planned_unmerges, unmerge_param_
 from loramerge.plan.peft_glue import adapter_mode
 from loramerge.plan.peft_plans import LayerPlan

@@ -24,16 +24,8 @@ from loramerge.errors import (
 )
 from loramerge.formats.confine import side_files
 from loramerge.formats.directio import SequentialWriter, byte_view
-from loramerge.formats.shards import (
-    _M_MMAP_THRESHOLD,
-    _ST_NAMES,
-    INDEX_NAME,
-    SINGLE_NAME,
-    TensorInfo,
-    _human,
-    _truncated,
-    new_hasher,
-)
+from loramerge.formats.safetensors_header import _ST_NAMES, _truncated
+from loramerge.formats.shards import _M_MMAP_THRESHOLD, INDEX_NAME, SINGLE_NAME, TensorInfo, _human, new_hasher
 
 __all__ = ["ShardWriter", "copy_side_files", "plan_shards", "tensor_digest"]
 

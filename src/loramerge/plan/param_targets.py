@@ -26,7 +26,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from loramerge.numerics.delta import LoraUpdate, check_updates, merge_tensor_, unmerge_tensor_
+from loramerge.numerics.delta import LoraUpdate, merge_tensor_, unmerge_tensor_
+from loramerge.numerics.update_checks import check_updates
 from loramerge.plan.fused import FusedParam
 
 __all__ = ["ParamPlan", "merge_param_"]
