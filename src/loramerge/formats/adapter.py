@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,11 @@ from typing import Any, Literal
 import torch
 
 from loramerge.errors import AdapterConfigError, AdapterNotFoundError, UnsafeFormatError, UnsupportedAdapterError
+from loramerge.formats.adapter_tensors import (
+    sort_tensors,
+    split_parameter_factors,
+    token_rows,
+)
 from loramerge.formats.hub_download import hub_path
 from loramerge.formats.io import read_tensors
 from loramerge.numerics.delta import Kind, LoraUpdate
@@ -35,13 +39,7 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
 
-# Variants that compute plain LoRA at inference and merge as plain LoRA (PEFT's own merge is
-# ``W + s B A`` for them): VeLoRA compresses activations for the backward pass only, MonteCLoRA
-# samples A only in training, MiCA only chooses how B is initialized (from the base's minor singular
-# vectors, leaving the base as it is). Their saved training state is not part of the merge.
-TRAINING_STATE = re.compile(r"\.(lora_velora_embed|lora_monteclora_sampler\.[A-Za-z_]+)$")
 
 Bias = Literal["none", "all", "lora_only"]
 
@@ -173,174 +171,70 @@ class Adapter:
         return "\n".join(lines)
 
 
-_LORA_KEY = re.compile(
-    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|"
-    r"lora_magnitude_vector(?:\.weight)?)$"
-)
-
-
-def _strip_prefix(key: str) -> str:
-    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-
-
 def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], path: Path | None = None) -> Adapter:
     """Build and validate an :class:`Adapter` from a config dict and its tensors (keys as PEFT saves them)."""
     where = str(path / CONFIG_NAME) if path is not None else "adapter config"
     _validate_config(config, where)
-    r_default = int(config["r"])
-    alpha_default = float(config["lora_alpha"])
-    use_rslora = bool(config.get("use_rslora", False))
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    rank_pattern = dict(config.get("rank_pattern") or {})
-    alpha_pattern = dict(config.get("alpha_pattern") or {})
-
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    replaced: dict[str, torch.Tensor] = {}
-    replaced_kinds: dict[str, str] = {}
-    problems: list[str] = []
-    token_tensors: dict[str, torch.Tensor] = {}
-    modules_to_save = set(config.get("modules_to_save") or [])
-    for key in sorted(tensors):
-        name = _strip_prefix(key)
-        if name.endswith(".token_adapter.trainable_tokens_delta"):
-            token_tensors[name.removesuffix(".token_adapter.trainable_tokens_delta")] = tensors[key]
-            continue
-        if ".token_adapter." in name or "trainable_tokens" in name:
-            problems.append(f"{key}: a trainable-tokens tensor loramerge does not know")
-            continue
-        if TRAINING_STATE.search(name):  # VeLoRA's or MonteCLoRA's training state: not part of the merge
-            continue
-        match = _LORA_KEY.match(name)
-        if match and not tensors[key].is_floating_point():
-            problems.append(
-                f"{key}: stored as {str(tensors[key].dtype).replace('torch.', '')}; LoRA weights are floating point"
-            )
-            continue
-        if match and any(d == 0 for d in tensors[key].shape):
-            problems.append(f"{key}: has an empty shape {tuple(tensors[key].shape)}")
-            continue
-        if match:
-            parts.setdefault(match["module"], {})[
-                match["part"].split(".")[0] + ("_bias" if match["part"] == "lora_B.bias" else "")
-            ] = tensors[key]
-            continue
-        if "lora_" in name:
-            problems.append(f"{key}: not a LoRA tensor name loramerge knows")
-            continue
-        if ".base_layer." in name:
-            param = name.replace(".base_layer.", ".")
-            kind = "trained_bias" if param.endswith(".bias") else "saved_base"
-        else:
-            param = name
-            module = name.rsplit(".", 1)[0]
-            is_saved_module = any(module == m or module.endswith("." + m) for m in modules_to_save)
-            kind = (
-                "modules_to_save"
-                if is_saved_module
-                else "trained_bias"
-                if name.endswith(".bias")
-                else "modules_to_save"
-            )
-        replaced[param] = tensors[key]
-        replaced_kinds[param] = kind
-
-    parameter_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    owners = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]
-    for module_name in sorted(parts):
-        plain = module_name.replace(".base_layer", "")
-        if not any(plain == o or plain.endswith("." + o) for o in owners if o):
-            continue
-        p = parts.pop(module_name)
-        if set(p) != {"lora_A", "lora_B"} or p["lora_A"].dim() != 2 or p["lora_A"].shape[0] != p["lora_B"].shape[1]:
-            problems.append(
-                f"{module_name}: a target_parameters wrapper needs matching lora_A and lora_B matrices only"
-            )
-            continue
-        parameter_factors[module_name] = (p["lora_A"], p["lora_B"])
+    found = sort_tensors(tensors, set(config.get("modules_to_save") or []))
+    problems = found.problems
+    parameter_factors = split_parameter_factors(found.parts, list(config.get("target_parameters") or []), problems)
     modules: dict[str, AdapterModule] = {}
-    for module_name, p in sorted(parts.items()):
-        if "lora_embedding_A" in p or "lora_embedding_B" in p:
-            a, b, kind = p.get("lora_embedding_A"), p.get("lora_embedding_B"), "embedding"
-        else:
-            a, b = p.get("lora_A"), p.get("lora_B")
-            kind = "conv" if a is not None and a.dim() > 2 else "conv1d" if fan_in_fan_out else "linear"
-        if a is None or b is None:
-            problems.append(f"{module_name}: has {sorted(p)} but needs both the A and the B matrix")
-            continue
-        if a.dim() < 2 or b.dim() < 2:
-            problems.append(
-                f"{module_name}: A {tuple(a.shape)} and B {tuple(b.shape)} must be matrices (or conv kernels)"
-            )
-            continue
-        rank = int(a.shape[0])
-        if b.shape[1] != rank:
-            problems.append(
-                f"{module_name}: A has rank {rank} but B has {b.shape[1]} columns (A {tuple(a.shape)}, B {tuple(b.shape)})"
-            )
-            continue
-        expected_rank = int(pattern_value(rank_pattern, module_name, r_default))
-        if expected_rank != rank:
-            problems.append(f"{module_name}: the config gives rank {expected_rank} but the tensors have rank {rank}")
-            continue
-        alpha = float(pattern_value(alpha_pattern, module_name, alpha_default))
-        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        magnitude = p.get("lora_magnitude_vector")
-        if magnitude is not None and kind not in ("linear", "conv1d"):
-            raise UnsupportedAdapterError(
-                f"{where}: DoRA on {kind} layers ({module_name}) is not supported yet; DoRA on linear layers is."
-            )
-        update = LoraUpdate(kind, a, b, scale, magnitude=magnitude, bias=p.get("lora_B_bias"))  # type: ignore[arg-type]
-        modules[module_name] = AdapterModule(module_name, kind, rank, alpha, scale, update)  # type: ignore[arg-type]
-    token_rows = _token_rows(config.get("trainable_token_indices"), token_tensors, set(modules), problems)
+    for module_name, p in sorted(found.parts.items()):
+        module = _module(module_name, p, config, where, problems)
+        if module is not None:
+            modules[module_name] = module
+    rows = token_rows(config.get("trainable_token_indices"), found.tokens, set(modules), problems)
     if problems:
         raise AdapterConfigError(f"{where}: the adapter's tensors are inconsistent:\n  - " + "\n  - ".join(problems))
-    if not modules and not replaced and not token_rows and not parameter_factors:
+    if not modules and not found.replaced and not rows and not parameter_factors:
         raise AdapterConfigError(f"{where}: the adapter contains no LoRA tensors.")
     return Adapter(
         path=path,
         config=MappingProxyType(dict(config)),
         modules=MappingProxyType(modules),
-        replaced=MappingProxyType(replaced),
-        replaced_kinds=MappingProxyType(replaced_kinds),
+        replaced=MappingProxyType(found.replaced),
+        replaced_kinds=MappingProxyType(found.replaced_kinds),
         tensors=MappingProxyType(dict(tensors)),
-        token_rows=MappingProxyType(token_rows),
+        token_rows=MappingProxyType(rows),
         parameter_factors=MappingProxyType(parameter_factors),
     )
 
 
-def _token_rows(
-    indices: Any, found: Mapping[str, torch.Tensor], lora_modules: set[str], problems: list[str]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """PEFT's trainable tokens: ``trainable_token_indices`` (a list for the input embedding, or a
-    dict by module name) joined with each ``token_adapter.trainable_tokens_delta`` tensor."""
-    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if indices and not found:
-        problems.append("trainable_token_indices is set but the file holds no trainable-tokens rows")
-    if found and not indices:
-        problems.append(f"trainable-tokens rows for {sorted(found)} but no trainable_token_indices in the config")
-        return rows
-    for module, values in sorted(found.items()):
-        if isinstance(indices, dict):
-            keys = [k for k in indices if module == k or module.endswith("." + str(k))]
-            ids = indices[keys[0]] if len(keys) == 1 else None
-        else:
-            ids = indices if len(found) == 1 else None
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            problems.append(f"{module}: trainable_token_indices gives no list of token ids for it")
-            continue
-        if len(set(ids)) != len(ids):
-            problems.append(f"{module}: trainable_token_indices repeats a token id")
-            continue
-        if not values.is_floating_point() or values.dim() != 2 or values.shape[0] != len(ids):
-            problems.append(
-                f"{module}: the trainable-tokens rows have shape {tuple(values.shape)}, for {len(ids)} token ids"
-            )
-            continue
-        if module in lora_modules:
-            problems.append(f"{module}: both a LoRA update and trainable tokens; merge them as two adapters")
-            continue
-        rows[f"{module}.weight"] = (torch.tensor(ids, dtype=torch.long), values)
-    return rows
+def _module(
+    module_name: str, p: Mapping[str, torch.Tensor], config: Mapping[str, Any], where: str, problems: list[str]
+) -> AdapterModule | None:
+    """One adapted module from its factors, checked against the config's rank (``None``: a problem was added)."""
+    if "lora_embedding_A" in p or "lora_embedding_B" in p:
+        a, b, kind = p.get("lora_embedding_A"), p.get("lora_embedding_B"), "embedding"
+    else:
+        a, b = p.get("lora_A"), p.get("lora_B")
+        fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+        kind = "conv" if a is not None and a.dim() > 2 else "conv1d" if fan_in_fan_out else "linear"
+    if a is None or b is None:
+        problems.append(f"{module_name}: has {sorted(p)} but needs both the A and the B matrix")
+        return None
+    if a.dim() < 2 or b.dim() < 2:
+        problems.append(f"{module_name}: A {tuple(a.shape)} and B {tuple(b.shape)} must be matrices (or conv kernels)")
+        return None
+    rank = int(a.shape[0])
+    if b.shape[1] != rank:
+        problems.append(
+            f"{module_name}: A has rank {rank} but B has {b.shape[1]} columns (A {tuple(a.shape)}, B {tuple(b.shape)})"
+        )
+        return None
+    expected_rank = int(pattern_value(dict(config.get("rank_pattern") or {}), module_name, int(config["r"])))
+    if expected_rank != rank:
+        problems.append(f"{module_name}: the config gives rank {expected_rank} but the tensors have rank {rank}")
+        return None
+    alpha = float(pattern_value(dict(config.get("alpha_pattern") or {}), module_name, float(config["lora_alpha"])))
+    scale = alpha / math.sqrt(rank) if bool(config.get("use_rslora", False)) else alpha / rank
+    magnitude = p.get("lora_magnitude_vector")
+    if magnitude is not None and kind not in ("linear", "conv1d"):
+        raise UnsupportedAdapterError(
+            f"{where}: DoRA on {kind} layers ({module_name}) is not supported yet; DoRA on linear layers is."
+        )
+    update = LoraUpdate(kind, a, b, scale, magnitude=magnitude, bias=p.get("lora_B_bias"))  # type: ignore[arg-type]
+    return AdapterModule(module_name, kind, rank, alpha, scale, update)  # type: ignore[arg-type]
 
 
 def load_adapter(

@@ -18,7 +18,8 @@ from typing import cast
 import torch
 from torch import nn
 
-from loramerge.formats.adapter import TRAINING_STATE, Adapter
+from loramerge.formats.adapter import Adapter
+from loramerge.formats.adapter_tensors import TRAINING_STATE
 from loramerge.plan.skeleton import meta_model, tied_names
 
 __all__ = ["ADAPTER", "AdapterMode", "adapter_mode"]
