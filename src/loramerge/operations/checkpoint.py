@@ -11,6 +11,7 @@ written into a temporary directory beside ``out`` and renamed only once complete
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -145,48 +146,25 @@ def merge_checkpoint(
         if isinstance(adapter, Adapter)
         else load_adapter(adapter, revision=adapter_revision, token=token, endpoint=endpoint)
     )
-    spec = _quantization_spec(qlora_base, quantization)
+    spec = _quantization_spec(qlora_base, quantization, receipt)
     if _prequantized(base_dir, qlora_base):
         return _merge_prequantized(
             base_dir, loaded, out_dir, dtype, max_shard_size, overwrite, bool(verify), tolerance, started
-        )
-    if receipt and qlora_base == "simulated":
-        raise InvalidArgumentError(
-            "receipt=True (--receipt) cannot be combined with qlora_base='simulated': a receipt restores the weights "
-            "merged into, and those are the simulated quantized ones, not this checkpoint. Drop the receipt, or use "
-            "qlora_base='original'."
         )
     reader = CheckpointReader(base_dir)
     mapping = map_adapter(reader, loaded)
     fingerprint = fingerprint_of(loaded)
     target = resolve_dtype(dtype)
-    entry = new_round(
-        source=str(adapter) if not isinstance(adapter, Adapter) else str(loaded.path or "<in memory>"),
-        fingerprint=fingerprint,
-        config=loaded.config,
-        scales={m.name: m.scale for m in loaded.modules.values()},
-        dtype=str(target or next(iter(reader.tensors.values())).dtype).replace("torch.", ""),
-        report=None,
-        receipt=None,
-    )
-    rounds = [*lineage(base_dir), entry]
-    if receipt:  # one file per round, so that every round can be undone exactly
-        entry["receipt"] = RECEIPT_FILE.replace(".safetensors", f"-{len(rounds):03d}.safetensors")
+    source = str(adapter) if not isinstance(adapter, Adapter) else str(loaded.path or "<in memory>")
+    dtype_name = str(target or next(iter(reader.tensors.values())).dtype)
+    rounds = _rounds(base_dir, source, loaded, fingerprint, dtype_name, receipt)
+    entry = rounds[-1]
     _alias_untied(base_dir, reader, mapping)
     tol = tolerance or Tolerance()
     step = MergeStep(mapping, target, bool(verify), tol, spec, qlora_base, Receipt(fingerprint) if receipt else None)
 
-    def model_check(tmp: Path, report: VerificationReport) -> VerificationReport:
-        if qlora_base != "simulated":  # adapter mode on this base is the reference (not on a simulated one)
-            report = _judged(report, base_dir, tmp, loaded, mapping, target, 0, every_layer=False)
-        else:
-            note = "not judged against PEFT's own layers: the weights merged into are simulated, not this checkpoint's"
-            report = dataclasses.replace(report, notes=(*report.notes, note))
-        if verify != "model" or not report.passed:
-            return report
-        return _whole_model_check(
-            report, base_dir, tmp, loaded, target, tol, spec if qlora_base == "simulated" else None
-        )
+    simulated = spec if qlora_base == "simulated" else None
+    model_check = functools.partial(_model_check, base_dir, loaded, mapping, target, verify, tol, simulated)
 
     def record(tmp: Path, verification: VerificationReport | None) -> None:
         done = dict(entry, verification=summary(verification))
@@ -218,16 +196,42 @@ def merge_checkpoint(
     )
     if spec is None:
         return report
-    what = f"{qlora_base} ({spec.describe()})"
-    if qlora_base == "simulated":
-        what += ": every linear weight quantized and dequantized as bitsandbytes does, then merged"
+    what = f"{qlora_base} ({spec.describe()})" + (_SIMULATED if qlora_base == "simulated" else "")
     return dataclasses.replace(report, qlora_base=what, qlora_gap=step.gaps)
 
 
+_SIMULATED = ": every linear weight quantized and dequantized as bitsandbytes does, then merged"
+
+
+def _rounds(
+    base_dir: Path, source: str, adapter: Adapter, fingerprint: str, dtype: str, receipt: bool
+) -> list[dict[str, Any]]:
+    """The base's lineage with this merge appended as the last round."""
+    entry = new_round(
+        source=source,
+        fingerprint=fingerprint,
+        config=adapter.config,
+        scales={m.name: m.scale for m in adapter.modules.values()},
+        dtype=dtype.replace("torch.", ""),
+        report=None,
+        receipt=None,
+    )
+    rounds = [*lineage(base_dir), entry]
+    if receipt:  # one file per round, so that every round can be undone exactly
+        entry["receipt"] = RECEIPT_FILE.replace(".safetensors", f"-{len(rounds):03d}.safetensors")
+    return rounds
+
+
 def _quantization_spec(
-    qlora_base: str | None, quantization: QuantSpec | str | Mapping[str, Any] | Any
+    qlora_base: str | None, quantization: QuantSpec | str | Mapping[str, Any] | Any, receipt: bool
 ) -> QuantSpec | None:
     """The bitsandbytes format a QLoRA merge simulates (``None``: not a QLoRA merge), after checking the arguments."""
+    if receipt and qlora_base == "simulated":
+        raise InvalidArgumentError(
+            "receipt=True (--receipt) cannot be combined with qlora_base='simulated': a receipt restores the weights "
+            "merged into, and those are the simulated quantized ones, not this checkpoint. Drop the receipt, or use "
+            "qlora_base='original'."
+        )
     if qlora_base not in (None, "original", "simulated"):
         raise InvalidArgumentError(f"qlora_base={qlora_base!r}: use 'simulated' or 'original'")
     if quantization is not None and qlora_base is None:
@@ -268,6 +272,29 @@ def _alias_untied(base_dir: Path, reader: CheckpointReader, mapping: AdapterMapp
         )
     for name, source in {**untie, **mapping.tied_copies}.items():
         reader.add_alias(name, source)
+
+
+def _model_check(
+    base_dir: Path,
+    adapter: Adapter,
+    mapping: AdapterMapping,
+    target: torch.dtype | None,
+    verify: bool | Literal["model"],
+    tol: Tolerance,
+    simulated: QuantSpec | None,
+    merged_dir: Path,
+    report: VerificationReport,
+) -> VerificationReport:
+    """The checks after the stream: PEFT's own layers judge the written checkpoint (not when the weights
+    merged into were simulated), then, with ``verify="model"``, the whole-model output check."""
+    if simulated is None:  # adapter mode on this base is the reference (not on a simulated one)
+        report = _judged(report, base_dir, merged_dir, adapter, mapping, target, 0, every_layer=False)
+    else:
+        note = "not judged against PEFT's own layers: the weights merged into are simulated, not this checkpoint's"
+        report = dataclasses.replace(report, notes=(*report.notes, note))
+    if verify != "model" or not report.passed:
+        return report
+    return _whole_model_check(report, base_dir, merged_dir, adapter, target, tol, simulated)
 
 
 def _whole_model_check(
