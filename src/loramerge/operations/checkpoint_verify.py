@@ -79,15 +79,7 @@ def verify_checkpoint(
         "no model was run: per-tensor checks only (verify() on loaded models, or merge_checkpoint(verify='model'), "
         "adds the whole-model check)"
     ]
-    if dtype is None:
-        base_floats = {t.dtype for t in base_reader.tensors.values() if t.dtype.is_floating_point}
-        merged_floats = {t.dtype for t in merged_reader.tensors.values() if t.dtype.is_floating_point}
-        if len(merged_floats) == 1 and merged_floats != base_floats:
-            dtype = next(iter(merged_floats))
-            notes.append(
-                f"every floating tensor of the merged checkpoint is {dtype}, the base's are "
-                f"{sorted(str(d) for d in base_floats)}: compared after converting the base to {dtype}"
-            )
+    dtype = dtype if dtype is not None else _merged_dtype(base_reader, merged_reader, notes)
     missing = sorted(set(base_reader.names) ^ set(merged_reader.names))
     bar = tqdm(total=len(base_reader.names), unit="tensor", desc="verify", disable=not progress)
     checked = 0
@@ -103,34 +95,12 @@ def verify_checkpoint(
             wrong_dtype.append(f"{name} ({original.dtype} expected, {got.dtype} found)")
             changed.append(name)
             continue
-        if name in mapping.modules:
-            mod, kind = mapping.modules[name]
-            up = _updates_for(mod, kind)
-            idx = output_subset(mod.name, kind, original, seed, max_outputs)
-            sub = [restrict_update(up, idx)]
-            rel, max_ulp, reason = weight_space_check(
-                kind, restrict_weight(kind, original, idx), restrict_weight(kind, got, idx), sub, tol
-            )
-            probe = LayerProbe(mod.name, kind, original, None, [up], seed, max_outputs)
-            out = probe.outputs(got, None)
-            layers.append(check_stored(probe, out, tol, rel, max_ulp, reason, got))
+        layer, same = _check_tensor(name, got, original, mapping, tol, seed, max_outputs)
+        if layer is not None:
+            layers.append(layer)
             continue
-        if name in mapping.biases:
-            mod = mapping.biases[name]
-            assert mod.update.bias is not None
-            expected = (original.float() + mod.scale * mod.update.bias.float()).to(original.dtype)
-            checked += 1
-            if got.shape != expected.shape or bool(
-                ((got.float() - expected.float()).abs() > ulp(expected, got.dtype)).any()
-            ):
-                changed.append(name)
-            continue
-        expected = mapping.replaced[name].to(got.dtype) if name in mapping.replaced else original
-        if name in mapping.token_rows:
-            ids, rows = mapping.token_rows[name]
-            expected = original.index_copy(0, ids, rows.to(original.dtype))
         checked += 1
-        if got.dtype != expected.dtype or got.shape != expected.shape or not torch.equal(got, expected):
+        if not same:
             changed.append(name)
     bar.close()
     if wrong_dtype:
@@ -152,6 +122,55 @@ def verify_checkpoint(
         notes=tuple(notes),
     )
     return _judged(report, Path(base), Path(merged), loaded, mapping, dtype, seed)
+
+
+def _merged_dtype(base: CheckpointReader, merged: CheckpointReader, notes: list[str]) -> torch.dtype | None:
+    """The dtype every floating tensor was converted to, when the merged checkpoint holds one the base does not."""
+    base_floats = {t.dtype for t in base.tensors.values() if t.dtype.is_floating_point}
+    merged_floats = {t.dtype for t in merged.tensors.values() if t.dtype.is_floating_point}
+    if len(merged_floats) != 1 or merged_floats == base_floats:
+        return None
+    dtype = next(iter(merged_floats))
+    notes.append(
+        f"every floating tensor of the merged checkpoint is {dtype}, the base's are "
+        f"{sorted(str(d) for d in base_floats)}: compared after converting the base to {dtype}"
+    )
+    return dtype
+
+
+def _check_tensor(
+    name: str,
+    got: torch.Tensor,
+    original: torch.Tensor,
+    mapping: AdapterMapping,
+    tol: Tolerance,
+    seed: int,
+    max_outputs: int | None,
+) -> tuple[LayerCheck | None, bool]:
+    """An adapted weight's check (a layer check), or whether any other tensor holds what it must."""
+    if name in mapping.modules:
+        mod, kind = mapping.modules[name]
+        up = _updates_for(mod, kind)
+        idx = output_subset(mod.name, kind, original, seed, max_outputs)
+        sub = [restrict_update(up, idx)]
+        rel, max_ulp, reason = weight_space_check(
+            kind, restrict_weight(kind, original, idx), restrict_weight(kind, got, idx), sub, tol
+        )
+        probe = LayerProbe(mod.name, kind, original, None, [up], seed, max_outputs)
+        return check_stored(probe, probe.outputs(got, None), tol, rel, max_ulp, reason, got), True
+    if name in mapping.biases:
+        mod = mapping.biases[name]
+        assert mod.update.bias is not None
+        expected = (original.float() + mod.scale * mod.update.bias.float()).to(original.dtype)
+        off = got.shape != expected.shape or bool(
+            ((got.float() - expected.float()).abs() > ulp(expected, got.dtype)).any()
+        )
+        return None, not off
+    expected = mapping.replaced[name].to(got.dtype) if name in mapping.replaced else original
+    if name in mapping.token_rows:
+        ids, rows = mapping.token_rows[name]
+        expected = original.index_copy(0, ids, rows.to(original.dtype))
+    return None, got.dtype == expected.dtype and got.shape == expected.shape and torch.equal(got, expected)
 
 
 def _judged(

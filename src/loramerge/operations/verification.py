@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
 from torch import nn
 
 from loramerge.formats.adapter import Adapter
-from loramerge.numerics.delta import LoraUpdate
+from loramerge.numerics.delta import Kind, LoraUpdate
 from loramerge.numerics.quantized import check_supported, checked_dequantize, keep_layout, quantized_layers
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.preserve import preserved
@@ -39,7 +40,7 @@ from loramerge.proof.layer_checks import (
 )
 from loramerge.proof.model_runs import CheckOutputs, Probes, make_probes, model_dtype, probe_batch, run_model
 from loramerge.proof.output_checks import output_check, reference_outputs, storage_baseline
-from loramerge.proof.reports import LayerCheck, VerificationReport
+from loramerge.proof.reports import LayerCheck, OutputCheck, VerificationReport
 
 __all__ = ["make_probes", "verify"]
 
@@ -111,7 +112,7 @@ def _verify(
     check_outputs: CheckOutputs,
     seed: int,
 ) -> VerificationReport:
-    from loramerge.plan.peft_glue import adapter_mode, check_compatible  # peft: imported on first use
+    from loramerge.plan.peft_glue import check_compatible  # peft: imported on first use
 
     kinds = check_compatible(base, adapter)
     check_compatible(merged, adapter)
@@ -125,6 +126,36 @@ def _verify(
         _dequantized_params(base, seed) if quantized else dict(base.named_parameters(remove_duplicate=False))
     )
     merged_params = dict(merged.named_parameters(remove_duplicate=False))
+    layers, touched = _layer_checks(base, adapter, merged_params, base_params, kinds, tol, seed, quantized)
+    checked, changed = _unchanged(base, merged, adapter, base_params, touched, quantized)
+    notes: list[str] = []
+    outputs = _outputs(base, merged, adapter, base_params, quantized, probes, check_outputs, tol, seed, notes)
+    passed = all(c.passed for c in layers) and not changed and (outputs is None or outputs.passed)
+    return VerificationReport(
+        operation="verify",
+        passed=passed,
+        tolerance=tol,
+        layers=tuple(layers),
+        outputs=outputs,
+        unchanged_checked=checked,
+        unexpected_changes=tuple(sorted(changed)),
+        notes=tuple(notes),
+    )
+
+
+def _layer_checks(
+    base: nn.Module,
+    adapter: Adapter,
+    merged_params: Mapping[str, torch.Tensor],
+    base_params: dict[str, torch.Tensor],
+    kinds: Mapping[str, Kind],
+    tol: Tolerance,
+    seed: int,
+    quantized: bool,
+) -> tuple[list[LayerCheck], set[str]]:
+    """Each adapted layer (and expert parameter) checked, and the names of the tensors they cover."""
+    from loramerge.plan.peft_glue import adapter_mode
+
     layers: list[LayerCheck] = []
     judged: list[tuple[LayerProbe, torch.Tensor]] = []
     touched: set[str] = set()
@@ -157,6 +188,18 @@ def _verify(
         experts = attached_checks(base, adapter, merged_params, tol, seed)
         layers += experts
         touched.update(c.name for c in experts)
+    return layers, touched
+
+
+def _unchanged(
+    base: nn.Module,
+    merged: nn.Module,
+    adapter: Adapter,
+    base_params: dict[str, torch.Tensor],
+    touched: set[str],
+    quantized: bool,
+) -> tuple[int, list[str]]:
+    """How many other tensors were compared, and those that do not hold what adapter mode uses."""
     changed: list[str] = []
     checked = 0
     merged_state = merged.state_dict()
@@ -179,7 +222,25 @@ def _verify(
         checked += 1
         if other is None or other.shape != expected.shape or not torch.equal(other.to(expected.device), expected):
             changed.append(pname)
-    notes: list[str] = []
+    return checked, changed
+
+
+def _outputs(
+    base: nn.Module,
+    merged: nn.Module,
+    adapter: Adapter,
+    base_params: dict[str, torch.Tensor],
+    quantized: bool,
+    probes: Probes | None,
+    check_outputs: CheckOutputs,
+    tol: Tolerance,
+    seed: int,
+    notes: list[str],
+) -> OutputCheck | None:
+    """The whole-model check: the merged model against PEFT's adapter mode on the base."""
+    from loramerge.plan.peft_glue import adapter_mode
+
+    merged_params = dict(merged.named_parameters(remove_duplicate=False))
     outputs = None
     batch = probe_batch(base, check_outputs, probes, seed, notes)
     if batch is not None:
@@ -200,14 +261,4 @@ def _verify(
         outputs = output_check(
             merged_out, ref, tol, batch, lambda: storage_baseline(merged, batch, adapted, seed), routes
         )
-    passed = all(c.passed for c in layers) and not changed and (outputs is None or outputs.passed)
-    return VerificationReport(
-        operation="verify",
-        passed=passed,
-        tolerance=tol,
-        layers=tuple(layers),
-        outputs=outputs,
-        unchanged_checked=checked,
-        unexpected_changes=tuple(sorted(changed)),
-        notes=tuple(notes),
-    )
+    return outputs
