@@ -25,7 +25,6 @@ MAX_FUNCTION_LINES = 80
 LONG: dict[str, int] = {
     "plan.checkpoint_plan.map_adapter": 90,
     "plan.peft_glue.check_compatible": 97,
-    "proof.oracle.check_merged_checkpoint": 129,
 }
 
 

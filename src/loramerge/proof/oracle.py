@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from torch import nn
 
 from loramerge.formats.adapter import Adapter
 from loramerge.formats.shards import CheckpointReader
@@ -142,119 +143,171 @@ def check_merged_checkpoint(
     built = mode if mode is not None else adapter_mode(base_root, adapter)
     if isinstance(built, str):
         return built
-    mode = built
-    base_reader, merged_reader = CheckpointReader(base_root), CheckpointReader(merged_root)
-    groups = mode.groups
+    judge = _Judge(built, base_root, merged_root, tolerance, dtype, seed, every_layer, plan or {}, rounded_base)
+    for name, layer in built.layers.items():
+        if type(layer).__name__ == "ParamWrapper":  # target_parameters: a parameter stored in pieces
+            judge.wrapper(name, layer)
+        else:
+            judge.layer(name, layer)
+    judge.tokens()
+    judge.saved()
+    judge.ties()
+    added = frozenset(judge.changed - set(judge.base.reader.stored))
+    return OracleResult(tuple(judge.checks), tuple(judge.problems), frozenset(judge.changed), added, len(built.layers))
 
-    def merged_groups() -> tuple[tuple[str, ...], ...]:  # the ties transformers applies when loading the output
-        model = meta_model(merged_root)
-        return groups if isinstance(model, str) else tied_names(model)
 
-    base_names = _Names(base_reader, mode.prefix, mode.groups)
-    merged_names = _Names(merged_reader, mode.prefix, merged_groups)
-    problems: list[str] = []
-    changed: set[str] = set()
-    covered: set[str] = set()  # model parameters whose adapter-mode value was checked
-    checks: list[LayerCheck] = []
+class _Judge:
+    """One judgement of a merged checkpoint: what was checked, what changed, what is wrong."""
 
-    def read(names: _Names, param: str, what: str) -> torch.Tensor | None:
+    def __init__(
+        self,
+        mode: AdapterMode,
+        base_root: Path,
+        merged_root: Path,
+        tolerance: Tolerance,
+        dtype: torch.dtype | None,
+        seed: int,
+        every_layer: bool,
+        plan: Mapping[str, Any],
+        rounded_base: bool,
+    ) -> None:
+        self.mode, self.base_root, self.tolerance, self.dtype, self.seed = mode, base_root, tolerance, dtype, seed
+        self.every_layer, self.plan, self.rounded_base = every_layer, plan, rounded_base
+        groups = mode.groups
+
+        def merged_groups() -> tuple[tuple[str, ...], ...]:  # the ties transformers applies when loading the output
+            model = meta_model(merged_root)
+            return groups if isinstance(model, str) else tied_names(model)
+
+        self.base = _Names(CheckpointReader(base_root), mode.prefix, mode.groups)
+        self.merged = _Names(CheckpointReader(merged_root), mode.prefix, merged_groups)
+        self.problems: list[str] = []
+        self.changed: set[str] = set()
+        self.covered: set[str] = set()  # model parameters whose adapter-mode value was checked
+        self.checks: list[LayerCheck] = []
+        self.tied = {member for group in mode.groups for member in group}
+        self.families: set[tuple[Any, ...]] = set()
+        self.pieces: dict[str, _Pieces] = {}
+
+    def read(self, names: _Names, param: str, what: str) -> torch.Tensor | None:
         stored = names.provided(param)
         if stored is None:
-            problems.append(f"{param}: the {what} checkpoint holds no tensor for it (nor for a tensor tied to it)")
+            self.problems.append(f"{param}: the {what} checkpoint holds no tensor for it (nor for a tensor tied to it)")
             return None
         return names.reader.get(stored)
 
-    tied = {member for group in mode.groups for member in group}
-    families: set[tuple[Any, ...]] = set()
-    pieces: dict[str, _Pieces] = {}
-    for name, layer in mode.layers.items():
-        if type(layer).__name__ == "ParamWrapper":  # target_parameters: a parameter stored in pieces
-            if not pieces:
-                pieces.update(_pieces(base_root, list(base_reader.names)))
-            family = (*layer_family(name, layer), (plan or {}).get(name))
-            judge = every_layer or family not in families
-            families.add(family)
-            check = _param_check(name, layer, pieces, base_reader, merged_reader, dtype, judge, changed, problems)
-            if check is not None:
-                checks.append(check(tolerance, seed, rounded_base))
-            continue
+    def _judged(self, name: str, layer: nn.Module, special: bool = False) -> bool:
+        """Whether PEFT's layer runs for this layer: every layer, or the first of its family."""
+        family = (*layer_family(name, layer), self.plan.get(name))
+        judge = self.every_layer or special or family not in self.families
+        self.families.add(family)
+        return judge
+
+    def wrapper(self, name: str, layer: nn.Module) -> None:
+        """A ``target_parameters`` wrapper: its parameter, stored in pieces, against PEFT's ``ParamWrapper``."""
+        if not self.pieces:
+            self.pieces.update(_pieces(self.base_root, list(self.base.reader.names)))
+        judge = self._judged(name, layer)
+        check = _param_check(
+            name,
+            layer,
+            self.pieces,
+            self.base.reader,
+            self.merged.reader,
+            self.dtype,
+            judge,
+            self.changed,
+            self.problems,
+        )
+        if check is not None:
+            self.checks.append(check(self.tolerance, self.seed, self.rounded_base))
+
+    def layer(self, name: str, layer: nn.Module) -> None:
+        """A LoRA layer: its merged weight (and bias) against PEFT's layer in adapter mode on probes."""
         base = cast(Any, layer).get_base_layer()
         base_values: dict[str, torch.Tensor] = {}
         merged_values: dict[str, torch.Tensor] = {}
         params = dict(base.named_parameters(recurse=False))
-        special = any(f"{name}.{n}" in tied or id(p) not in mode.placeholders for n, p in params.items())
-        family = (*layer_family(name, layer), (plan or {}).get(name))
-        judge = every_layer or special or family not in families
-        families.add(family)
+        placeholders = self.mode.placeholders
+        special = any(f"{name}.{n}" in self.tied or id(p) not in placeholders for n, p in params.items())
+        judge = self._judged(name, layer, special)
+        lora_bias = bool(cast(Any, layer).lora_bias.get(ADAPTER, False))
         for pname, p in params.items():
             param = f"{name}.{pname}"
-            covered.add(param)
+            self.covered.add(param)
+            stored = self.merged.provided(param)
             if not judge:  # which tensors change is still decided, from PEFT's layer
-                lora_bias = bool(cast(Any, layer).lora_bias.get(ADAPTER, False))
-                stored = merged_names.provided(param)
                 if stored is not None and (pname == "weight" or lora_bias):
-                    changed.add(stored)
+                    self.changed.add(stored)
                 continue
-            if id(p) not in mode.placeholders:
+            if id(p) not in placeholders:
                 original: torch.Tensor | None = p.detach()  # the adapter file carries this base tensor
             else:
-                original = read(base_names, param, "base")
-            got = read(merged_names, param, "merged")
+                original = self.read(self.base, param, "base")
+            got = self.read(self.merged, param, "merged")
             if original is None or got is None:
                 continue
-            base_values[pname] = _convert(original, dtype if dtype is not None else got.dtype)
+            base_values[pname] = _convert(original, self.dtype if self.dtype is not None else got.dtype)
             merged_values[pname] = got
-            stored = merged_names.provided(param)
-            lora_bias = bool(cast(Any, layer).lora_bias.get(ADAPTER, False))
-            if stored is not None and (pname == "weight" or lora_bias or id(p) not in mode.placeholders):
-                changed.add(stored)
+            if stored is not None and (pname == "weight" or lora_bias or id(p) not in placeholders):
+                self.changed.add(stored)
         if "weight" in merged_values:
-            checks.append(_layer_check(name, layer, base_values, merged_values, tolerance, seed, rounded_base))
-    for name, wrapper in mode.tokens.items():  # trainable tokens: PEFT's own merged rows
-        param = f"{name}.weight"
-        covered.add(param)
-        original, got, stored = read(base_names, param, "base"), read(merged_names, param, "merged"), None
-        if original is None or got is None:
-            continue
-        stored = merged_names.provided(param)
-        assert stored is not None
-        changed.add(stored)
-        layer = cast(Any, wrapper).token_adapter
-        with torch.no_grad(), _holding(layer.base_layer, {"weight": _convert(original, got.dtype)}):
-            expected = layer.get_merged_weights([ADAPTER]).detach()
-        if got.shape != expected.shape or not torch.equal(got, expected):
-            problems.append(f"{stored}: its rows are not PEFT's trainable-tokens rows over the base's")
-    for param, value in mode.saved.items():
-        if param in covered:
-            continue
-        covered.add(param)
-        got = read(merged_names, param, "merged")
-        stored = merged_names.provided(param)
-        if got is None or stored is None:
-            continue
-        changed.add(stored)
-        expected = _convert(value, got.dtype)
-        if got.shape != expected.shape or not torch.equal(got, expected):
-            problems.append(f"{stored}: differs from the adapter's copy, which adapter mode uses instead of the base's")
-    for group in mode.groups:  # the other members of a tie keep the value adapter mode gives them
-        if not any(member in covered for member in group):
-            continue
-        for member in group:
-            if member in covered:
+            tol, seed = self.tolerance, self.seed
+            self.checks.append(_layer_check(name, layer, base_values, merged_values, tol, seed, self.rounded_base))
+
+    def tokens(self) -> None:
+        """Trainable tokens: the stored rows must be PEFT's own merged rows."""
+        for name, wrapper in self.mode.tokens.items():
+            param = f"{name}.weight"
+            self.covered.add(param)
+            original, got = self.read(self.base, param, "base"), self.read(self.merged, param, "merged")
+            if original is None or got is None:
                 continue
-            stored = merged_names.provided(member)
-            original = read(base_names, member, "base")
-            got = read(merged_names, member, "merged")
-            if stored is None or original is None or got is None:
+            stored = self.merged.provided(param)
+            assert stored is not None
+            self.changed.add(stored)
+            layer = cast(Any, wrapper).token_adapter
+            with torch.no_grad(), _holding(layer.base_layer, {"weight": _convert(original, got.dtype)}):
+                expected = layer.get_merged_weights([ADAPTER]).detach()
+            if got.shape != expected.shape or not torch.equal(got, expected):
+                self.problems.append(f"{stored}: its rows are not PEFT's trainable-tokens rows over the base's")
+
+    def saved(self) -> None:
+        """Tensors adapter mode takes from the adapter file (``modules_to_save``, trained biases)."""
+        for param, value in self.mode.saved.items():
+            if param in self.covered:
                 continue
-            changed.add(stored)
-            if got.shape != original.shape or not torch.equal(got, _convert(original, got.dtype)):
-                problems.append(
-                    f"{member}: tied to an adapted tensor in the base model, but adapter mode leaves it unchanged; "
-                    f"the merged checkpoint gives it the value of {stored}, which differs"
+            self.covered.add(param)
+            got = self.read(self.merged, param, "merged")
+            stored = self.merged.provided(param)
+            if got is None or stored is None:
+                continue
+            self.changed.add(stored)
+            expected = _convert(value, got.dtype)
+            if got.shape != expected.shape or not torch.equal(got, expected):
+                self.problems.append(
+                    f"{stored}: differs from the adapter's copy, which adapter mode uses instead of the base's"
                 )
-    added = frozenset(changed - set(base_reader.stored))
-    return OracleResult(tuple(checks), tuple(problems), frozenset(changed), added, len(mode.layers))
+
+    def ties(self) -> None:
+        """The other members of a tie keep the value adapter mode gives them."""
+        for group in self.mode.groups:
+            if not any(member in self.covered for member in group):
+                continue
+            for member in group:
+                if member in self.covered:
+                    continue
+                stored = self.merged.provided(member)
+                original = self.read(self.base, member, "base")
+                got = self.read(self.merged, member, "merged")
+                if stored is None or original is None or got is None:
+                    continue
+                self.changed.add(stored)
+                if got.shape != original.shape or not torch.equal(got, _convert(original, got.dtype)):
+                    self.problems.append(
+                        f"{member}: tied to an adapted tensor in the base model, but adapter mode leaves it unchanged; "
+                        f"the merged checkpoint gives it the value of {stored}, which differs"
+                    )
 
 
 @dataclass(frozen=True)
