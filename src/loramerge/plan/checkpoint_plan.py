@@ -108,83 +108,11 @@ def _weight_layout(
 
 def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
     """Map every adapter entry to a checkpoint tensor, checking shapes; one error lists every problem."""
-    names = set(reader.names)
+    stored = _Stored(reader)
     problems: list[tuple[str, str]] = []
-    layers: list[dict[str, str] | None] = []  # the model's layer kinds, built once if needed
-    renamed: list[dict[str, str]] = []  # transformers' own key conversions, built once if needed
-
-    def resolve(wanted: str) -> str | None:
-        """The stored name of the model's ``wanted``: as saved, else as transformers' loading renames
-        it (VLM and legacy names), else by a unique suffix."""
-        if wanted in names:
-            return wanted
-        if not renamed:
-            renamed.append(renamed_keys(reader.root, reader.names))
-        return renamed[0].get(wanted) or _resolve(names, wanted)
-
-    modules: dict[str, tuple[AdapterModule, Kind]] = {}
-    biases: dict[str, AdapterModule] = {}
-    for module_name, mod in adapter.modules.items():
-        tensor = resolve(f"{module_name}.weight")
-        if tensor is None:
-            problems.append((module_name, "no tensor named like this in the checkpoint"))
-            continue
-        shape = reader.tensors[tensor].shape
-        kind: Kind = mod.kind
-        if kind in ("linear", "conv1d"):
-            resolved = _weight_layout(reader.root, module_name, mod, shape, layers)
-            if isinstance(resolved, str) and resolved not in ("linear", "conv1d"):
-                problems.append((module_name, resolved))
-                continue
-            kind = cast(Kind, resolved)
-        if _expected_shape(kind, mod.update) != shape:
-            problems.append(
-                (module_name, f"{tensor} has shape {shape}; the adapter's A/B fit {_expected_shape(kind, mod.update)}")
-            )
-            continue
-        if mod.update.bias is not None:
-            bias = resolve(f"{module_name}.bias")
-            if bias is None:
-                problems.append((module_name, "the adapter has a lora_bias but the checkpoint has no bias for it"))
-                continue
-            biases[bias] = mod
-        modules[tensor] = (mod, kind)
-    replaced: dict[str, torch.Tensor] = {}
-    tied_copies: dict[str, str] = {}
-    for pname, value in adapter.replaced.items():
-        tensor = resolve(pname)
-        partner = _stored_tie_partner(reader, pname) if tensor is None else None
-        if partner is not None and reader.tensors[partner].shape == tuple(value.shape):
-            replaced[pname], tied_copies[pname] = value, partner  # e.g. modules_to_save=["lm_head"], tied
-            continue
-        if tensor is None:
-            problems.append(
-                (
-                    pname,
-                    f"the adapter replaces this tensor ({adapter.replaced_kinds[pname]}) but the checkpoint has none",
-                )
-            )
-        elif reader.tensors[tensor].shape != tuple(value.shape):
-            problems.append(
-                (
-                    pname,
-                    f"the checkpoint's {tensor} has shape {reader.tensors[tensor].shape}, the adapter's {tuple(value.shape)}",
-                )
-            )
-        else:
-            replaced[tensor] = value
-    token_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for pname, (ids, rows) in adapter.token_rows.items():
-        tensor = resolve(pname)
-        shape = reader.tensors[tensor].shape if tensor is not None else ()
-        if tensor is None or len(shape) != 2:
-            problems.append((pname, "the adapter replaces token rows of this embedding but the checkpoint has none"))
-        elif rows.shape[1] != shape[1] or int(ids.max()) >= shape[0]:
-            problems.append(
-                (pname, f"rows of {rows.shape[1]} values for token ids up to {int(ids.max())}; {tensor} is {shape}")
-            )
-        else:
-            token_rows[tensor] = (ids, rows)
+    modules, biases = _map_modules(stored, adapter, problems)
+    replaced, tied_copies = _map_replaced(stored, adapter, problems)
+    token_rows = _map_token_rows(stored, adapter, problems)
     if adapter.parameter_factors:  # target_parameters: each stored piece of each expert gets its own update
         experts, why = expert_tensors(reader, adapter)
         modules.update(experts)
@@ -197,6 +125,104 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
             f"{len(problems)} problem(s):\n{lines}\nUse the base checkpoint the adapter was trained on."
         )
     return AdapterMapping(modules, biases, replaced, token_rows, tied_copies)
+
+
+class _Stored:
+    """A checkpoint's stored names, and the model's names resolved to them."""
+
+    def __init__(self, reader: CheckpointReader) -> None:
+        self.reader = reader
+        self.names = set(reader.names)
+        self.layers: list[dict[str, str] | None] = []  # the model's layer kinds, built once if needed
+        self._renamed: dict[str, str] | None = None  # transformers' own key conversions, built once if needed
+
+    def resolve(self, wanted: str) -> str | None:
+        """The stored name of the model's ``wanted``: as saved, else as transformers' loading renames
+        it (VLM and legacy names), else by a unique suffix."""
+        if wanted in self.names:
+            return wanted
+        if self._renamed is None:
+            self._renamed = renamed_keys(self.reader.root, self.reader.names)
+        return self._renamed.get(wanted) or _resolve(self.names, wanted)
+
+
+def _map_modules(
+    stored: _Stored, adapter: Adapter, problems: list[tuple[str, str]]
+) -> tuple[dict[str, tuple[AdapterModule, Kind]], dict[str, AdapterModule]]:
+    """Each adapted module's stored weight (with its layout, from the model's layer class) and bias."""
+    modules: dict[str, tuple[AdapterModule, Kind]] = {}
+    biases: dict[str, AdapterModule] = {}
+    for module_name, mod in adapter.modules.items():
+        tensor = stored.resolve(f"{module_name}.weight")
+        if tensor is None:
+            problems.append((module_name, "no tensor named like this in the checkpoint"))
+            continue
+        shape = stored.reader.tensors[tensor].shape
+        kind: Kind = mod.kind
+        if kind in ("linear", "conv1d"):
+            resolved = _weight_layout(stored.reader.root, module_name, mod, shape, stored.layers)
+            if isinstance(resolved, str) and resolved not in ("linear", "conv1d"):
+                problems.append((module_name, resolved))
+                continue
+            kind = cast(Kind, resolved)
+        if _expected_shape(kind, mod.update) != shape:
+            fits = _expected_shape(kind, mod.update)
+            problems.append((module_name, f"{tensor} has shape {shape}; the adapter's A/B fit {fits}"))
+            continue
+        if mod.update.bias is not None:
+            bias = stored.resolve(f"{module_name}.bias")
+            if bias is None:
+                problems.append((module_name, "the adapter has a lora_bias but the checkpoint has no bias for it"))
+                continue
+            biases[bias] = mod
+        modules[tensor] = (mod, kind)
+    return modules, biases
+
+
+def _map_replaced(
+    stored: _Stored, adapter: Adapter, problems: list[tuple[str, str]]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The stored tensors the adapter replaces, and those it replaces that the checkpoint ties to another."""
+    replaced: dict[str, torch.Tensor] = {}
+    tied_copies: dict[str, str] = {}
+    tensors = stored.reader.tensors
+    for pname, value in adapter.replaced.items():
+        tensor = stored.resolve(pname)
+        partner = _stored_tie_partner(stored.reader, pname) if tensor is None else None
+        if partner is not None and tensors[partner].shape == tuple(value.shape):
+            replaced[pname], tied_copies[pname] = value, partner  # e.g. modules_to_save=["lm_head"], tied
+        elif tensor is None:
+            kind = adapter.replaced_kinds[pname]
+            problems.append((pname, f"the adapter replaces this tensor ({kind}) but the checkpoint has none"))
+        elif tensors[tensor].shape != tuple(value.shape):
+            problems.append(
+                (
+                    pname,
+                    f"the checkpoint's {tensor} has shape {tensors[tensor].shape}, the adapter's {tuple(value.shape)}",
+                )
+            )
+        else:
+            replaced[tensor] = value
+    return replaced, tied_copies
+
+
+def _map_token_rows(
+    stored: _Stored, adapter: Adapter, problems: list[tuple[str, str]]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Trainable-token rows by the stored embedding they replace rows of."""
+    token_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for pname, (ids, rows) in adapter.token_rows.items():
+        tensor = stored.resolve(pname)
+        shape = stored.reader.tensors[tensor].shape if tensor is not None else ()
+        if tensor is None or len(shape) != 2:
+            problems.append((pname, "the adapter replaces token rows of this embedding but the checkpoint has none"))
+        elif rows.shape[1] != shape[1] or int(ids.max()) >= shape[0]:
+            problems.append(
+                (pname, f"rows of {rows.shape[1]} values for token ids up to {int(ids.max())}; {tensor} is {shape}")
+            )
+        else:
+            token_rows[tensor] = (ids, rows)
+    return token_rows
 
 
 def _stored_tie_partner(reader: CheckpointReader, name: str) -> str | None:

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -21,7 +21,7 @@ from peft.utils.other import TrainableTokensWrapper
 from torch import nn
 
 from loramerge.errors import AdapterMismatchError, UnsupportedAdapterError
-from loramerge.formats.adapter import Adapter
+from loramerge.formats.adapter import Adapter, AdapterModule
 from loramerge.numerics.delta import Kind
 from loramerge.numerics.quantized import is_quantized_layer
 from loramerge.plan.skeleton import module_kind
@@ -96,7 +96,35 @@ def check_compatible(model: nn.Module, adapter: Adapter) -> dict[str, Kind]:
     if isinstance(model, PeftModel):
         model = cast(nn.Module, model.base_model.model)
     modules = _module_table(model)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = _base_params(model, modules)
+    problems: list[tuple[str, str]] = []
+    kinds: dict[str, Kind] = {}
+    for name, mod in adapter.modules.items():
+        kind = _fitting_kind(name, mod, modules.get(name), problems)
+        if kind is not None:
+            kinds[name] = kind
+    _check_replaced(adapter, params, problems)
+    if problems:
+        problems.sort()
+        lines = "\n".join(f"  - {name}: {why}" for name, why in problems)
+        hint = ""
+        missing = [p for p in problems if p[1] == "no such module in the model"]
+        if adapter.modules and len(missing) == len(adapter.modules):
+            hint = (
+                f"\nNone of the adapter's modules exist in this model: the adapter was probably trained for another "
+                f"architecture (its config names base model {adapter.base_model_name_or_path!r})."
+            )
+        raise AdapterMismatchError(
+            f"the adapter {str(adapter.path or '<in memory>')!r} does not fit the model "
+            f"({type(model).__name__}), {len(problems)} problem(s):\n{lines}{hint}\n"
+            "Use the base model the adapter was trained on."
+        )
+    return kinds
+
+
+def _base_params(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The model's parameters by name, those under PEFT's wrappers by the base model's names."""
+    params: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     for name, module in modules.items():
         if isinstance(module, ModulesToSaveWrapper):
             for pname, p in module.original_module.named_parameters():
@@ -106,43 +134,46 @@ def check_compatible(model: nn.Module, adapter: Adapter) -> dict[str, Kind]:
         elif isinstance(module, BaseTunerLayer):
             for pname, p in base_layer_of(module).named_parameters(recurse=False):
                 params[f"{name}.{pname}"] = p
-    problems: list[tuple[str, str]] = []
-    kinds: dict[str, Kind] = {}
-    for name, mod in adapter.modules.items():
-        found = modules.get(name)
-        if found is None:
-            problems.append((name, "no such module in the model"))
-            continue
-        kind = layer_kind(found)
-        if kind is None and isinstance(base_layer_of(found), nn.MultiheadAttention):
-            raise _attention_refused(name)
-        if kind is None:
-            problems.append((name, f"is a {type(base_layer_of(found)).__name__}, which LoRA cannot target"))
-            continue
-        if (kind == "embedding") != (mod.kind == "embedding") or (kind == "conv") != (mod.kind == "conv"):
-            problems.append((name, f"the adapter holds a {mod.kind} update but the model's layer is {kind}"))
-            continue
-        base = base_layer_of(found)
-        a_shape, b_shape, n_out = _expected_shapes(kind, base, mod.rank)
-        up = mod.update
-        if tuple(up.lora_A.shape) != a_shape or tuple(up.lora_B.shape) != b_shape:
-            problems.append(
-                (
-                    name,
-                    f"expected A {a_shape} and B {b_shape}, found A {tuple(up.lora_A.shape)} and B {tuple(up.lora_B.shape)}",
-                )
-            )
-            continue
-        if kind == "conv" and getattr(base, "groups", 1) != 1:
-            problems.append((name, "grouped convolutions are not supported"))
-        if up.magnitude is not None and up.magnitude.numel() != n_out:
-            problems.append((name, f"expected a DoRA magnitude of {n_out} values, found {tuple(up.magnitude.shape)}"))
-        if up.bias is not None:
-            if getattr(base, "bias", None) is None:
-                problems.append((name, "the adapter has lora_bias but the model's layer has no bias to merge it into"))
-            elif tuple(up.bias.shape) != (n_out,):
-                problems.append((name, f"expected a LoRA bias of shape ({n_out},), found {tuple(up.bias.shape)}"))
-        kinds[name] = kind
+    return params
+
+
+def _fitting_kind(
+    name: str, mod: AdapterModule, found: nn.Module | None, problems: list[tuple[str, str]]
+) -> Kind | None:
+    """The model's layer kind for one adapted module, when the adapter's factors fit it (else a problem)."""
+    if found is None:
+        problems.append((name, "no such module in the model"))
+        return None
+    kind = layer_kind(found)
+    if kind is None and isinstance(base_layer_of(found), nn.MultiheadAttention):
+        raise _attention_refused(name)
+    if kind is None:
+        problems.append((name, f"is a {type(base_layer_of(found)).__name__}, which LoRA cannot target"))
+        return None
+    if (kind == "embedding") != (mod.kind == "embedding") or (kind == "conv") != (mod.kind == "conv"):
+        problems.append((name, f"the adapter holds a {mod.kind} update but the model's layer is {kind}"))
+        return None
+    base = base_layer_of(found)
+    a_shape, b_shape, n_out = _expected_shapes(kind, base, mod.rank)
+    up = mod.update
+    if tuple(up.lora_A.shape) != a_shape or tuple(up.lora_B.shape) != b_shape:
+        found_shapes = f"A {tuple(up.lora_A.shape)} and B {tuple(up.lora_B.shape)}"
+        problems.append((name, f"expected A {a_shape} and B {b_shape}, found {found_shapes}"))
+        return None
+    if kind == "conv" and getattr(base, "groups", 1) != 1:
+        problems.append((name, "grouped convolutions are not supported"))
+    if up.magnitude is not None and up.magnitude.numel() != n_out:
+        problems.append((name, f"expected a DoRA magnitude of {n_out} values, found {tuple(up.magnitude.shape)}"))
+    if up.bias is not None:
+        if getattr(base, "bias", None) is None:
+            problems.append((name, "the adapter has lora_bias but the model's layer has no bias to merge it into"))
+        elif tuple(up.bias.shape) != (n_out,):
+            problems.append((name, f"expected a LoRA bias of shape ({n_out},), found {tuple(up.bias.shape)}"))
+    return kind
+
+
+def _check_replaced(adapter: Adapter, params: Mapping[str, torch.Tensor], problems: list[tuple[str, str]]) -> None:
+    """Every tensor (or token row) the adapter replaces must exist in the model with a fitting shape."""
     for pname, (ids, rows) in adapter.token_rows.items():
         target = params.get(pname)
         if target is None or target.dim() != 2:
@@ -158,9 +189,8 @@ def check_compatible(model: nn.Module, adapter: Adapter) -> dict[str, Kind]:
     for pname, tensor in adapter.replaced.items():
         target = params.get(pname)
         if target is None:
-            problems.append(
-                (pname, f"the adapter replaces this tensor ({adapter.replaced_kinds[pname]}) but the model has none")
-            )
+            kind = adapter.replaced_kinds[pname]
+            problems.append((pname, f"the adapter replaces this tensor ({kind}) but the model has none"))
         elif tuple(target.shape) != tuple(tensor.shape):
             hint = ""
             if adapter.replaced_kinds[pname] == "saved_base" or "embed" in pname or "lm_head" in pname:
@@ -171,24 +201,6 @@ def check_compatible(model: nn.Module, adapter: Adapter) -> dict[str, Kind]:
                     f"expected shape {tuple(tensor.shape)} from the adapter, the model has {tuple(target.shape)}{hint}",
                 )
             )
-    if problems:
-        problems.sort()
-        lines = "\n".join(f"  - {name}: {why}" for name, why in problems)
-        hint = ""
-        if (
-            len([p for p in problems if p[1] == "no such module in the model"]) == len(adapter.modules)
-            and adapter.modules
-        ):
-            hint = (
-                f"\nNone of the adapter's modules exist in this model: the adapter was probably trained for another "
-                f"architecture (its config names base model {adapter.base_model_name_or_path!r})."
-            )
-        raise AdapterMismatchError(
-            f"the adapter {str(adapter.path or '<in memory>')!r} does not fit the model "
-            f"({type(model).__name__}), {len(problems)} problem(s):\n{lines}{hint}\n"
-            "Use the base model the adapter was trained on."
-        )
-    return kinds
 
 
 def _lora_config(adapter: Adapter, kinds: dict[str, Kind], *, trainable: bool) -> LoraConfig:
