@@ -170,3 +170,19 @@ def test_an_overflowing_scale_is_refused_before_any_change(tmp_path: Path) -> No
     with pytest.raises(lm.NonFiniteMergeError, match="check lora_alpha"):
         lm.merge(base, lm.load_adapter(directory))
     assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_nan_in_the_adapter_fails_a_checkpoint_merge_with_or_without_verification(
+    tmp_path: Path, verify: bool
+) -> None:
+    """Without verification the merge does not measure the rounding residual; a non-finite result
+    must still stop it, name the layer and leave nothing on disk."""
+    base, adapter_dir = _checkpoint(tmp_path)
+    adapter = lm.load_adapter(adapter_dir)
+    bad = next(iter(adapter.modules))
+    adapter.modules[bad].update.lora_B[0, 0] = float("nan")
+    with pytest.raises(lm.NonFiniteMergeError, match=bad):
+        lm.merge_checkpoint(base, adapter, tmp_path / "merged", progress=False, verify=verify)
+    assert not (tmp_path / "merged").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")], "no temporary directory left"

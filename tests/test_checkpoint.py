@@ -170,8 +170,8 @@ def test_failed_verification_publishes_nothing(tmp_path: Path, monkeypatch: pyte
     _, base_dir, adapter_dir = _prepare(tmp_path, "llama-linear-patterns", torch.bfloat16)
     real = ckpt_mod.merge_tensor_
 
-    def wrong(weight: torch.Tensor, updates: list[LoraUpdate], norms: object = None, source: object = None) -> object:  # type: ignore[name-defined]
-        return real(weight, [type(u)(u.kind, u.lora_A, u.lora_B, u.scale * 1.5) for u in updates], None, source)
+    def wrong(weight: torch.Tensor, updates: list[LoraUpdate], *args: object, **kwargs: object) -> object:
+        return real(weight, [type(u)(u.kind, u.lora_A, u.lora_B, u.scale * 1.5) for u in updates], *args, **kwargs)
 
     monkeypatch.setattr(ckpt_mod, "merge_tensor_", wrong)
     with pytest.raises(lm.VerificationError, match="model.layers.0.self_attn.q_proj"):

@@ -186,3 +186,33 @@ def test_apply_weight_matches_modules() -> None:
         apply_weight("conv", conv.weight, patches.reshape(4, -1)), conv(patches).reshape(4, 6), atol=1e-6
     )
     assert reference_dtype(torch.bfloat16) == torch.float32
+
+
+@pytest.mark.parametrize("dt", list(DT))
+def test_a_merge_without_the_residual_is_the_same_merge(dt: str) -> None:
+    """``residual=False`` (a checkpoint merge without verification) skips measuring the rounding
+    residual, not any of the merge: the weight is bit-identical."""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(67, 45, generator=gen).to(DT[dt])
+    ups = [
+        LoraUpdate("linear", torch.randn(4, 45, generator=gen), torch.randn(67, 4, generator=gen), 0.5),
+        LoraUpdate("linear", torch.randn(2, 45, generator=gen), torch.randn(67, 2, generator=gen), -1.5),
+    ]
+    measured, unmeasured = base.clone(), base.clone()
+    full = merge_tensor_(measured, ups)
+    quick = merge_tensor_(unmeasured, ups, residual=False)
+    assert full.residual_norm > 0 and quick.residual_norm == 0.0
+    assert quick.delta_norm == full.delta_norm
+    assert torch.equal(measured, unmeasured) and not torch.equal(measured, base)
+
+
+def test_a_merge_without_the_residual_still_sees_overflow_and_nan() -> None:
+    """Negative controls: a result that overflows the weight's dtype, or is NaN, makes the
+    residual infinite (what the checkpoint merge turns into NonFiniteMergeError)."""
+    w = torch.full((2, 2), 60000.0, dtype=torch.float16)
+    big = LoraUpdate("linear", torch.ones(1, 2), torch.full((2, 1), 8000.0), 1.0)
+    assert merge_tensor_(w.clone(), [big], residual=False).residual_norm == math.inf
+    nan = LoraUpdate("linear", torch.tensor([[math.nan, 1.0]]), torch.ones(2, 1), 1.0)
+    assert merge_tensor_(w.clone(), [nan], residual=False).residual_norm == math.inf
+    fits = LoraUpdate("linear", torch.ones(1, 2), torch.full((2, 1), 1.0), 1.0)
+    assert merge_tensor_(w.clone(), [fits], residual=False).residual_norm == 0.0

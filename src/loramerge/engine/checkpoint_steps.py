@@ -112,7 +112,8 @@ class MergeStep:
         original = work.clone() if self.receipt is not None else None
         # The output is atomic, so non-finite results need not be found before computing them: the
         # rounding residual is NaN or infinite exactly when a result is non-finite or overflowed.
-        stats = merge_tensor_(work, [up], source=source)
+        # the rounding residual is reported only by the verification
+        stats = merge_tensor_(work, [up], source=source, residual=self.verify)
         if gap is not None:
             self.gaps[mod.name] = gap / stats.delta_norm if stats.delta_norm > 0 else math.inf
         if not math.isfinite(stats.residual_norm) or not math.isfinite(stats.delta_norm):
