@@ -8,6 +8,9 @@ seven projections, then runs, alternating the order between repetitions:
 * ``peft``: from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained
 * ``loramerge``: ``merge_checkpoint`` (streaming, default verification included)
 * ``loramerge-noverify``: the same with ``verify=False`` (what verification costs)
+* ``unmerge`` and ``unmerge-noverify`` (only when asked for with ``--modes``): ``unmerge_checkpoint``
+  of the adapter from a merged copy of the checkpoint (merged once, untimed), with and without
+  verification
 
 and reports wall time and peak resident memory of each child process (from ``wait4``). ``--layers``
 overrides the depth (e.g. double it to see that loramerge's peak memory does not grow).
@@ -98,8 +101,11 @@ def _child(mode: str, base: Path, adapter: Path, out: Path) -> None:
         return
     import loramerge as lm
 
-    verify = mode != "loramerge-noverify"
-    report = lm.merge_checkpoint(base, adapter, out, max_shard_size="1GB", progress=False, verify=verify)
+    verify = not mode.endswith("-noverify")
+    if mode.startswith("unmerge"):  # ``base`` is then the merged checkpoint
+        report = lm.unmerge_checkpoint(base, adapter, out, max_shard_size="1GB", progress=False, verify=verify)
+    else:
+        report = lm.merge_checkpoint(base, adapter, out, max_shard_size="1GB", progress=False, verify=verify)
     assert report.passed, str(report)
 
 
@@ -138,9 +144,22 @@ def main() -> None:
         size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
         print(f"  {size / 1e9:.2f} GB in {len(list(base.glob('*.safetensors')))} shards", flush=True)
         runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+        merged = root / "merged"  # what the unmerge modes start from, merged once, untimed
+        if any(m.startswith("unmerge") for m in modes):
+            child_run = [
+                sys.executable,
+                __file__,
+                "--_child",
+                "loramerge-noverify",
+                str(base),
+                str(adapter),
+                str(merged),
+            ]
+            subprocess.run(child_run, check=True, capture_output=True)
         for i in range(args.repeats):
             for mode in modes if i % 2 == 0 else list(reversed(modes)):
-                runs[mode].append(run(mode, base, adapter, root / f"out-{mode}"))
+                source = merged if mode.startswith("unmerge") else base
+                runs[mode].append(run(mode, source, adapter, root / f"out-{mode}"))
                 print(
                     f"  run {i + 1} {mode:<18} {runs[mode][-1]['seconds']:.1f} s, {runs[mode][-1]['peak_rss_gb']:.2f} GB",
                     flush=True,
