@@ -11,7 +11,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from loramerge.numerics import delta as delta_mod
-from loramerge.numerics.delta import LoraUpdate, apply_weight, dora_norms, merge_tensor_, unmerge_tensor_
+from loramerge.numerics.delta import LoraUpdate, dora_norms, merge_tensor_, unmerge_tensor_
+from loramerge.numerics.layer_outputs import apply_weight
 from loramerge.numerics.tolerance import reference_dtype, ulp, unit_roundoff
 from loramerge.numerics.update_checks import check_updates
 
@@ -216,3 +217,25 @@ def test_a_merge_without_the_residual_still_sees_overflow_and_nan() -> None:
     assert merge_tensor_(w.clone(), [nan], residual=False).residual_norm == math.inf
     fits = LoraUpdate("linear", torch.ones(1, 2), torch.full((2, 1), 1.0), 1.0)
     assert merge_tensor_(w.clone(), [fits], residual=False).residual_norm == 0.0
+
+
+@pytest.mark.parametrize("dt", list(DT))
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_an_unmeasured_unmerge_is_the_same_unmerge(dt: str, use_dora: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``measure=False`` (a checkpoint unmerge without verification, a receipt's recovery) skips the
+    error bound and the re-merge check, not any of the arithmetic: the weight is bit-identical, also
+    across chunk boundaries. A receipt made with one and applied after the other depends on that."""
+    gen = torch.Generator().manual_seed(2)
+    base = (torch.randn(61, 37, generator=gen) * 0.05).to(DT[dt])
+    mag = torch.rand(61, generator=gen) + 0.5 if use_dora else None
+    up = LoraUpdate("linear", torch.randn(4, 37, generator=gen), torch.randn(61, 4, generator=gen), 0.7, magnitude=mag)
+    norms = dora_norms(up, base) if use_dora else None
+    merge_tensor_(base, [up], norms)
+    for chunk in (delta_mod.CHUNK_ELEMENTS, 50):
+        monkeypatch.setattr(delta_mod, "CHUNK_ELEMENTS", chunk)
+        measured, unmeasured = base.clone(), base.clone()
+        full = unmerge_tensor_(measured, [up], norms)
+        quick = unmerge_tensor_(unmeasured, [up], norms, measure=False)
+        assert torch.equal(measured, unmeasured) and not torch.equal(measured, base)
+        assert full.error_bound > 0 and math.isfinite(full.remerge_gap)
+        assert math.isnan(quick.error_bound) and math.isnan(quick.remerge_gap)

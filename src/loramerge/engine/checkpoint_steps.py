@@ -143,7 +143,7 @@ class MergeStep:
     ) -> None:
         assert self.receipt is not None
         recovered = merged.clone()
-        unmerge_tensor_(recovered, [up], self.norms.get(module))
+        unmerge_tensor_(recovered, [up], self.norms.get(module), measure=False)
         self.receipt.tensors[name] = encode_receipt(original, recovered)
         if module in self.norms:
             self.receipt.dora_norms[module] = self.norms[module]
@@ -200,7 +200,7 @@ class UnmergeStep:
         mod, kind = self.mapping.modules[name]
         up = _updates_for(mod, kind)
         work = tensor.clone()
-        stats = unmerge_tensor_(work, [up], self.norms.get(mod.name))
+        stats = unmerge_tensor_(work, [up], self.norms.get(mod.name), measure=self.verify)
         if self.receipt is not None:
             work = apply_receipt(work, self.receipt.tensors[name], name)
         if self.verify:

@@ -150,7 +150,7 @@ def _record_receipt(
     ups = [u for _, u in plan.updates]
     with torch.no_grad():
         recovered = plan.weight.detach().clone()
-        unmerge_tensor_(recovered, ups, norms)
+        unmerge_tensor_(recovered, ups, norms, measure=False)
         receipt.tensors[f"{plan.name}.weight"] = encode_receipt(originals["weight"], recovered)
         if "bias" in originals:
             merged_b = cast(torch.Tensor, plan.layer.bias).detach()

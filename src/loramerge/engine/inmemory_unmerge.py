@@ -173,7 +173,7 @@ class UnmergeRun:
             raise ReceiptError(f"the receipt has no entry for {missing}; it was written for another model or merge.")
         for plan in self.plans:
             trial = plan.weight.detach().clone()
-            unmerge_tensor_(trial, [plan.updates[0][1]], self.dora_norms.get(plan.name))
+            unmerge_tensor_(trial, [plan.updates[0][1]], self.dora_norms.get(plan.name), measure=False)
             apply_receipt(trial, rc.tensors[f"{plan.name}.weight"], f"{plan.name}.weight")
 
     def apply(self) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,7 +29,7 @@ import torch
 
 from loramerge.numerics.tolerance import ulp
 
-__all__ = ["Kind", "LoraUpdate", "TensorStats", "apply_weight", "dora_norms", "merge_tensor_", "unmerge_tensor_"]
+__all__ = ["Kind", "LoraUpdate", "TensorStats", "dora_norms", "merge_tensor_", "unmerge_tensor_"]
 
 Kind = Literal["linear", "conv1d", "embedding", "conv"]
 KINDS: tuple[Kind, ...] = ("linear", "conv1d", "embedding", "conv")
@@ -118,43 +118,6 @@ class LoraUpdate:
 def view2d(weight: torch.Tensor) -> torch.Tensor:
     """The stored-layout 2-D view of a weight (no copy)."""
     return weight.reshape(weight.shape[0], -1) if weight.dim() != 2 else weight
-
-
-def apply_weight(
-    kind: Kind,
-    weight: torch.Tensor,
-    x: torch.Tensor,
-    dtype: torch.dtype | None = None,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The layer's function (without bias) on probe inputs: ``x @ W^T`` in the kind's layout.
-
-    With ``dtype`` the product is computed in that dtype, converting the weight in chunks of output
-    features (never a full-size copy), and ``transform`` (if given) is applied to each converted
-    chunk first; without ``dtype``, in the weight's own dtype.
-    """
-    w = view2d(weight.detach())
-    if kind == "embedding":
-        rows = w[x]
-        if dtype is None:
-            return rows
-        rows = rows.to(dtype)
-        return transform(rows) if transform is not None else rows
-    on_rows = _outputs_on_rows(kind)
-    if dtype is None:
-        xd = x.to(w.dtype)
-        return xd @ w.t() if on_rows else xd @ w
-    xd = x.to(dtype)
-    n_out = w.shape[0] if on_rows else w.shape[1]
-    n_in = w.shape[1] if on_rows else w.shape[0]
-    step = max(1, CHUNK_ELEMENTS // max(1, n_in))
-    parts = []
-    for start in range(0, n_out, step):
-        chunk = (w[start : start + step] if on_rows else w[:, start : start + step]).to(dtype)
-        if transform is not None:
-            chunk = transform(chunk)
-        parts.append(xd @ chunk.t() if on_rows else xd @ chunk)
-    return torch.cat(parts, dim=1)
 
 
 def _row_ranges(rows: int, cols: int) -> list[tuple[int, int]]:
@@ -349,13 +312,17 @@ def merge_tensor_(
 
 
 def unmerge_tensor_(
-    weight: torch.Tensor, updates: Sequence[LoraUpdate], norms: torch.Tensor | None = None
+    weight: torch.Tensor, updates: Sequence[LoraUpdate], norms: torch.Tensor | None = None, measure: bool = True
 ) -> TensorStats:
     """Remove ``updates`` from a merged ``weight`` in place: ``W ← round(W_merged − Σ ΔW)``.
 
     For DoRA the merge-time norms are required: ``W ← round(W_merged ⊙ ‖W + ΔW‖ / m − ΔW)``.
     ``stats.error_bound`` bounds the distance to the true base: half an ulp of the merged value plus
     half an ulp of the result (see the docs); ``stats.remerge_gap`` checks that re-merging lands back.
+
+    ``measure=False`` computes the same result (bit for bit: the arithmetic is shared) without
+    measuring anything, for callers that report none of it (a checkpoint unmerge without
+    verification, the recovery a receipt is made from). Its statistics are NaN.
     """
     stats = TensorStats()
     if not updates:
@@ -365,15 +332,25 @@ def unmerge_tensor_(
         raise ValueError("unmerging a DoRA update needs the norms ‖W + ΔW‖ recorded at merge time")
     change_sq = 0.0
     residual_sq = 0.0
+    if not measure:
+        stats.delta_norm = stats.residual_norm = stats.error_bound = stats.remerge_gap = math.nan
     for start, stop in _row_ranges(w.shape[0], w.shape[1]):
         chunk = w[start:stop]
-        merged = chunk.to(cdt)
-        delta = _delta_rows(updates, factors, start, stop)
         factor = None
         if dora is not None:
             assert norms is not None
             factor = _dora_factor(dora, norms.to(cdt).to(w.device), on_rows, start, stop)
-        exact = (merged / factor if factor is not None else merged) - delta
+        exact = _workspace(stop - start, w.shape[1], cdt, w.device)
+        exact.copy_(chunk)  # exact: the compute dtype holds every value of the weight's
+        if factor is not None:
+            exact.div_(factor)
+        for left, right in factors:  # W_merged − ΔW in the compute dtype (each product subtracted in the GEMM)
+            exact.addmm_(left[start:stop], right, alpha=-1)
+        if not measure:
+            chunk.copy_(exact)  # the one rounding, straight into the weight
+            continue
+        merged = chunk.to(cdt)
+        delta = _delta_rows(updates, factors, start, stop)
         chunk.copy_(exact)  # the one rounding, straight into the weight
         back = chunk.to(cdt)
         residual_sq += float(torch.linalg.vector_norm(back - exact) ** 2)
@@ -389,6 +366,7 @@ def unmerge_tensor_(
                 remerged = remerged * factor
             gap = (remerged.to(dtype).to(cdt) - merged).abs() / (spacing_merged + spacing_back)
             stats.remerge_gap = max(stats.remerge_gap, float(gap.max()))
-    stats.residual_norm = math.sqrt(residual_sq)
-    stats.delta_norm = math.sqrt(change_sq)
+    if measure:
+        stats.residual_norm = math.sqrt(residual_sq)
+        stats.delta_norm = math.sqrt(change_sq)
     return stats

@@ -252,4 +252,4 @@ def unmerge_param_(item: Unmerge) -> None:
     """Subtract each expert's updates in place (fp32, one rounding)."""
     with torch.no_grad():
         for e, updates in enumerate(item.updates):
-            unmerge_tensor_(_matrix(item.param, e), updates)
+            unmerge_tensor_(_matrix(item.param, e), updates, measure=False)

@@ -13,7 +13,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from loramerge.numerics.delta import Kind, LoraUpdate, apply_weight, dora_norms, view2d
+from loramerge.numerics.delta import Kind, LoraUpdate, dora_norms, view2d
+from loramerge.numerics.layer_outputs import apply_weight
 from loramerge.numerics.quantized import quantized_layers
 from loramerge.numerics.tolerance import Tolerance, reference_dtype, relative_errors, ulp, unit_roundoff
 from loramerge.preserve import preserved
