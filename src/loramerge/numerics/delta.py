@@ -350,21 +350,24 @@ def unmerge_tensor_(
             chunk.copy_(exact)  # the one rounding, straight into the weight
             continue
         merged = chunk.to(cdt)
+        spacing_merged = ulp(chunk, dtype)  # from the stored values (a faster path for bf16)
         delta = _delta_rows(updates, factors, start, stop)
         chunk.copy_(exact)  # the one rounding, straight into the weight
         back = chunk.to(cdt)
-        residual_sq += float(torch.linalg.vector_norm(back - exact) ** 2)
-        change_sq += float(torch.linalg.vector_norm(merged - exact) ** 2)
+        diff = torch.sub(merged, exact)
+        change_sq += float(torch.linalg.vector_norm(diff) ** 2)
+        residual_sq += float(torch.linalg.vector_norm(torch.sub(back, exact, out=diff)) ** 2)
         if back.numel():
-            spacing_merged = ulp(merged, dtype)
-            spacing_back = ulp(back, dtype)
-            # DoRA: undoing the factor m / ‖W + ΔW‖ scales the merged value's rounding error by its inverse
-            carried = spacing_merged / factor.abs() if factor is not None else spacing_merged
-            stats.error_bound = max(stats.error_bound, float((0.5 * carried + 0.5 * spacing_back).max()))
-            remerged = back + delta
+            spacing = ulp(chunk, dtype).add_(spacing_merged)  # ulp(W_recovered) + ulp(W_merged)
+            if factor is None:
+                stats.error_bound = max(stats.error_bound, 0.5 * float(spacing.max()))
+            else:  # DoRA: undoing the factor m / ‖W + ΔW‖ scales the merged value's rounding error by its inverse
+                bound = (spacing_merged / factor.abs()).add_(spacing - spacing_merged).mul_(0.5)
+                stats.error_bound = max(stats.error_bound, float(bound.max()))
+            remerged = delta.add_(back)  # back + ΔW, in delta's buffer
             if factor is not None:
-                remerged = remerged * factor
-            gap = (remerged.to(dtype).to(cdt) - merged).abs() / (spacing_merged + spacing_back)
+                remerged.mul_(factor)
+            gap = remerged.copy_(remerged.to(dtype)).sub_(merged).abs_().div_(spacing)
             stats.remerge_gap = max(stats.remerge_gap, float(gap.max()))
     if measure:
         stats.residual_norm = math.sqrt(residual_sq)

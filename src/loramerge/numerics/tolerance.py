@@ -75,6 +75,10 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype not in _SIGNIFICAND_BITS:
         raise InvalidArgumentError(f"ulp: {dtype} is not a supported floating-point dtype")
     p = _SIGNIFICAND_BITS[dtype]
+    if x.dtype == torch.bfloat16 and dtype == torch.bfloat16:  # the same integer steps on 2-byte values
+        bits = torch.bitwise_and(x.contiguous().view(torch.int16), 0x7F80)
+        bits = (bits - ((p - 1) << 7)).clamp_min_(1 << 7)
+        return bits.view(torch.bfloat16).to(torch.float32).clamp_min_(2.0 ** (_MIN_NORMAL_EXPONENT[dtype] - p + 1))
     if dtype == torch.float64:
         xf, int_dtype, mantissa, exp_mask = x.to(torch.float64), torch.int64, 52, 0x7FF0000000000000
     else:
