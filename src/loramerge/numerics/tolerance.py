@@ -77,7 +77,7 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     p = _SIGNIFICAND_BITS[dtype]
     if x.dtype == torch.bfloat16 and dtype == torch.bfloat16:  # the same integer steps on 2-byte values
         bits = torch.bitwise_and(x.contiguous().view(torch.int16), 0x7F80)
-        bits = (bits - ((p - 1) << 7)).clamp_min_(1 << 7)
+        bits = bits.sub_((p - 1) << 7).clamp_min_(1 << 7)
         return bits.view(torch.bfloat16).to(torch.float32).clamp_min_(2.0 ** (_MIN_NORMAL_EXPONENT[dtype] - p + 1))
     if dtype == torch.float64:
         xf, int_dtype, mantissa, exp_mask = x.to(torch.float64), torch.int64, 52, 0x7FF0000000000000
@@ -85,7 +85,7 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         xf, int_dtype, mantissa, exp_mask = x.to(torch.float32), torch.int32, 23, 0x7F800000
     # |x| in [2**e, 2**(e+1)) has spacing 2**(e - p + 1): subtract (p - 1) from the exponent field
     bits = torch.bitwise_and(xf.contiguous().view(int_dtype), exp_mask)
-    bits = (bits - ((p - 1) << mantissa)).clamp_min_(1 << mantissa)
+    bits = bits.sub_((p - 1) << mantissa).clamp_min_(1 << mantissa)  # in place: one temporary
     spacing = bits.view(xf.dtype)
     min_spacing = 2.0 ** (_MIN_NORMAL_EXPONENT[dtype] - p + 1)
     return spacing.clamp_min_(min_spacing)
