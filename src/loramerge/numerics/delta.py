@@ -146,13 +146,12 @@ def _delta_rows(
     factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
     start: int,
     stop: int,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows ``start:stop`` of ``Σ scale * left @ right`` (scales already folded into ``left``), into ``out`` if given."""
+    """Rows ``start:stop`` of ``Σ scale * left @ right`` (scales already folded into ``left``)."""
     total: torch.Tensor | None = None
     for left, right in factors:
         if total is None:
-            total = left[start:stop] @ right if out is None else torch.mm(left[start:stop], right, out=out)
+            total = left[start:stop] @ right
         else:
             total.addmm_(left[start:stop], right)
     assert total is not None
