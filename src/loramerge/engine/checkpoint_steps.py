@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from torch import nn
 
 from loramerge.engine.checkpoint_stream import _Expectations, _fixed_check, _probe_check
 from loramerge.errors import NonFiniteMergeError
@@ -28,6 +29,7 @@ from loramerge.numerics.delta import LoraUpdate, merge_tensor_, unmerge_tensor_
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.numerics.update_checks import check_updates
 from loramerge.plan.checkpoint_plan import AdapterMapping, _updates_for
+from loramerge.plan.peft_plans import peft_merged_weight
 from loramerge.plan.quant_spec import QuantSpec, quantizable, simulate
 from loramerge.proof.layer_checks import MAX_PROBE_OUTPUTS, LayerProbe
 from loramerge.proof.reports import LayerCheck
@@ -53,6 +55,8 @@ class MergeStep:
         receipt: Filled with what restores each changed tensor bit for bit (``None``: no receipt).
         norms: DoRA weight norms by module name, filled while merging.
         gaps: Per QLoRA layer, how far the simulated and the 16-bit base are apart, relative to ΔW.
+        peft_layers: PEFT's own LoRA layer (from its injection into the weightless model) for each
+            stored weight of a module only PEFT merges (``mapping.variants``).
     """
 
     mapping: AdapterMapping
@@ -65,6 +69,7 @@ class MergeStep:
     expect: _Expectations = field(default_factory=_Expectations)
     norms: dict[str, torch.Tensor] = field(default_factory=dict)
     gaps: dict[str, float] = field(default_factory=dict)
+    peft_layers: Mapping[str, nn.Module] = field(default_factory=dict)
 
     def passthrough(self, tensors: Mapping[str, TensorInfo]) -> set[str]:
         """The stored tensors this step never needs to see: the writer copies their bytes."""
@@ -83,6 +88,8 @@ class MergeStep:
         quantized = self.spec is not None and quantizable(name, tuple(tensor.shape)) and tensor.is_floating_point()
         if name in self.mapping.modules:
             return self._adapted(name, tensor, quantized)
+        if name in self.mapping.variants:
+            return self._through_peft(name, tensor)
         if name in self.mapping.biases:
             return self._bias(name, tensor)
         if name in self.mapping.replaced:
@@ -130,6 +137,21 @@ class MergeStep:
         if self.receipt is not None and original is not None:
             self._receipt_entry(name, mod.name, original, work, up)
         return work
+
+    def _through_peft(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A module only PEFT merges: PEFT's own layer, holding this base weight widened, merges it;
+        rounded once. No own check is left: PEFT's layer in adapter mode judges every such layer."""
+        module = self.mapping.variants[name]
+        work = self._out(tensor)
+        merged = peft_merged_weight(self.peft_layers[name], work, module)
+        if not bool(torch.isfinite(merged).all()):
+            raise NonFiniteMergeError(
+                f"merging {module} would produce non-finite weights or overflow (PEFT's own merge of this layer); "
+                "nothing was written. Check the adapter for NaN/Inf, or merge into a wider dtype."
+            )
+        if self.receipt is not None:  # not undone from the adapter: the receipt keeps the base tensor
+            self.receipt.originals[name] = work.clone()
+        return merged
 
     def _qlora_source(self, tensor: torch.Tensor, quantized_linear: bool) -> tuple[torch.Tensor | None, float | None]:
         """The simulated QLoRA weight to merge into (``None``: the stored one) and its distance from the stored one."""
@@ -194,7 +216,7 @@ class UnmergeStep:
         if name in self.mapping.token_rows:  # the original rows
             ids, _ = self.mapping.token_rows[name]
             return tensor.index_copy(0, ids, self.originals[key].to(tensor.dtype).index_select(0, ids))
-        assert name in self.mapping.replaced  # every other tensor is copied through
+        assert name in self.mapping.replaced or name in self.mapping.variants  # every other one is copied through
         return self.originals[key].to(tensor.dtype)
 
     def _adapted(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -65,12 +65,15 @@ def _check_exact(
         ]
         + [n for n in adapter.token_rows if n not in originals]  # trainable tokens: the replaced rows
     )
+    missing_variants = sorted(m for m in adapter.variant_modules if f"{m}.weight" not in originals)
     lines = []
     if missing_norms:
         lines.append(
             f"DoRA modules {missing_norms}: the merged weight is m * (W + ΔW) / ‖W + ΔW‖ and the norms ‖W + ΔW‖ cannot "
             "be recovered from the merged weight and the adapter. Pass dora_norms= (MergeResult.dora_norms from the merge)."
         )
+    if missing_variants:
+        lines.append(variants_not_undone(adapter, missing_variants))
     if missing_originals:
         lines.append(
             f"tensors {missing_originals} were replaced by the adapter (modules_to_save, trained biases, trainable-token "
@@ -84,6 +87,17 @@ def _check_exact(
     )
     if bad_shapes:
         raise AdapterMismatchError(f"originals= has wrong shapes for {bad_shapes}")
+
+
+def variants_not_undone(adapter: Adapter, modules: list[str]) -> str:
+    """Why the weights of variant modules cannot be unmerged from the adapter, and what to pass instead."""
+    kinds = ", ".join(sorted({adapter.variant_modules[m] for m in modules}))
+    return (
+        f"modules {modules} ({kinds}) were merged by PEFT's own layer; their base weights cannot be recovered from the "
+        "merged weights and the adapter (KaSA drops part of the base weight's spectrum, DoRA on embeddings and "
+        "convolutions needs norms loramerge does not record). Pass originals={'<module>.weight': tensor} (read from "
+        "the base checkpoint), or merge with receipt=True (--receipt), which keeps them."
+    )
 
 
 @dataclass

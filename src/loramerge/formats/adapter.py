@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from loramerge.errors import AdapterConfigError, AdapterNotFoundError, UnsafeFormatError, UnsupportedAdapterError
+from loramerge.errors import AdapterConfigError, AdapterNotFoundError, UnsafeFormatError
 from loramerge.formats.adapter_tensors import (
     sort_tensors,
     split_parameter_factors,
@@ -32,7 +32,7 @@ from loramerge.numerics.delta import Kind, LoraUpdate
 
 __all__ = ["Adapter", "AdapterModule", "load_adapter"]
 
-from loramerge.formats.adapter_config import _validate_config, pattern_value
+from loramerge.formats.adapter_config import PEFT_MERGED_VARIANTS, _validate_config, pattern_value
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,11 @@ class Adapter:
             (``model.layers.0.mlp.experts``, or ``...experts.base_layer`` for a wrapper nested in
             another). Which parameter each adapts, and its scale, is decided when it is planned
             against a model, by PEFT's own injection (wrappers nest in PEFT's order).
+        variant_modules: Modules whose LoRA layer holds more than A, B and a scale, by module path,
+            with the variant's name (``"KaSA"``, ``"BD-LoRA"``, ``"DoRA on an embedding"``,
+            ``"DoRA on a convolution"``). They are not in :attr:`modules`: loramerge's own delta
+            math does not model them, so every merge sends them through PEFT's own layer, and an
+            unmerge needs a receipt.
     """
 
     path: Path | None
@@ -120,11 +125,12 @@ class Adapter:
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
     token_rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     parameter_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    variant_modules: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def target_modules(self) -> tuple[str, ...]:
-        """Paths of the modules that get a low-rank update, sorted."""
-        return tuple(self.modules)
+        """Paths of the modules that get a low-rank update (variant modules included), sorted."""
+        return tuple(sorted({*self.modules, *self.variant_modules}))
 
     @property
     def base_model_name_or_path(self) -> str | None:
@@ -158,13 +164,15 @@ class Adapter:
             lines.append(
                 f"{m.name:<60} {m.kind:<9} {m.rank:>4} {m.alpha:>7g} {m.scale:>8.4g} {'yes' if m.use_dora else '':>4}"
             )
+        for name, variant in self.variant_modules.items():
+            lines.append(f"{name:<60} {variant}, merged by PEFT's own layer")
         for name, (a, b) in self.parameter_factors.items():
             lines.append(f"{name:<60} target_parameters wrapper, lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}")
         for name, kind in self.replaced_kinds.items():
             lines.append(f"{name:<60} replaces the base tensor ({kind}, shape {tuple(self.replaced[name].shape)})")
         total = self.num_parameters()
         lines.append(
-            f"{len(self.modules)} adapted modules, "
+            f"{len(self.modules) + len(self.variant_modules)} adapted modules, "
             + (f"{len(self.parameter_factors)} target_parameters wrappers, " if self.parameter_factors else "")
             + f"{len(self.replaced)} replaced tensors, {total:,} parameters"
         )
@@ -179,14 +187,20 @@ def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     problems = found.problems
     parameter_factors = split_parameter_factors(found.parts, list(config.get("target_parameters") or []), problems)
     modules: dict[str, AdapterModule] = {}
+    variants: dict[str, str] = {}
+    whole = next((name for key, name in PEFT_MERGED_VARIANTS.items() if config.get(key)), None)
     for module_name, p in sorted(found.parts.items()):
+        variant = _layer_variant(module_name, p, whole, problems)
+        if variant is not None:
+            variants[module_name] = variant
+            continue
         module = _module(module_name, p, config, where, problems)
         if module is not None:
             modules[module_name] = module
-    rows = token_rows(config.get("trainable_token_indices"), found.tokens, set(modules), problems)
+    rows = token_rows(config.get("trainable_token_indices"), found.tokens, {*modules, *variants}, problems)
     if problems:
         raise AdapterConfigError(f"{where}: the adapter's tensors are inconsistent:\n  - " + "\n  - ".join(problems))
-    if not modules and not found.replaced and not rows and not parameter_factors:
+    if not modules and not variants and not found.replaced and not rows and not parameter_factors:
         raise AdapterConfigError(f"{where}: the adapter contains no LoRA tensors.")
     return Adapter(
         path=path,
@@ -197,7 +211,32 @@ def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         tensors=MappingProxyType(dict(tensors)),
         token_rows=MappingProxyType(rows),
         parameter_factors=MappingProxyType(parameter_factors),
+        variant_modules=MappingProxyType(variants),
     )
+
+
+def _layer_variant(
+    module_name: str, p: Mapping[str, torch.Tensor], whole: str | None, problems: list[str]
+) -> str | None:
+    """The variant of one module that only PEFT's own layer merges: ``whole`` (the adapter's, for
+    every module), or DoRA on an embedding or a convolution (``None``: plain LoRA or DoRA on a
+    linear layer, which loramerge's own math merges)."""
+    if "lora_diag" in p and whole != "KaSA":
+        problems.append(f"{module_name}: has KaSA's lora_diag but the config sets no kasa_config")
+        return None
+    embedding = "lora_embedding_A" in p or "lora_embedding_B" in p
+    if whole is not None:
+        variant = whole
+    elif "lora_magnitude_vector" in p and embedding:
+        variant = "DoRA on an embedding"
+    elif "lora_magnitude_vector" in p and "lora_A" in p and p["lora_A"].dim() > 2:
+        variant = "DoRA on a convolution"
+    else:
+        return None
+    pair = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    if not all(k in p for k in pair):
+        problems.append(f"{module_name}: has {sorted(p)} but needs both the A and the B matrix")
+    return variant
 
 
 def _module(
@@ -229,10 +268,6 @@ def _module(
     alpha = float(pattern_value(dict(config.get("alpha_pattern") or {}), module_name, float(config["lora_alpha"])))
     scale = alpha / math.sqrt(rank) if bool(config.get("use_rslora", False)) else alpha / rank
     magnitude = p.get("lora_magnitude_vector")
-    if magnitude is not None and kind not in ("linear", "conv1d"):
-        raise UnsupportedAdapterError(
-            f"{where}: DoRA on {kind} layers ({module_name}) is not supported yet; DoRA on linear layers is."
-        )
     update = LoraUpdate(kind, a, b, scale, magnitude=magnitude, bias=p.get("lora_B_bias"))  # type: ignore[arg-type]
     return AdapterModule(module_name, kind, rank, alpha, scale, update)  # type: ignore[arg-type]
 

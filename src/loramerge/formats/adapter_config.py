@@ -21,9 +21,7 @@ _UNSUPPORTED_SETTINGS: dict[str, str] = {
     "layer_replication": "layer replication duplicates base layers; PEFT cannot merge it either",
     "use_qalora": "QA-LoRA pools inputs and cannot be expressed as a weight delta here",
     "alora_invocation_tokens": "activated LoRA (aLoRA) applies only after invocation tokens; it has no weight delta",
-    "use_bdlora": "block-diagonal LoRA is not supported yet",
     "arrow_config": "Arrow routing mixes adapters per token",
-    "kasa_config": "KaSA is not supported yet",
 }
 
 
@@ -65,17 +63,15 @@ def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -
     return default
 
 
-# Variants whose layer PEFT itself merges: with ``layer_variants=True`` (a live PeftModel), loramerge
-# merges them through PEFT's own layer and proves the result against that layer.
-_PEFT_MERGED_VARIANTS = ("use_bdlora", "kasa_config")
+# Variants whose layer holds more than A, B and a scale: loramerge merges every module of such an
+# adapter through PEFT's own layer (built with its base weight widened, rounded once) and proves the
+# result against that layer in adapter mode.
+PEFT_MERGED_VARIANTS = {"use_bdlora": "BD-LoRA", "kasa_config": "KaSA"}
 
 
-def check_mergeable_settings(raw: Mapping[str, Any], where: str, *, layer_variants: bool = False) -> None:
+def check_mergeable_settings(raw: Mapping[str, Any], where: str) -> None:
     """Raise :class:`~loramerge.UnsupportedAdapterError` when an adapter config (a dict, as in
-    ``adapter_config.json``) uses a PEFT feature or LoRA variant loramerge does not merge.
-
-    ``layer_variants=True``: the variants PEFT's own layer merges are allowed (an in-memory merge
-    has those layers)."""
+    ``adapter_config.json``) uses a PEFT feature or LoRA variant loramerge does not merge."""
     peft_type = raw.get("peft_type", "LORA")
     peft_type = getattr(peft_type, "value", peft_type)
     if str(peft_type).upper() != "LORA":
@@ -84,8 +80,6 @@ def check_mergeable_settings(raw: Mapping[str, Any], where: str, *, layer_varian
         )
     for key, why in _UNSUPPORTED_SETTINGS.items():
         value = raw.get(key)
-        if layer_variants and key in _PEFT_MERGED_VARIANTS:
-            continue
         if value:  # None, False and empty containers mean "not used"
             raise UnsupportedAdapterError(
                 f"{where}: {key}={value!r} is set: {why}. Nothing was changed. Merge it with PEFT's "

@@ -24,7 +24,7 @@ TRAINING_STATE = re.compile(r"\.(lora_velora_embed|lora_monteclora_sampler\.[A-Z
 
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|"
-    r"lora_magnitude_vector(?:\.weight)?)$"
+    r"lora_magnitude_vector(?:\.weight)?|lora_diag)$"
 )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 from loramerge.errors import LoraMergeError
+from loramerge.formats.adapter_config import pattern_value
+from loramerge.formats.adapter_tensors import PEFT_PREFIX
 from loramerge.formats.io import read_json_object
 from loramerge.numerics.delta import LoraUpdate
 
@@ -63,10 +66,29 @@ def fingerprint_of(adapter: Any) -> str:
         name: [LoraUpdate(m.kind, m.update.lora_A, m.update.lora_B, m.scale, m.update.magnitude, m.update.bias)]
         for name, m in adapter.modules.items()
     }
+    for name in getattr(adapter, "variant_modules", {}):  # merged by PEFT's layer: its factors, as PEFT holds them
+        updates[name] = [_variant_update(adapter, name)]
     scale = float(adapter.config.get("lora_alpha", 1)) / float(adapter.config.get("r", 1))
     for name, (a, b) in getattr(adapter, "parameter_factors", {}).items():  # target_parameters wrappers
         updates[name] = [LoraUpdate("linear", a, b, scale)]
     return adapter_fingerprint(updates)
+
+
+def _variant_update(adapter: Any, name: str) -> LoraUpdate:
+    """A variant module's factors, scale, magnitude and LoRA bias, as an attached PEFT layer has them
+    (so that the fingerprint of a file and of a live model agree; KaSA's diagonal is not included)."""
+    own = f"{name}."
+    keys = {k.removeprefix(PEFT_PREFIX): v for k, v in adapter.tensors.items()}
+    t = {k.removeprefix(own): v for k, v in keys.items() if k.startswith(own)}
+    a = t.get("lora_A.weight", t.get("lora_embedding_A"))
+    b = t.get("lora_B.weight", t.get("lora_embedding_B"))
+    config = adapter.config
+    rank = float(pattern_value(dict(config.get("rank_pattern") or {}), name, config["r"]))
+    alpha = float(pattern_value(dict(config.get("alpha_pattern") or {}), name, config["lora_alpha"]))
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    magnitude = t.get("lora_magnitude_vector", t.get("lora_magnitude_vector.weight"))
+    assert a is not None and b is not None  # load_adapter checked both are there
+    return LoraUpdate("linear", a, b, scale, magnitude, t.get("lora_B.bias"))
 
 
 def write_record(root: Path, rounds: list[dict[str, Any]], report: Any = None) -> None:

@@ -49,6 +49,7 @@ from loramerge.formats.shard_writer import copy_side_files
 from loramerge.formats.shards import CheckpointReader
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.plan.checkpoint_plan import AdapterMapping, _read_config, _untie_plan, map_adapter
+from loramerge.plan.injection import variant_layers
 from loramerge.plan.quant_spec import QuantSpec, bnb_config, checkpoint_quantization
 from loramerge.proof.reports import VerificationReport
 from loramerge.proof.results import CheckpointMergeReport
@@ -162,6 +163,7 @@ def merge_checkpoint(
     _alias_untied(base_dir, reader, mapping)
     tol = tolerance or Tolerance()
     step = MergeStep(mapping, target, bool(verify), tol, spec, qlora_base, Receipt(fingerprint) if receipt else None)
+    step.peft_layers = variant_layers(base_dir, loaded, mapping.variants)
 
     simulated = spec if qlora_base == "simulated" else None
     model_check = functools.partial(_model_check, base_dir, loaded, mapping, target, verify, tol, simulated)
@@ -261,7 +263,7 @@ def _prequantized(base_dir: Path, qlora_base: str | None) -> bool:
 
 def _alias_untied(base_dir: Path, reader: CheckpointReader, mapping: AdapterMapping) -> None:
     """Tensors the output stores on their own although the base ties them: read them from their source."""
-    untie = _untie_plan(base_dir, reader, set(mapping.modules) | set(mapping.replaced))
+    untie = _untie_plan(base_dir, reader, set(mapping.modules) | set(mapping.replaced) | set(mapping.variants))
     if mapping.tied_copies:
         warnings.warn(
             f"the adapter replaces {sorted(mapping.tied_copies)}, which the checkpoint ties to "

@@ -14,6 +14,7 @@ import torch
 
 from loramerge.engine.checkpoint_steps import UnmergeStep, find_original
 from loramerge.engine.checkpoint_stream import _publish
+from loramerge.engine.inmemory_unmerge import variants_not_undone
 from loramerge.errors import (
     UnmergeImpossibleError,
 )
@@ -159,7 +160,8 @@ def _receipt(
 def _check_unmergeable(
     adapter: Adapter, mapping: AdapterMapping, norms: Mapping[str, torch.Tensor], originals: Mapping[str, torch.Tensor]
 ) -> None:
-    """Refuse, before writing anything, an unmerge that cannot be exact: DoRA norms or replaced originals missing."""
+    """Refuse, before writing anything, an unmerge that cannot be exact: DoRA norms, replaced originals
+    or the base weights of variant modules missing."""
     missing_norms = sorted(mod.name for mod, _ in mapping.modules.values() if mod.use_dora and mod.name not in norms)
     missing_originals = sorted(
         [
@@ -169,7 +171,8 @@ def _check_unmergeable(
         ]
         + [n for n in mapping.token_rows if find_original(originals, n) is None]
     )
-    if not missing_norms and not missing_originals:
+    missing_variants = sorted(m for t, m in mapping.variants.items() if find_original(originals, t) is None)
+    if not missing_norms and not missing_originals and not missing_variants:
         return
     raise UnmergeImpossibleError(
         "cannot unmerge exactly; nothing was written:\n"
@@ -181,4 +184,5 @@ def _check_unmergeable(
             if missing_originals
             else ""
         )
+        + (f"  - {variants_not_undone(adapter, missing_variants)}\n" if missing_variants else "")
     )

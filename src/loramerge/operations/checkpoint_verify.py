@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -68,7 +70,9 @@ def verify_checkpoint(
     mapping = map_adapter(base_reader, loaded)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LoraMergeWarning)
-        untie = _untie_plan(Path(base), base_reader, set(mapping.modules) | set(mapping.replaced))
+        untie = _untie_plan(
+            Path(base), base_reader, set(mapping.modules) | set(mapping.replaced) | set(mapping.variants)
+        )
     for name, source in {**untie, **mapping.tied_copies}.items():
         if name in merged_reader.tensors:
             base_reader.add_alias(name, source)
@@ -85,7 +89,7 @@ def verify_checkpoint(
     checked = 0
     for name in base_reader.names:
         bar.update(1)
-        if name not in merged_reader.tensors:
+        if name not in merged_reader.tensors or name in mapping.variants:  # variants: PEFT's layers judge them
             continue
         got = merged_reader.get(name)
         original = base_reader.get(name)
@@ -187,9 +191,16 @@ def _judged(
     """``report`` (loramerge's own checks of a merged checkpoint) joined with the judgement of PEFT's
     own layers (:mod:`loramerge.proof.oracle`): a layer PEFT's adapter mode disagrees with fails, and a
     tensor loramerge's mapping changed that adapter mode leaves alone must equal the base's."""
-    plan = {mod.name: (kind, mod.scale, mod.rank, mod.use_dora) for mod, kind in mapping.modules.values()}
+    plan: dict[str, Any] = {
+        mod.name: (kind, mod.scale, mod.rank, mod.use_dora) for mod, kind in mapping.modules.values()
+    }
+    plan.update({module: ("merged by PEFT's layer", module) for module in mapping.variants.values()})  # every one
     judged = judge_by_peft(base, merged, adapter, report.tolerance, dtype, seed, list(report.layers), every_layer, plan)
     wrong = list(judged.unexpected)
+    judged_names = {c.name for c in judged.layers}
+    for module in sorted(set(mapping.variants.values()) - judged_names):  # no other check covers them
+        reason = "merged by PEFT's own layer, and PEFT's layer could not be built to judge it"
+        judged.layers.append(LayerCheck(module, "linear", "", 0.0, math.inf, math.inf, 0.0, 0.0, 0.0, False, reason))
     base_reader, merged_reader = CheckpointReader(base), CheckpointReader(merged)
     for name in sorted(mapping.changed):
         if judged.leaves_alone(name) and name in merged_reader.tensors and name in base_reader.tensors:

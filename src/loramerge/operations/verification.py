@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -35,6 +36,7 @@ from loramerge.proof.layer_checks import (
     LayerProbe,
     loses_precision,
     oracle_check,
+    oracle_only_check,
     peft_layer_output,
     weight_space_check,
 )
@@ -177,11 +179,15 @@ def _layer_checks(
         out = probe.outputs(merged_w.detach(), merged_b.detach() if merged_b is not None else None)
         layers.append(probe.check(out, tol, rel, max_ulp, reason, probe.storage(merged_w)))
         judged.append((probe, out))
-    if not quantized and judged:  # PEFT's own layers, attached to the base as adapter mode runs them
+    variants = _variant_probes(base, adapter, merged_params, base_params, seed, touched)
+    if not quantized and (judged or variants):  # PEFT's own layers, attached to the base as adapter mode runs them
         with adapter_mode(base, [adapter]) as peft_model:
             inner = cast(nn.Module, cast(Any, peft_model).base_model.model)
             oracles = [peft_layer_output(inner.get_submodule(p.name), p) for p, _ in judged]
+            variant_oracles = [peft_layer_output(inner.get_submodule(p.name), p) for p, _, _ in variants]
         layers = [oracle_check(c, out, o) for c, (_, out), o in zip(layers, judged, oracles, strict=True)]
+        for (probe, out, storage), oracle in zip(variants, variant_oracles, strict=True):
+            layers.append(_variant_check(probe, out, oracle, tol, storage))
     if adapter.parameter_factors:  # target_parameters: judged by PEFT's own wrapper on the base
         from loramerge.proof.param_checks import attached_checks
 
@@ -189,6 +195,44 @@ def _layer_checks(
         layers += experts
         touched.update(c.name for c in experts)
     return layers, touched
+
+
+def _variant_probes(
+    base: nn.Module,
+    adapter: Adapter,
+    merged_params: Mapping[str, torch.Tensor],
+    base_params: Mapping[str, torch.Tensor],
+    seed: int,
+    touched: set[str],
+) -> list[tuple[LayerProbe, torch.Tensor, float]]:
+    """Probes of the modules only PEFT's own layer merges, with the merged layer's outputs on them:
+    such a layer is judged against PEFT's layer in adapter mode alone (no own math models it)."""
+    from loramerge.plan.peft_glue import layer_kind
+
+    found = []
+    for name in adapter.variant_modules:
+        kind = layer_kind(base.get_submodule(name))
+        assert kind is not None  # check_compatible refused the others
+        bias = base_params.get(f"{name}.bias")
+        merged_w, merged_b = merged_params[f"{name}.weight"].detach(), merged_params.get(f"{name}.bias")
+        probe = LayerProbe(name, kind, base_params[f"{name}.weight"].detach(), _detached(bias), [], seed)
+        found.append((probe, probe.outputs(merged_w, _detached(merged_b)), probe.storage(merged_w)))
+        touched.add(f"{name}.weight")
+    return found
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _variant_check(
+    probe: LayerProbe, out: torch.Tensor, oracle: torch.Tensor | None, tol: Tolerance, storage: float
+) -> LayerCheck:
+    if oracle is not None:
+        return oracle_only_check(probe, out, oracle, tol, storage)
+    reason = "merged by PEFT's own layer, which cannot be run on probes here to judge it"
+    dtype = str(probe.dtype).replace("torch.", "")
+    return LayerCheck(probe.name, probe.kind, dtype, 0.0, math.inf, math.inf, 0.0, 0.0, 0.0, False, reason)
 
 
 def _unchanged(

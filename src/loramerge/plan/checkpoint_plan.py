@@ -69,11 +69,13 @@ class AdapterMapping:
     # a replaced tensor the checkpoint does not store because it is tied to one it does: written as
     # its own tensor (the output unties it), name -> the stored tensor it was tied to
     tied_copies: dict[str, str] = field(default_factory=dict)
+    # weight tensor name -> module name, for modules only PEFT's own layer merges (Adapter.variant_modules)
+    variants: dict[str, str] = field(default_factory=dict)
 
     @property
     def changed(self) -> set[str]:
         """Every tensor name the adapter changes."""
-        return set(self.modules) | set(self.biases) | set(self.replaced) | set(self.token_rows)
+        return set(self.modules) | set(self.biases) | set(self.replaced) | set(self.token_rows) | set(self.variants)
 
 
 def _weight_layout(
@@ -113,6 +115,7 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
     modules, biases = _map_modules(stored, adapter, problems)
     replaced, tied_copies = _map_replaced(stored, adapter, problems)
     token_rows = _map_token_rows(stored, adapter, problems)
+    variants = _map_variants(stored, adapter, problems)
     if adapter.parameter_factors:  # target_parameters: each stored piece of each expert gets its own update
         experts, why = expert_tensors(reader, adapter)
         modules.update(experts)
@@ -124,7 +127,7 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
             f"the adapter {str(adapter.path or '<in memory>')!r} does not fit the checkpoint {str(reader.root)!r}, "
             f"{len(problems)} problem(s):\n{lines}\nUse the base checkpoint the adapter was trained on."
         )
-    return AdapterMapping(modules, biases, replaced, token_rows, tied_copies)
+    return AdapterMapping(modules, biases, replaced, token_rows, tied_copies, variants)
 
 
 class _Stored:
@@ -177,6 +180,22 @@ def _map_modules(
             biases[bias] = mod
         modules[tensor] = (mod, kind)
     return modules, biases
+
+
+def _map_variants(stored: _Stored, adapter: Adapter, problems: list[tuple[str, str]]) -> dict[str, str]:
+    """The stored weight of each module only PEFT's own layer merges (PEFT checks its factors' shapes
+    when it loads them into the layer the config builds)."""
+    variants: dict[str, str] = {}
+    prefix = "base_model.model."
+    for module_name, variant in adapter.variant_modules.items():
+        tensor = stored.resolve(f"{module_name}.weight")
+        if tensor is None:
+            problems.append((module_name, "no tensor named like this in the checkpoint"))
+        elif f"{prefix}{module_name}.lora_B.bias" in adapter.tensors:
+            problems.append((module_name, f"a LoRA bias on a {variant} module is merged in memory only"))
+        else:
+            variants[tensor] = module_name
+    return variants
 
 
 def _map_replaced(

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from loramerge.errors import AdapterMismatchError, UnsupportedAdapterError
 from loramerge.formats.adapter import Adapter
 from loramerge.formats.adapter_tensors import TRAINING_STATE
 from loramerge.plan.skeleton import meta_model, tied_names
 
-__all__ = ["ADAPTER", "AdapterMode", "adapter_mode"]
+__all__ = ["ADAPTER", "AdapterMode", "adapter_mode", "variant_layers"]
 
 ADAPTER = "default"  # the adapter name PEFT's injected layers use
 
@@ -94,6 +96,10 @@ def adapter_mode(root: Path, adapter: Adapter) -> AdapterMode | str:
             layers = {n: cast(nn.Module, m) for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
             tensors = {k: v.clone() for k, v in adapter.tensors.items() if not TRAINING_STATE.search(k)}
             result = set_peft_model_state_dict(peft_model, tensors, adapter_name=ADAPTER, low_cpu_mem_usage=True)
+            # Loading next to a 16-bit placeholder rounds the factors to its dtype; from_pretrained keeps
+            # them in fp32 (autocast_adapter_dtype): upcast as it does and load the file's values again.
+            cast(Any, peft_model.base_model)._cast_adapter_dtype(adapter_name=ADAPTER, autocast_adapter_dtype=True)
+            set_peft_model_state_dict(peft_model, tensors, adapter_name=ADAPTER)
     except Exception as e:  # PEFT's own refusal: the adapter does not fit what the config builds
         return f"PEFT cannot load the adapter into the model the config builds ({type(e).__name__}: {e})"
     unused = sorted(getattr(result, "unexpected_keys", []) or [])
@@ -112,3 +118,27 @@ def adapter_mode(root: Path, adapter: Adapter) -> AdapterMode | str:
         if key is not None and not p.is_meta and id(p) not in placeholders:
             saved[key] = p.detach()
     return AdapterMode(layers, tokens, saved, groups, prefix, placeholders, alive)
+
+
+def variant_layers(root: Path, adapter: Adapter, variants: Mapping[str, str]) -> dict[str, nn.Module]:
+    """PEFT's own layer for each stored weight of a module only PEFT merges (KaSA, BD-LoRA, DoRA on
+    embeddings and convolutions), by stored tensor name (``variants``: tensor name → module name),
+    from PEFT's injection into the model the checkpoint at ``root`` builds from ``config.json``."""
+    if not variants:
+        return {}
+    modules = sorted(set(variants.values()))
+    kinds = sorted({adapter.variant_modules[m] for m in modules})
+    mode = adapter_mode(root, adapter)
+    if isinstance(mode, str):
+        raise UnsupportedAdapterError(
+            f"{modules} ({', '.join(kinds)}) can only be merged through PEFT's own layer, which needs the model "
+            f"config.json builds, but {mode}. Nothing was written. Merge in memory (loramerge.merge on the loaded "
+            "model) instead."
+        )
+    missing = [m for m in modules if m not in mode.layers]
+    if missing:
+        raise AdapterMismatchError(
+            f"PEFT's injection into the model config.json builds made no LoRA layer for {missing}; nothing was "
+            "written. Use the base checkpoint the adapter was trained on."
+        )
+    return {tensor: mode.layers[module] for tensor, module in variants.items()}

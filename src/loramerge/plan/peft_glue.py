@@ -103,13 +103,19 @@ def check_compatible(model: nn.Module, adapter: Adapter) -> dict[str, Kind]:
         kind = _fitting_kind(name, mod, modules.get(name), problems)
         if kind is not None:
             kinds[name] = kind
+    for name, variant in adapter.variant_modules.items():  # PEFT checks their factors when it loads them
+        found = modules.get(name)
+        if found is None:
+            problems.append((name, "no such module in the model"))
+        elif layer_kind(found) is None:
+            problems.append((name, f"is a {type(base_layer_of(found)).__name__}, which {variant} cannot target"))
     _check_replaced(adapter, params, problems)
     if problems:
         problems.sort()
         lines = "\n".join(f"  - {name}: {why}" for name, why in problems)
         hint = ""
         missing = [p for p in problems if p[1] == "no such module in the model"]
-        if adapter.modules and len(missing) == len(adapter.modules):
+        if adapter.target_modules and len(missing) == len(adapter.target_modules):
             hint = (
                 f"\nNone of the adapter's modules exist in this model: the adapter was probably trained for another "
                 f"architecture (its config names base model {adapter.base_model_name_or_path!r})."
@@ -208,7 +214,7 @@ def _lora_config(adapter: Adapter, kinds: dict[str, Kind], *, trainable: bool) -
     raw = {k: v for k, v in adapter.config.items() if k in allowed}
     for key in ("layers_to_transform", "layers_pattern", "exclude_modules", "revision", "auto_mapping"):
         raw.pop(key, None)
-    raw["target_modules"] = sorted(adapter.modules)
+    raw["target_modules"] = list(adapter.target_modules)
     raw["init_lora_weights"] = True
     raw["inference_mode"] = not trainable
     raw["fan_in_fan_out"] = any(k == "conv1d" for k in kinds.values())
@@ -261,11 +267,22 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str = "default", trainab
     config = _lora_config(adapter, kinds, trainable=trainable)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="peft")
+        added = peft_model is None
         if peft_model is None:
             peft_model = cast(PeftModel, get_peft_model(model, config, adapter_name=name))
         else:
             peft_model.add_adapter(name, config)
-        result = set_peft_model_state_dict(peft_model, dict(adapter.tensors), adapter_name=name)
+        try:
+            result = set_peft_model_state_dict(peft_model, dict(adapter.tensors), adapter_name=name)
+        except RuntimeError as e:  # a variant's factors (checked by PEFT only) do not fit: take it off again
+            if added:
+                unwrap(peft_model)
+            else:
+                peft_model.delete_adapter(name)
+            raise AdapterMismatchError(
+                f"the adapter {str(adapter.path or '<in memory>')!r} does not fit the model: PEFT cannot load its "
+                f"tensors ({e}). Nothing was merged. Use the base model the adapter was trained on."
+            ) from e
     unexpected = sorted(k for k in getattr(result, "unexpected_keys", []) if name in k or "lora" in k)
     if unexpected:
         raise AdapterMismatchError(f"PEFT did not use these adapter tensors: {unexpected[:10]}")
@@ -316,13 +333,14 @@ def unwrap(peft_model: PeftModel, saved: dict[str, str] | None = None) -> nn.Mod
 def adapter_mode(model: nn.Module, adapters: Sequence[Adapter]) -> Iterator[nn.Module]:
     """Run ``model`` with ``adapters`` attached, then restore it exactly as it was.
 
-    Tensors the adapters replace (``modules_to_save``, trained biases, saved embedding bases) are
-    copied first and written back afterwards; training and ``requires_grad`` flags are restored too.
+    Tensors the adapters replace (``modules_to_save``, trained biases, saved embedding bases) and
+    the weights of variant modules (KaSA truncates its base weight when PEFT attaches it) are copied
+    first and written back afterwards; training and ``requires_grad`` flags are restored too.
     """
     flags = ModuleFlags.of([model])
     originals: dict[str, torch.Tensor] = {}
     for adapter in adapters:
-        for pname in adapter.replaced:
+        for pname in [*adapter.replaced, *(f"{m}.weight" for m in adapter.variant_modules)]:
             if pname not in originals:
                 originals[pname] = model.get_parameter(pname).detach().clone()
     current: nn.Module = model
