@@ -189,3 +189,14 @@ def test_kasa_factors_without_kasa_config_are_refused(tmp_path: Path) -> None:
     (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterConfigError, match="lora_diag but the config sets no kasa_config"):
         lm.load_adapter(adapter_dir)
+
+
+def test_the_cli_merges_and_inspects_a_variant_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from loramerge.cli.main import main
+
+    _, base_dir, adapter_dir, adapter = _setup("kasa", torch.bfloat16, tmp_path)
+    assert main(["inspect", str(adapter_dir), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["merged_by_peft"] == dict(adapter.variant_modules) and not shown["modules"]
+    assert main(["merge", str(base_dir), str(adapter_dir), "-o", str(tmp_path / "merged")]) == 0
+    assert "PASSED" in capsys.readouterr().out

@@ -142,6 +142,7 @@ def _inspect(args: argparse.Namespace) -> int:
             "replaced": {
                 n: {"kind": adapter.replaced_kinds[n], "shape": list(t.shape)} for n, t in adapter.replaced.items()
             },
+            "merged_by_peft": dict(adapter.variant_modules),
         }
         print(json.dumps(data, indent=2))
     else:
