@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import loramerge as lm
-import loramerge.engine.checkpoint_steps as steps
+import loramerge.engine.checkpoint_steps as steps  # where the step looks PEFT's merge up
 from conftest import save_adapter, tiny_llama, tiny_vit
 from loramerge.errors import AdapterConfigError, UnmergeImpossibleError, VerificationError
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from loramerge.engine.checkpoint_stream import _Expectations, _fixed_check, _probe_check
 from loramerge.errors import NonFiniteMergeError
+from loramerge.formats.adapter import Adapter
 from loramerge.formats.receipts import Receipt
 from loramerge.formats.receipts import apply as apply_receipt
 from loramerge.formats.receipts import encode as encode_receipt
@@ -29,17 +30,28 @@ from loramerge.numerics.delta import LoraUpdate, merge_tensor_, unmerge_tensor_
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.numerics.update_checks import check_updates
 from loramerge.plan.checkpoint_plan import AdapterMapping, _updates_for
-from loramerge.plan.peft_plans import peft_merged_weight
+from loramerge.plan.injection import peft_merged_weight
 from loramerge.plan.quant_spec import QuantSpec, quantizable, simulate
 from loramerge.proof.layer_checks import MAX_PROBE_OUTPUTS, LayerProbe
 from loramerge.proof.reports import LayerCheck
 
-__all__ = ["MergeStep", "UnmergeStep", "find_original"]
+__all__ = ["MergeStep", "UnmergeStep", "find_original", "variants_not_undone"]
 
 
 def find_original(originals: Mapping[str, torch.Tensor], name: str) -> str | None:
     """The key in ``originals`` that names the stored tensor ``name`` (with or without a head prefix)."""
     return next((k for k in originals if name == k or name.endswith("." + k) or k.endswith("." + name)), None)
+
+
+def variants_not_undone(adapter: Adapter, modules: list[str]) -> str:
+    """Why the weights of variant modules cannot be unmerged from the adapter, and what to pass instead."""
+    kinds = ", ".join(sorted({adapter.variant_modules[m] for m in modules}))
+    return (
+        f"modules {modules} ({kinds}) were merged by PEFT's own layer; their base weights cannot be recovered from the "
+        "merged weights and the adapter (KaSA drops part of the base weight's spectrum, DoRA on embeddings and "
+        "convolutions needs norms loramerge does not record). Pass originals={'<module>.weight': tensor} (read from "
+        "the base checkpoint), or merge with receipt=True (--receipt), which keeps them."
+    )
 
 
 @dataclass

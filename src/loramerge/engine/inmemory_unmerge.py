@@ -22,6 +22,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from loramerge.engine.checkpoint_steps import variants_not_undone
 from loramerge.engine.inmemory_common import FileMappings, _raise_problems
 from loramerge.errors import AdapterMismatchError, InvalidArgumentError, UnmergeImpossibleError
 from loramerge.formats.adapter import Adapter
@@ -87,17 +88,6 @@ def _check_exact(
     )
     if bad_shapes:
         raise AdapterMismatchError(f"originals= has wrong shapes for {bad_shapes}")
-
-
-def variants_not_undone(adapter: Adapter, modules: list[str]) -> str:
-    """Why the weights of variant modules cannot be unmerged from the adapter, and what to pass instead."""
-    kinds = ", ".join(sorted({adapter.variant_modules[m] for m in modules}))
-    return (
-        f"modules {modules} ({kinds}) were merged by PEFT's own layer; their base weights cannot be recovered from the "
-        "merged weights and the adapter (KaSA drops part of the base weight's spectrum, DoRA on embeddings and "
-        "convolutions needs norms loramerge does not record). Pass originals={'<module>.weight': tensor} (read from "
-        "the base checkpoint), or merge with receipt=True (--receipt), which keeps them."
-    )
 
 
 @dataclass

@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 
-from loramerge.engine.checkpoint_steps import UnmergeStep, find_original
+from loramerge.engine.checkpoint_steps import UnmergeStep, find_original, variants_not_undone
 from loramerge.engine.checkpoint_stream import _publish
-from loramerge.engine.inmemory_unmerge import variants_not_undone
 from loramerge.errors import (
     UnmergeImpossibleError,
 )

@@ -9,6 +9,7 @@ targets from names or shapes. Nothing here does LoRA math.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ from loramerge.formats.adapter import Adapter
 from loramerge.formats.adapter_tensors import TRAINING_STATE
 from loramerge.plan.skeleton import meta_model, tied_names
 
-__all__ = ["ADAPTER", "AdapterMode", "adapter_mode", "variant_layers"]
+__all__ = ["ADAPTER", "AdapterMode", "adapter_mode", "peft_merged_weight", "variant_layers"]
 
 ADAPTER = "default"  # the adapter name PEFT's injected layers use
 
@@ -142,3 +143,36 @@ def variant_layers(root: Path, adapter: Adapter, variants: Mapping[str, str]) ->
             "written. Use the base checkpoint the adapter was trained on."
         )
     return {tensor: mode.layers[module] for tensor, module in variants.items()}
+
+
+def peft_merged_weight(layer: nn.Module, weight: torch.Tensor, name: str) -> torch.Tensor:
+    """The weight PEFT's own LoRA ``layer`` (from PEFT's injection into the weightless model, its base
+    weight a placeholder) merges its adapter into when its base weight is ``weight``: computed on a
+    copy widened to fp32 (fp64 for fp32 weights), rounded once to ``weight``'s dtype. The layer
+    itself is left as it was (a variant's pending work, such as KaSA's truncation, stays pending).
+
+    Raises:
+        UnsupportedAdapterError: PEFT itself cannot merge the layer (its reason is given).
+    """
+    wide = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    base = cast(nn.Module, cast(Any, layer).get_base_layer())
+    placeholder = base.weight
+    base.weight = nn.Parameter(weight, requires_grad=False)
+    try:
+        clone = copy.deepcopy(layer)
+    finally:
+        base.weight = placeholder
+    if isinstance(base, nn.Linear):  # run once in the stored dtype, on one row of zeros: what a variant
+        with torch.no_grad(), warnings.catch_warnings():  # defers to its first forward (KaSA truncating the
+            warnings.simplefilter("ignore")  # base weight) happens as on a model loaded in that dtype
+            clone(torch.zeros(1, base.in_features, dtype=weight.dtype))
+    clone.to(wide)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cast(Any, clone).merge(safe_merge=True)
+    except Exception as e:  # PEFT's own refusal or failure
+        raise UnsupportedAdapterError(
+            f"{name}: PEFT cannot merge this LoRA layer ({type(e).__name__}: {e}); nothing was written."
+        ) from e
+    return cast(torch.Tensor, cast(Any, clone).get_base_layer().weight).detach().to(weight.dtype)

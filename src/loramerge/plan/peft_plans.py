@@ -23,7 +23,7 @@ from loramerge.numerics.delta import Kind, LoraUpdate
 from loramerge.numerics.quantized import is_quantized_layer
 from loramerge.plan.peft_glue import _attention_refused, base_layer_of
 
-__all__ = ["LayerPlan", "TokenPlan", "collect_plans", "peft_merged_weight"]
+__all__ = ["LayerPlan", "TokenPlan", "collect_plans"]
 
 
 @dataclass
@@ -127,39 +127,6 @@ def peft_merged(
     merged = base_layer_of(clone)
     bias = cast(torch.Tensor | None, getattr(merged, "bias", None))
     return cast(torch.Tensor, merged.weight).detach().to(dtype), None if bias is None else bias.detach().to(dtype)
-
-
-def peft_merged_weight(layer: nn.Module, weight: torch.Tensor, name: str) -> torch.Tensor:
-    """The weight PEFT's own LoRA ``layer`` (from PEFT's injection into the weightless model, its base
-    weight a placeholder) merges its adapter into when its base weight is ``weight``: computed on a
-    copy widened to fp32 (fp64 for fp32 weights), rounded once to ``weight``'s dtype. The layer
-    itself is left as it was (a variant's pending work, such as KaSA's truncation, stays pending).
-
-    Raises:
-        UnsupportedAdapterError: PEFT itself cannot merge the layer (its reason is given).
-    """
-    wide = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    base = cast(nn.Module, cast(Any, layer).get_base_layer())
-    placeholder = base.weight
-    base.weight = nn.Parameter(weight, requires_grad=False)
-    try:
-        clone = copy.deepcopy(layer)
-    finally:
-        base.weight = placeholder
-    if isinstance(base, nn.Linear):  # run once in the stored dtype, on one row of zeros: what a variant
-        with torch.no_grad(), warnings.catch_warnings():  # defers to its first forward (KaSA truncating the
-            warnings.simplefilter("ignore")  # base weight) happens as on a model loaded in that dtype
-            clone(torch.zeros(1, base.in_features, dtype=weight.dtype))
-    clone.to(wide)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cast(Any, clone).merge(safe_merge=True)
-    except Exception as e:  # PEFT's own refusal or failure
-        raise UnsupportedAdapterError(
-            f"{name}: PEFT cannot merge this LoRA layer ({type(e).__name__}: {e}); nothing was written."
-        ) from e
-    return cast(torch.Tensor, base_layer_of(clone).weight).detach().to(weight.dtype)
 
 
 def collect_plans(
