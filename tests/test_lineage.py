@@ -216,6 +216,28 @@ def test_checkpoint_lineage_over_three_rounds(tmp_path: Path) -> None:
     assert _checkpoint(current) == _checkpoint(tmp_path / "m0")
 
 
+def test_a_merged_checkpoint_loaded_with_load_base_keeps_its_lineage(tmp_path: Path) -> None:
+    """merge_checkpoint records the lineage beside the weights, not in config.json: load_base puts it
+    on the model, so that an in-memory unmerge of an adapter that was not merged last is refused."""
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    base.save_pretrained(tmp_path / "m0")
+    adapters = [
+        save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_PROJ}, tmp_path / f"a{i}", seed=40 + i)
+        for i in range(2)
+    ]
+    lm.merge_checkpoint(tmp_path / "m0", adapters[0], tmp_path / "m1", progress=False)
+    lm.merge_checkpoint(tmp_path / "m1", adapters[1], tmp_path / "m2", progress=False)
+    assert "loramerge_lineage" not in json.loads((tmp_path / "m2/config.json").read_text())
+    model = lm.load_base(tmp_path / "m2")
+    assert [r["adapter"]["sha256"] for r in lm.lineage(model)] == [
+        r["adapter"]["sha256"] for r in lm.lineage(tmp_path / "m2")
+    ]
+    with pytest.raises(lm.LineageError, match="merged in round 1 of 2"):
+        lm.unmerge(model, lm.load_adapter(adapters[0]))
+    assert len(lm.lineage(lm.unmerge(model, lm.load_adapter(adapters[1])).model)) == 1
+
+
 def test_receipt_size_is_reported(tmp_path: Path) -> None:
     torch.manual_seed(0)
     base = tiny_llama().to(torch.bfloat16).eval()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loramerge.errors import AdapterNotFoundError, InvalidArgumentError, UnsafeFormatError
+from loramerge.errors import AdapterNotFoundError, InvalidArgumentError, LoraMergeWarning, UnsafeFormatError
 from loramerge.formats.hub_download import hub_path
 from loramerge.formats.io import read_json_object
 
@@ -122,5 +123,26 @@ def load_base(
     model: Any = cls.from_pretrained(str(root), dtype=torch_dtype if torch_dtype is not None else "auto", **kwargs)
     model = model.to(device)
     model.eval()
+    _carry_lineage(model, root)
     logger.info("loaded %s from %s (%s)", type(model).__name__, root, model.dtype)
     return model  # type: ignore[no-any-return]
+
+
+def _carry_lineage(model: Any, root: Path) -> None:
+    """A checkpoint written by ``merge_checkpoint`` keeps its lineage in ``loramerge.json`` and its
+    shards' metadata, not in ``config.json``: put it on the loaded model's config, so that
+    :func:`~loramerge.unmerge` checks that the adapter it removes is the last one merged. A record
+    that cannot be read is warned about and left out (loading does not depend on it)."""
+    from loramerge.formats.lineage_records import CONFIG_KEY, LineageError, lineage, set_model_lineage
+
+    if getattr(model.config, CONFIG_KEY, None) is not None:
+        return
+    try:
+        rounds = lineage(root)
+    except LineageError as e:
+        warnings.warn(
+            f"the lineage of {str(root)!r} is not carried onto the model: {e}", LoraMergeWarning, stacklevel=3
+        )
+        return
+    if rounds:
+        set_model_lineage(model, rounds)
