@@ -60,6 +60,50 @@ def test_a_square_weight_of_a_model_transformers_cannot_build_is_refused(tmp_pat
     assert not (tmp_path / "merged").exists()
 
 
+@pytest.mark.parametrize(
+    ("config", "free"),
+    [
+        ({"model_type": "llama"}, True),
+        ({"model_type": "qwen2"}, True),
+        ({"model_type": "gpt2"}, False),  # its modeling file builds Conv1D
+        ({"model_type": "decision_transformer"}, False),  # imports GPT-2's blocks: found transitively
+        ({"model_type": "llama", "auto_map": {"AutoModel": "x.Y"}}, False),  # custom code
+        ({"model_type": "llava", "text_config": {"model_type": "gpt2"}}, False),  # a sub-model with Conv1D
+        ({"model_type": "../../etc"}, False),  # a name from a file is not a path
+        ({"model_type": "no_such_model"}, False),
+        ({}, False),
+    ],
+)
+def test_conv1d_free_reads_transformers_modeling_code(tmp_path: Path, config: dict[str, object], free: bool) -> None:
+    from loramerge.plan.skeleton import conv1d_free
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert conv1d_free(tmp_path) is free
+
+
+def test_a_square_linear_layout_needs_no_modeling_import(tmp_path: Path) -> None:
+    """Llama's modeling code has no Conv1D: a checkpoint merge without verification decides its square
+    layouts without importing transformers' modeling machinery (2-3 s), and merges them right."""
+    import subprocess
+    import sys
+
+    from conftest import save_adapter, tiny_llama
+
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    base.save_pretrained(tmp_path / "base")
+
+    adapter = save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "o_proj"]}, tmp_path / "a")
+    script = (
+        "import sys, loramerge as lm; "
+        f"lm.merge_checkpoint({str(tmp_path / 'base')!r}, {str(adapter)!r}, {str(tmp_path / 'm')!r}, "
+        "progress=False, verify=False); print('transformers.modeling_utils' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert lm.verify_checkpoint(tmp_path / "base", adapter, tmp_path / "m", progress=False).passed
+
+
 def _bart() -> torch.nn.Module:
     return ARCHS["bart"][0]()
 

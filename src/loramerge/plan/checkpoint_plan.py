@@ -29,7 +29,7 @@ from loramerge.formats.shards import (
 from loramerge.numerics.delta import Kind, LoraUpdate
 from loramerge.plan.fused import fused_keys
 from loramerge.plan.param_targets import parameter_path, stored_updates
-from loramerge.plan.skeleton import kind_of, layer_kinds, renamed_keys, tied_groups
+from loramerge.plan.skeleton import conv1d_free, kind_of, layer_kinds, renamed_keys, tied_groups
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ def _weight_layout(
         return fits[0]
     if not fits:
         return mod.kind
+    if conv1d_free(root):  # transformers' code for this model has no Conv1D: every such layer is a Linear
+        return "linear"
     if not layers:
         layers.append(layer_kinds(root))
     known = layers[0]

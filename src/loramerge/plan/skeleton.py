@@ -10,7 +10,10 @@ target was a Linear, even if others are Conv1D). The layer class decides, as it 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,6 +22,7 @@ from torch import nn
 
 __all__ = [
     "checkpoint_keys",
+    "conv1d_free",
     "kind_of",
     "layer_kinds",
     "meta_model",
@@ -64,6 +68,62 @@ def meta_model(root: Path) -> nn.Module | str:
     except Exception as e:  # custom code, unknown architecture, a config transformers cannot read
         logger.info("transformers cannot build %s from its config (%s); layer types unknown", root, e)
         return f"transformers cannot build the model from {str(root / 'config.json')!r} ({type(e).__name__}: {e})"
+
+
+def conv1d_free(root: Path) -> bool:
+    """Whether the model ``root/config.json`` describes certainly has no GPT-2 style ``Conv1D`` layer,
+    decided from transformers' own modeling code for its ``model_type`` (and every sub-model's)
+    without importing it: no modeling file it uses, nor any modeling file those import, mentions
+    ``Conv1D``. Then every linear-like layer is an ``nn.Linear``, and the weightless model (2-3 s of
+    imports) need not be built to tell a square weight's layout. ``False`` whenever it is not
+    certain: custom code (``auto_map``), an unknown ``model_type``, a file that mentions ``Conv1D``."""
+    try:
+        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and _config_conv1d_free(config, 0)
+
+
+def _config_conv1d_free(config: dict[str, Any], depth: int) -> bool:
+    model_type = config.get("model_type")
+    if depth > 4 or config.get("auto_map") or not isinstance(model_type, str):
+        return False
+    if not re.fullmatch(r"[a-z0-9_\-]{1,64}", model_type) or not _modeling_conv1d_free(model_type.replace("-", "_")):
+        return False
+    subs = [v for k, v in config.items() if isinstance(v, dict) and (k.endswith("_config") or "model_type" in v)]
+    return all(_config_conv1d_free(sub, depth + 1) for sub in subs)
+
+
+@functools.lru_cache(maxsize=32)
+def _modeling_conv1d_free(package: str) -> bool:
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    models = Path(next(iter(spec.submodule_search_locations))) / "models"
+    path = models / package / f"modeling_{package}.py"
+    return path.is_file() and _source_conv1d_free(path, models, set())
+
+
+def _source_conv1d_free(path: Path, models: Path, seen: set[Path]) -> bool:
+    """No ``Conv1D`` in ``path`` nor in the modeling files under ``models`` it imports, transitively."""
+    if path in seen:
+        return True
+    seen.add(path)
+    text = path.read_text(encoding="utf-8")
+    if "Conv1D" in text:
+        return False
+    for dots, module, names in re.findall(r"^\s*from\s+(\.+)([\w.]*)\s+import\s+\(?([\w\s,]*)", text, re.M):
+        base = path.parent
+        for _ in range(len(dots) - 1):
+            base = base.parent
+        target = base.joinpath(*module.split(".")) if module else base
+        candidates = [target.with_suffix(".py"), target / "__init__.py"]
+        candidates += [target / f"{n.strip()}.py" for n in names.split(",") if n.strip()]
+        for candidate in candidates:
+            inside = candidate.resolve().is_relative_to(models.resolve())
+            if inside and candidate.is_file() and not _source_conv1d_free(candidate, models, seen):
+                return False
+    return True
 
 
 def tied_names(model: nn.Module) -> tuple[tuple[str, ...], ...]:
