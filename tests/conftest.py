@@ -223,6 +223,8 @@ def save_adapter(
                 if "lora_magnitude_vector" in name:
                     # a trained magnitude differs from the initial ‖W + ΔW‖
                     p.mul_(1 + 0.2 * torch.rand(p.shape, generator=gen).to(p.dtype))
+                elif "lora_" in name and not p.any():  # a factor some variant starts at zero whatever
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))  # init_lora_weights says (BD-LoRA's B)
                 if p.requires_grad and "lora_" not in name and any(s in name for s in perturb):
                     p.add_(0.1 * torch.randn(p.shape, generator=gen).to(p.dtype))
         peft_model.save_pretrained(out)

@@ -21,7 +21,7 @@ import pytest
 import torch
 import transformers as tf
 from peft import PeftModel
-from peft.tuners.lora import MontecloraConfig, VeloraConfig
+from peft.tuners.lora import BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig
 from safetensors.torch import load_file
 from torch import nn
 
@@ -126,7 +126,8 @@ MATRIX: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
         _no_dropout("bert"),
         {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]},
     ),
-    "vit-conv2d": (tiny_vit, {"target_modules": ["projection", "query", "value"]}),
+    "vit-conv2d": (tiny_vit, {"target_modules": ["projection", "q_proj", "v_proj"]}),
+    "vit-dora-conv2d": (tiny_vit, {"target_modules": ["projection", "q_proj"], "use_dora": True}),
     "llama-embedding-and-lm_head": (
         _decoder("LlamaForCausalLM", "LlamaConfig"),
         {"target_modules": ["embed_tokens", "q_proj", "lm_head"]},
@@ -138,6 +139,21 @@ MATRIX: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
     "llama-monteclora": (
         _decoder("LlamaForCausalLM", "LlamaConfig"),
         {"target_modules": ATTN, "monteclora_config": MontecloraConfig()},
+    ),
+    "llama-kasa": (
+        _decoder("LlamaForCausalLM", "LlamaConfig"),
+        {"target_modules": ["q_proj", "v_proj", "down_proj"], "kasa_config": KasaConfig()},
+    ),
+    "llama-bdlora": (
+        _decoder("LlamaForCausalLM", "LlamaConfig"),
+        {
+            "target_modules": ["q_proj", "o_proj"],
+            "use_bdlora": BdLoraConfig(target_modules_bd_a=["q_proj"], target_modules_bd_b=["o_proj"], nblocks=2),
+        },
+    ),
+    "llama-dora-embedding": (
+        _decoder("LlamaForCausalLM", "LlamaConfig"),
+        {"target_modules": ["embed_tokens", "q_proj"], "use_dora": True},
     ),
     "llama-mica": (_decoder("LlamaForCausalLM", "LlamaConfig"), {"target_modules": ATTN, "init_lora_weights": "mica"}),
     "llava-language-model": (
@@ -209,7 +225,10 @@ def test_matrix(case: str, dtype_name: str, tmp_path: Path) -> None:
 
     original = load_file(tmp_path / "base" / "model.safetensors")
     state = base.state_dict()  # the model's names (a checkpoint may store them otherwise, e.g. a VLM's)
-    replaced = {n: state[n] for n in lm.load_adapter(adapter).replaced}
+    loaded = lm.load_adapter(adapter)
+    replaced = {n: state[n] for n in loaded.replaced}
+    # a module only PEFT's layer merges is not undone from the adapter: its base weight is passed
+    replaced.update({f"{m}.weight": state[f"{m}.weight"] for m in loaded.variant_modules})
     restored = lm.unmerge_checkpoint(
         tmp_path / "merged",
         adapter,

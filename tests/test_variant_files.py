@@ -70,15 +70,6 @@ def _setup(variant: str, dtype: torch.dtype, tmp: Path) -> tuple[nn.Module, Path
     base_dir = tmp / "base"
     base.save_pretrained(base_dir)
     adapter_dir = save_adapter(base, {"r": 4, "lora_alpha": 8, **lora}, tmp / "adapter")
-    # a variant may start a factor at zero whatever init_lora_weights says (BD-LoRA's block-diagonal B):
-    # trained factors are not zero
-    file = adapter_dir / "adapter_model.safetensors"
-    tensors = load_file(file)
-    gen = torch.Generator().manual_seed(7)
-    for name, t in tensors.items():
-        if not t.any():
-            tensors[name] = (0.1 * torch.randn(t.shape, generator=gen)).to(t.dtype)
-    save_file(tensors, file, metadata={"format": "pt"})
     return base, base_dir, adapter_dir, lm.load_adapter(adapter_dir)
 
 
