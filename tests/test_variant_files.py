@@ -191,3 +191,17 @@ def test_the_cli_merges_and_inspects_a_variant_adapter(tmp_path: Path, capsys: p
     assert shown["merged_by_peft"] == dict(adapter.variant_modules) and not shown["modules"]
     assert main(["merge", str(base_dir), str(adapter_dir), "-o", str(tmp_path / "merged")]) == 0
     assert "PASSED" in capsys.readouterr().out
+
+
+def test_a_stored_weight_that_does_not_fit_the_config_is_refused(tmp_path: Path) -> None:
+    """The layer PEFT merges is built from config.json: a stored variant weight of another shape (a
+    checkpoint whose config and tensors disagree) is refused by name, and nothing is written."""
+    _, base_dir, adapter_dir, adapter = _setup("kasa", torch.float32, tmp_path)
+    module = sorted(adapter.variant_modules)[0]
+    shard = base_dir / "model.safetensors"
+    tensors = load_file(shard)
+    tensors[f"{module}.weight"] = tensors[f"{module}.weight"][:-1].contiguous()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(lm.AdapterMismatchError, match=rf"{module}\.weight has shape"):
+        lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", progress=False, verify=False)
+    assert not (tmp_path / "merged").exists()

@@ -14,13 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 
 from loramerge.engine.checkpoint_stream import _Expectations, _fixed_check, _probe_check
-from loramerge.errors import NonFiniteMergeError
+from loramerge.errors import AdapterMismatchError, NonFiniteMergeError
 from loramerge.formats.adapter import Adapter
 from loramerge.formats.receipts import Receipt
 from loramerge.formats.receipts import apply as apply_receipt
@@ -154,8 +154,15 @@ class MergeStep:
         """A module only PEFT merges: PEFT's own layer, holding this base weight widened, merges it;
         rounded once. No own check is left: PEFT's layer in adapter mode judges every such layer."""
         module = self.mapping.variants[name]
+        layer = self.peft_layers[name]
+        expected = tuple(cast(torch.Tensor, cast(Any, layer).get_base_layer().weight).shape)
+        if tuple(tensor.shape) != expected:
+            raise AdapterMismatchError(
+                f"{name} has shape {tuple(tensor.shape)}, but {module} in the model config.json builds holds "
+                f"{expected}; nothing was written. Use the base checkpoint the adapter was trained on."
+            )
         work = self._out(tensor)
-        merged = peft_merged_weight(self.peft_layers[name], work, module)
+        merged = peft_merged_weight(layer, work, module)
         if not bool(torch.isfinite(merged).all()):
             raise NonFiniteMergeError(
                 f"merging {module} would produce non-finite weights or overflow (PEFT's own merge of this layer); "
