@@ -46,11 +46,13 @@ def find_original(originals: Mapping[str, torch.Tensor], name: str) -> str | Non
 def variants_not_undone(adapter: Adapter, modules: list[str]) -> str:
     """Why the weights of variant modules cannot be unmerged from the adapter, and what to pass instead."""
     kinds = ", ".join(sorted({adapter.variant_modules[m] for m in modules}))
+    weights = sorted(w for m in modules for w in adapter.weight_names(m))
     return (
         f"modules {modules} ({kinds}) were merged by PEFT's own layer; their base weights cannot be recovered from the "
         "merged weights and the adapter (KaSA drops part of the base weight's spectrum, DoRA on embeddings and "
-        "convolutions needs norms loramerge does not record). Pass originals={'<module>.weight': tensor} (read from "
-        "the base checkpoint), or merge with receipt=True (--receipt), which keeps them."
+        "convolutions needs norms loramerge does not record, PEFT's attention layer adds its out_proj update twice). "
+        f"Pass originals= with {weights} (read from the base checkpoint), or merge a checkpoint with receipt=True "
+        "(--receipt), which keeps them."
     )
 
 

@@ -45,10 +45,19 @@ from loramerge.numerics.quantized import checked_dequantize, compute_dtype, keep
 from loramerge.numerics.requantize import dequantized_linear, forget_quantization
 from loramerge.numerics.tolerance import Tolerance, relative_errors
 from loramerge.numerics.update_checks import check_updates
+from loramerge.plan.attention import attention_kept
 from loramerge.plan.param_targets import ParamPlan, merge_param_, param_plans, param_problems
 from loramerge.plan.peft_glue import unwrap
-from loramerge.plan.peft_plans import LayerPlan, TokenPlan, collect_plans, peft_merged, untie_shared
+from loramerge.plan.peft_plans import (
+    LayerPlan,
+    TokenPlan,
+    collect_plans,
+    peft_merged,
+    peft_merged_attention,
+    untie_shared,
+)
 from loramerge.preserve import ModuleFlags
+from loramerge.proof.attention_checks import AttentionProbe
 from loramerge.proof.layer_checks import MAX_PROBE_OUTPUTS, LayerProbe, bias_of, loses_precision, peft_layer_output
 from loramerge.proof.model_runs import CheckOutputs, Probes, probe_batch, run_model
 from loramerge.proof.output_checks import ModelReference, output_check, reference_outputs, storage_baseline
@@ -81,6 +90,9 @@ class MergeRun:
     probes: list[LayerProbe] = field(default_factory=list)
     oracles: dict[str, torch.Tensor | None] = field(default_factory=dict)
     param_oracles: dict[str, ParamOracle] = field(default_factory=dict)
+    attention_plans: list[LayerPlan] = field(default_factory=list)
+    attention_probes: list[AttentionProbe] = field(default_factory=list)
+    attention_results: dict[str, torch.Tensor] = field(default_factory=dict)
     peft_results: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     base_errors: dict[str, float] = field(default_factory=dict)
     # gathered by reference()
@@ -118,7 +130,10 @@ class MergeRun:
                 f"DoRA on quantized layers is not supported yet: {dora_quantized}. Merge into the 16-bit base "
                 "(loramerge.merge_checkpoint with qlora_base='original' or 'simulated')."
             )
-        return cls(peft_model, flags, names, verify, tol, seed, qplan, plans, saved, tokens, params)
+        own = [p for p in plans if p.attention is None]
+        run = cls(peft_model, flags, names, verify, tol, seed, qplan, own, saved, tokens, params)
+        run.attention_plans = [p for p in plans if p.attention is not None]  # PEFT's attention layer merges them
+        return run
 
     @property
     def inner(self) -> nn.Module:
@@ -131,7 +146,12 @@ class MergeRun:
                 f"receipt=True cannot record trainable tokens yet ({[t.name for t in self.tokens]}); merge without a "
                 "receipt"
             )
-        if len(self.names) != 1 or any(p.quantized or p.via_peft for p in self.plans) or self.params:
+        if (
+            len(self.names) != 1
+            or any(p.quantized or p.via_peft for p in self.plans)
+            or self.attention_plans
+            or self.params
+        ):
             raise InvalidArgumentError(
                 "receipt=True needs exactly one adapter merged into a non-quantized base, without LoRA variants that "
                 "PEFT's own layer merges and without target_parameters (merge adapters one at a time)"
@@ -150,12 +170,27 @@ class MergeRun:
         problems += [m for pp in self.params for m in param_problems(pp)]
         if self.verify and not problems:
             self.param_oracles = {pp.name: ParamOracle.of(pp, self.seed) for pp in self.params}
+        problems += self._prepare_attention()
         _raise_problems(problems, "merging")
         if self.qplan is not None and self.qplan.mode == "dequantize":  # every layer it dequantizes, proven now
             planned = {id(p.layer) for p in self.plans}
             for qname, qlayer in quantized_layers(self.inner).items():
                 if id(qlayer) not in planned:
                     checked_dequantize(qlayer, qname, seed=self.seed)
+
+    def _prepare_attention(self) -> list[str]:
+        """Each attention merged by PEFT's own layer now, on a widened copy; probed whole (PEFT's
+        attention layer cannot run a linear layer's probes)."""
+        problems: list[str] = []
+        for name in dict.fromkeys(p.attention for p in self.attention_plans if p.attention is not None):
+            module = self.inner.get_submodule(name)
+            packed, out = peft_merged_attention(module, self.names, name)
+            self.attention_results.update({name: packed, f"{name}.base_layer.out_proj": out})
+            if not (bool(torch.isfinite(packed).all()) and bool(torch.isfinite(out).all())):
+                problems.append(f"{name}: PEFT's merge of this attention is not finite")
+            elif self.verify:
+                self.attention_probes.append(AttentionProbe.of(name, module, self.seed))
+        return problems
 
     def _prepare_layer(self, plan: LayerPlan, earlier: list[str]) -> list[str]:
         ups = [u for _, u in plan.updates]
@@ -195,7 +230,8 @@ class MergeRun:
         if self.batch is None:
             return
         try:
-            self.model_ref = reference_outputs(self.peft_model, self.batch)
+            with attention_kept(self.inner):  # PEFT's attention layers move their weights while they run
+                self.model_ref = reference_outputs(self.peft_model, self.batch)
         except (RuntimeError, TypeError, ValueError, IndexError) as e:
             raise LoraMergeError(
                 f"the probe inputs could not run the model in adapter mode ({type(e).__name__}: {e}); nothing "
@@ -218,6 +254,14 @@ class MergeRun:
         mapped = FileMappings()
         for i, plan in enumerate(self.plans):
             self.plans[i] = self._apply_layer(plan, mapped)
+        for plan in self.attention_plans:
+            new_weight = self.attention_results.pop(plan.name)
+            with torch.no_grad():
+                before = plan.weight.detach().float()
+                if mapped.holds(plan.weight):
+                    mapped.own_copy(plan.weight)
+                plan.weight.copy_(new_weight)
+            self.stats[plan.name] = TensorStats(delta_norm=float((new_weight.float() - before).norm()))
         for pp in self.params:
             if mapped.holds(pp.param):
                 mapped.own_copy(pp.param)
@@ -303,6 +347,7 @@ class MergeRun:
                 oracle = self.oracles.get(plan.name)
                 layers.append(_merged_check(plan, probe, oracle, self.tol, self.stats[plan.name]))
         layers += [check_param(pp, self.param_oracles[pp.name], self.tol) for pp in self.params]
+        layers += [probe.check(plain.get_submodule(probe.name), self.tol) for probe in self.attention_probes]
         if self.model_ref is None or self.batch is None:
             return None
         batch = self.batch
@@ -311,7 +356,9 @@ class MergeRun:
             merged_out = run_model(plain, batch, routes)
         if self.base_out is not None:
             return _requantized_output_check(merged_out, self.model_ref, self.base_out)
-        weights: Sequence[torch.Tensor] = [p.weight for p in self.plans] + [pp.param for pp in self.params]
+        weights: Sequence[torch.Tensor] = [p.weight for p in [*self.plans, *self.attention_plans]] + [
+            pp.param for pp in self.params
+        ]
         weights = [*weights, *self.narrowed]
         return output_check(
             merged_out,

@@ -66,7 +66,9 @@ def _check_exact(
         ]
         + [n for n in adapter.token_rows if n not in originals]  # trainable tokens: the replaced rows
     )
-    missing_variants = sorted(m for m in adapter.variant_modules if f"{m}.weight" not in originals)
+    missing_variants = sorted(
+        m for m in adapter.variant_modules if any(w not in originals for w in adapter.weight_names(m))
+    )
     lines = []
     if missing_norms:
         lines.append(

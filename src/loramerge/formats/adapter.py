@@ -112,7 +112,8 @@ class Adapter:
             against a model, by PEFT's own injection (wrappers nest in PEFT's order).
         variant_modules: Modules whose LoRA layer holds more than A, B and a scale, by module path,
             with the variant's name (``"KaSA"``, ``"BD-LoRA"``, ``"DoRA on an embedding"``,
-            ``"DoRA on a convolution"``). They are not in :attr:`modules`: loramerge's own delta
+            ``"DoRA on a convolution"``, ``"LoRA on an nn.MultiheadAttention"``: its packed
+            projection and its ``out_proj``, which PEFT adapts together). They are not in :attr:`modules`: loramerge's own delta
             math does not model them, so every merge sends them through PEFT's own layer, and an
             unmerge needs a receipt.
     """
@@ -126,6 +127,13 @@ class Adapter:
     token_rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     parameter_factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     variant_modules: Mapping[str, str] = field(default_factory=dict)
+
+    def weight_names(self, module: str) -> tuple[str, ...]:
+        """The parameter names of the weights the adapter changes in ``module``: ``<module>.weight``,
+        or an attention's ``in_proj_weight`` and ``out_proj.weight``."""
+        if self.variant_modules.get(module) == ATTENTION:
+            return (f"{module}.in_proj_weight", f"{module}.out_proj.weight")
+        return (f"{module}.weight",)
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -189,6 +197,8 @@ def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     modules: dict[str, AdapterModule] = {}
     variants: dict[str, str] = {}
     whole = next((name for key, name in PEFT_MERGED_VARIANTS.items() if config.get(key)), None)
+    for module_name in _attention_modules(found.parts, problems):
+        variants[module_name] = ATTENTION
     for module_name, p in sorted(found.parts.items()):
         variant = _layer_variant(module_name, p, whole, problems)
         if variant is not None:
@@ -213,6 +223,28 @@ def build_adapter(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         parameter_factors=MappingProxyType(parameter_factors),
         variant_modules=MappingProxyType(variants),
     )
+
+
+ATTENTION = "LoRA on an nn.MultiheadAttention"
+
+
+def _attention_modules(parts: dict[str, dict[str, torch.Tensor]], problems: list[str]) -> list[str]:
+    """PEFT's LoRA on an ``nn.MultiheadAttention`` ``X``: factors for its packed projection under
+    ``X`` and for its ``out_proj`` under ``X.base_layer.out_proj`` (taken out of ``parts``: only
+    PEFT's attention layer merges the two, together)."""
+    found = []
+    for name in sorted(parts):
+        owner, _, rest = name.rpartition(".base_layer.")
+        if rest != "out_proj" or not owner:
+            continue
+        inner, outer = parts.pop(name), parts.pop(owner, None)
+        if outer is None or any(set(p) != {"lora_A", "lora_B"} for p in (inner, outer)):
+            problems.append(
+                f"{owner}: an nn.MultiheadAttention adapter needs lora_A and lora_B for it and its out_proj"
+            )
+            continue
+        found.append(owner)
+    return found
 
 
 def _layer_variant(

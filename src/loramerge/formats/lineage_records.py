@@ -68,18 +68,20 @@ def fingerprint_of(adapter: Any) -> str:
     }
     for name in getattr(adapter, "variant_modules", {}):  # merged by PEFT's layer: its factors, as PEFT holds them
         updates[name] = [_variant_update(adapter, name)]
+        if any(k.endswith(f"{name}.base_layer.out_proj.lora_A.weight") for k in adapter.tensors):  # an attention's
+            updates[f"{name}.base_layer.out_proj"] = [_variant_update(adapter, name, "base_layer.out_proj.")]
     scale = float(adapter.config.get("lora_alpha", 1)) / float(adapter.config.get("r", 1))
     for name, (a, b) in getattr(adapter, "parameter_factors", {}).items():  # target_parameters wrappers
         updates[name] = [LoraUpdate("linear", a, b, scale)]
     return adapter_fingerprint(updates)
 
 
-def _variant_update(adapter: Any, name: str) -> LoraUpdate:
+def _variant_update(adapter: Any, name: str, part: str = "") -> LoraUpdate:
     """A variant module's factors, scale, magnitude and LoRA bias, as an attached PEFT layer has them
     (so that the fingerprint of a file and of a live model agree; KaSA's diagonal is not included)."""
     own = f"{name}."
     keys = {k.removeprefix(PEFT_PREFIX): v for k, v in adapter.tensors.items()}
-    t = {k.removeprefix(own): v for k, v in keys.items() if k.startswith(own)}
+    t = {k.removeprefix(own).removeprefix(part): v for k, v in keys.items() if k.startswith(own + part)}
     a = t.get("lora_A.weight", t.get("lora_embedding_A"))
     b = t.get("lora_B.weight", t.get("lora_embedding_B"))
     config = adapter.config

@@ -240,11 +240,11 @@ def _merge(
             ) from e
     else:
         run.notes.append("verification off (verify=False)")
-        layers += _unverified(run.plans, run.stats, run.lost, run.params)
+        layers += _unverified([*run.plans, *run.attention_plans], run.stats, run.lost, run.params)
     layers += run.token_checks
     passed = all(c.passed for c in layers) and (outputs is None or outputs.passed)
     report = VerificationReport("merge", passed, tol, tuple(layers), outputs, notes=tuple(run.notes))
-    rounds = _rounds(peft_model, names, sources, run.plans, run.params, report, verify)
+    rounds = _rounds(peft_model, names, sources, [*run.plans, *run.attention_plans], run.params, report, verify)
     set_model_lineage(plain, [*lineage(plain), *rounds])
     result = MergeResult(
         plain,

@@ -27,11 +27,12 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from loramerge.formats.adapter import Adapter
+from loramerge.formats.adapter import ATTENTION, Adapter
 from loramerge.numerics.delta import Kind, LoraUpdate
 from loramerge.numerics.quantized import check_supported, checked_dequantize, keep_layout, quantized_layers
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.preserve import preserved
+from loramerge.proof.attention_checks import AttentionProbe
 from loramerge.proof.layer_checks import (
     LayerProbe,
     loses_precision,
@@ -127,8 +128,7 @@ def _verify(
     base_params: dict[str, torch.Tensor] = (
         _dequantized_params(base, seed) if quantized else dict(base.named_parameters(remove_duplicate=False))
     )
-    merged_params = dict(merged.named_parameters(remove_duplicate=False))
-    layers, touched = _layer_checks(base, adapter, merged_params, base_params, kinds, tol, seed, quantized)
+    layers, touched = _layer_checks(base, adapter, merged, base_params, kinds, tol, seed, quantized)
     checked, changed = _unchanged(base, merged, adapter, base_params, touched, quantized)
     notes: list[str] = []
     outputs = _outputs(base, merged, adapter, base_params, quantized, probes, check_outputs, tol, seed, notes)
@@ -148,7 +148,7 @@ def _verify(
 def _layer_checks(
     base: nn.Module,
     adapter: Adapter,
-    merged_params: Mapping[str, torch.Tensor],
+    merged: nn.Module,
     base_params: dict[str, torch.Tensor],
     kinds: Mapping[str, Kind],
     tol: Tolerance,
@@ -156,6 +156,7 @@ def _layer_checks(
     quantized: bool,
 ) -> tuple[list[LayerCheck], set[str]]:
     """Each adapted layer (and expert parameter) checked, and the names of the tensors they cover."""
+    merged_params = dict(merged.named_parameters(remove_duplicate=False))
     from loramerge.plan.peft_glue import adapter_mode
 
     layers: list[LayerCheck] = []
@@ -180,14 +181,19 @@ def _layer_checks(
         layers.append(probe.check(out, tol, rel, max_ulp, reason, probe.storage(merged_w)))
         judged.append((probe, out))
     variants = _variant_probes(base, adapter, merged_params, base_params, seed, touched)
-    if not quantized and (judged or variants):  # PEFT's own layers, attached to the base as adapter mode runs them
+    attentions = [n for n, v in adapter.variant_modules.items() if v == ATTENTION]
+    if not quantized and (judged or variants or attentions):  # PEFT's own layers, attached as adapter mode runs them
         with adapter_mode(base, [adapter]) as peft_model:
             inner = cast(nn.Module, cast(Any, peft_model).base_model.model)
             oracles = [peft_layer_output(inner.get_submodule(p.name), p) for p, _ in judged]
             variant_oracles = [peft_layer_output(inner.get_submodule(p.name), p) for p, _, _ in variants]
+            attention_probes = [AttentionProbe.of(n, inner.get_submodule(n), seed) for n in attentions]
         layers = [oracle_check(c, out, o) for c, (_, out), o in zip(layers, judged, oracles, strict=True)]
         for (probe, out, storage), oracle in zip(variants, variant_oracles, strict=True):
             layers.append(_variant_check(probe, out, oracle, tol, storage))
+        for attention in attention_probes:  # the attention, probed whole (its weights: see weight_names)
+            layers.append(attention.check(merged.get_submodule(attention.name), tol))
+            touched.update(adapter.weight_names(attention.name))
     if adapter.parameter_factors:  # target_parameters: judged by PEFT's own wrapper on the base
         from loramerge.proof.param_checks import attached_checks
 
@@ -210,7 +216,9 @@ def _variant_probes(
     from loramerge.plan.peft_glue import layer_kind
 
     found = []
-    for name in adapter.variant_modules:
+    for name, variant in adapter.variant_modules.items():
+        if variant == ATTENTION:
+            continue  # probed whole, by loramerge.proof.attention_checks
         kind = layer_kind(base.get_submodule(name))
         assert kind is not None  # check_compatible refused the others
         bias = base_params.get(f"{name}.bias")

@@ -21,7 +21,7 @@ from loramerge.errors import (
     LoraMergeWarning,
     UnsupportedAdapterError,
 )
-from loramerge.formats.adapter import Adapter, AdapterModule
+from loramerge.formats.adapter import ATTENTION, Adapter, AdapterModule
 from loramerge.formats.io import read_json_object
 from loramerge.formats.shards import (
     CheckpointReader,
@@ -190,6 +190,9 @@ def _map_variants(stored: _Stored, adapter: Adapter, problems: list[tuple[str, s
     variants: dict[str, str] = {}
     prefix = "base_model.model."
     for module_name, variant in adapter.variant_modules.items():
+        if variant == ATTENTION:  # PEFT's attention layer merges two tensors at once, in its own way
+            problems.append((module_name, f"{variant} merges in memory only (loramerge.merge on the loaded model)"))
+            continue
         tensor = stored.resolve(f"{module_name}.weight")
         if tensor is None:
             problems.append((module_name, "no tensor named like this in the checkpoint"))

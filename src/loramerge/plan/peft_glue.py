@@ -21,9 +21,10 @@ from peft.utils.other import TrainableTokensWrapper
 from torch import nn
 
 from loramerge.errors import AdapterMismatchError, UnsupportedAdapterError
-from loramerge.formats.adapter import Adapter, AdapterModule
+from loramerge.formats.adapter import ATTENTION, Adapter, AdapterModule
 from loramerge.numerics.delta import Kind
 from loramerge.numerics.quantized import is_quantized_layer
+from loramerge.plan.attention import attention_kept
 from loramerge.plan.skeleton import module_kind
 from loramerge.preserve import ModuleFlags
 
@@ -72,14 +73,6 @@ def _module_table(model: nn.Module) -> dict[str, nn.Module]:
     return table
 
 
-def _attention_refused(name: str) -> UnsupportedAdapterError:
-    return UnsupportedAdapterError(
-        f"{name}: LoRA on an nn.MultiheadAttention layer (PEFT adapts its packed in_proj_weight and out_proj "
-        "together) is not supported by loramerge yet; nothing was changed. The adapter fits this model: merge it "
-        "with PEFT's merge_and_unload(), or keep it in adapter mode."
-    )
-
-
 def check_compatible(model: nn.Module, adapter: Adapter) -> dict[str, Kind]:
     """Check, without changing anything, that ``adapter`` fits ``model``.
 
@@ -107,7 +100,9 @@ def check_compatible(model: nn.Module, adapter: Adapter) -> dict[str, Kind]:
         found = modules.get(name)
         if found is None:
             problems.append((name, "no such module in the model"))
-        elif layer_kind(found) is None:
+        elif (variant == ATTENTION) != isinstance(base_layer_of(found), nn.MultiheadAttention) or (
+            variant != ATTENTION and layer_kind(found) is None
+        ):
             problems.append((name, f"is a {type(base_layer_of(found)).__name__}, which {variant} cannot target"))
     _check_replaced(adapter, params, problems)
     if problems:
@@ -152,7 +147,10 @@ def _fitting_kind(
         return None
     kind = layer_kind(found)
     if kind is None and isinstance(base_layer_of(found), nn.MultiheadAttention):
-        raise _attention_refused(name)
+        problems.append(
+            (name, "an nn.MultiheadAttention, but the adapter lacks the out_proj factors PEFT saves with it")
+        )
+        return None
     if kind is None:
         problems.append((name, f"is a {type(base_layer_of(found)).__name__}, which LoRA cannot target"))
         return None
@@ -214,7 +212,8 @@ def _lora_config(adapter: Adapter, kinds: dict[str, Kind], *, trainable: bool) -
     raw = {k: v for k, v in adapter.config.items() if k in allowed}
     for key in ("layers_to_transform", "layers_pattern", "exclude_modules", "revision", "auto_mapping"):
         raw.pop(key, None)
-    raw["target_modules"] = list(adapter.target_modules)
+    # PEFT wraps an attention's out_proj itself when it wraps the attention
+    raw["target_modules"] = [n for n in adapter.target_modules if ".base_layer." not in n]
     raw["init_lora_weights"] = True
     raw["inference_mode"] = not trainable
     raw["fan_in_fan_out"] = any(k == "conv1d" for k in kinds.values())
@@ -318,7 +317,10 @@ def unwrap(peft_model: PeftModel, saved: dict[str, str] | None = None) -> nn.Mod
         elif type(module).__name__ == "TrainableTokensLayer":
             continue  # inside the wrapper above, which goes as a whole
         elif isinstance(module, BaseTunerLayer):
-            replacements.append((name, base_layer_of(module)))
+            base = base_layer_of(module)
+            if isinstance(base, nn.MultiheadAttention):  # PEFT wrapped its out_proj too
+                base.out_proj = cast(Any, base_layer_of(base.out_proj))
+            replacements.append((name, base))
     for name, new in replacements:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -340,14 +342,15 @@ def adapter_mode(model: nn.Module, adapters: Sequence[Adapter]) -> Iterator[nn.M
     flags = ModuleFlags.of([model])
     originals: dict[str, torch.Tensor] = {}
     for adapter in adapters:
-        for pname in [*adapter.replaced, *(f"{m}.weight" for m in adapter.variant_modules)]:
+        for pname in [*adapter.replaced, *(w for m in adapter.variant_modules for w in adapter.weight_names(m))]:
             if pname not in originals:
                 originals[pname] = model.get_parameter(pname).detach().clone()
     current: nn.Module = model
     try:
         for i, adapter in enumerate(adapters):
             current = attach(current, adapter, name=f"loramerge_{i}")
-        yield current
+        with attention_kept(current):
+            yield current
     finally:
         if isinstance(current, PeftModel):
             unwrap(current)

@@ -21,9 +21,10 @@ from loramerge.errors import LoraMergeWarning, UnsupportedAdapterError
 from loramerge.formats.adapter_config import check_mergeable_settings
 from loramerge.numerics.delta import Kind, LoraUpdate
 from loramerge.numerics.quantized import is_quantized_layer
-from loramerge.plan.peft_glue import _attention_refused, base_layer_of
+from loramerge.plan.attention import PackedProjection
+from loramerge.plan.peft_glue import base_layer_of
 
-__all__ = ["LayerPlan", "TokenPlan", "collect_plans"]
+__all__ = ["LayerPlan", "TokenPlan", "collect_plans", "peft_merged_attention"]
 
 
 @dataclass
@@ -36,11 +37,64 @@ class LayerPlan:
     updates: list[tuple[str, LoraUpdate]]
     quantized: bool = False  # a bitsandbytes base layer: .weight is packed, see loramerge.numerics.quantized
     via_peft: bool = False  # a LoRA variant loramerge does not model: merged by PEFT's own layer
+    attention: str | None = None  # part of the nn.MultiheadAttention at this path, which PEFT's layer merges whole
 
     @property
     def weight(self) -> torch.Tensor:
         """The weight tensor (looked up each time: untying may replace it)."""
         return cast(torch.Tensor, self.layer.weight)
+
+
+def _attention_plans(name: str, module: Any, active: Sequence[str]) -> list[LayerPlan]:
+    """PEFT's LoRA on an ``nn.MultiheadAttention``: its packed projection and its ``out_proj`` (a
+    nested LoRA Linear, by PEFT's name ``<name>.base_layer.out_proj``). PEFT's attention layer merges
+    them together (:func:`peft_merged_attention`), as its adapter mode computes."""
+    attention = cast(nn.MultiheadAttention, module.get_base_layer())
+    nested = cast(Any, attention.out_proj)
+    if not attention._qkv_same_embed_dim:
+        raise UnsupportedAdapterError(
+            f"{name}: an attention with separate q/k/v weights; PEFT supports packed ones only."
+        )
+    packed = [
+        (
+            a,
+            LoraUpdate(
+                "linear", module.lora_A[a].weight.detach(), module.lora_B[a].weight.detach(), float(module.scaling[a])
+            ),
+        )
+        for a in active
+    ]
+    out = [(a, _lora_update(nested, a, "linear", f"{name}.out_proj")) for a in active]
+    return [
+        LayerPlan(name, "linear", PackedProjection(attention), packed, via_peft=True, attention=name),
+        LayerPlan(f"{name}.base_layer.out_proj", "linear", base_layer_of(nested), out, via_peft=True, attention=name),
+    ]
+
+
+def peft_merged_attention(
+    module: nn.Module, adapter_names: Sequence[str], name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(in_proj_weight, out_proj.weight)`` as PEFT's own attention layer merges ``adapter_names``,
+    computed on a copy widened to fp32 (fp64 for fp32 weights) and rounded once.
+
+    Raises:
+        UnsupportedAdapterError: PEFT itself cannot merge the layer (its reason is given).
+    """
+    attention = cast(Any, module).get_base_layer()
+    dtype = attention.in_proj_weight.dtype
+    wide = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+    clone = copy.deepcopy(module).to(wide)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cast(Any, clone).merge(safe_merge=True, adapter_names=list(adapter_names))
+    except Exception as e:
+        raise UnsupportedAdapterError(
+            f"{name}: PEFT cannot merge this attention ({type(e).__name__}: {e}); nothing was changed."
+        ) from e
+    merged = cast(Any, clone).get_base_layer()
+    out = cast(torch.Tensor, base_layer_of(merged.out_proj).weight)
+    return merged.in_proj_weight.detach().to(dtype), out.detach().to(dtype)
 
 
 @dataclass
@@ -172,8 +226,10 @@ def collect_plans(
             continue
         if type(module).__name__ == "TrainableTokensLayer" or isinstance(module, lora_layer.ParamWrapper):
             continue  # a ParamWrapper (target_parameters) is planned by loramerge.plan.param_targets
-        if not isinstance(module, LoraLayer):
-            continue
+        if not isinstance(module, LoraLayer) or any(
+            p.attention is not None and name.startswith(f"{p.attention}.base_layer.") for p in plans
+        ):
+            continue  # an attention's out_proj is planned with the attention
         active = [a for a in adapter_names if a in module.lora_A or a in module.lora_embedding_A]
         if not active:
             continue
@@ -197,7 +253,8 @@ def collect_plans(
         elif type(module) is lora_layer.Linear:
             kind = "conv1d" if module.fan_in_fan_out else "linear"
         elif isinstance(module, lora_layer.MultiheadAttention):
-            raise _attention_refused(name)
+            plans += _attention_plans(name, module, active)
+            continue
         else:
             raise UnsupportedAdapterError(
                 f"{name}: LoRA layer type {type(module).__module__}.{type(module).__name__} is not supported "
@@ -227,7 +284,8 @@ def untie_shared(model: nn.Module, plans: Sequence[LayerPlan]) -> list[str]:
     for plan in plans:
         weight = plan.weight
         users = owners.get(id(weight), [])
-        others = [(m, mod, p) for m, mod, p in users if mod is not plan.layer]
+        owner = getattr(plan.layer, "owner", plan.layer)  # an attention owns its packed projection
+        others = [(m, mod, p) for m, mod, p in users if mod is not owner]
         seen: set[int] = set()
         for mname, module, pname in others:
             if id(module) in seen:
