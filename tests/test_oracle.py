@@ -203,33 +203,3 @@ def test_an_unmerge_with_a_wrong_scale_fails_against_peft(tmp_path: Path, monkey
     with pytest.raises(lm.VerificationError, match="PEFT's own LoRA layer"):
         lm.unmerge_checkpoint(merged, adapter, tmp_path / "wrong", progress=False)
     assert not (tmp_path / "wrong").exists()
-
-
-class _WithAttention(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
-        self.head = torch.nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.attn(x, x, x)[0])
-
-
-def test_lora_on_multihead_attention_is_refused_with_advice_that_works(tmp_path: Path) -> None:
-    """PEFT can merge LoRA on nn.MultiheadAttention; loramerge cannot yet. The error must not tell
-    the user the adapter does not fit (it does), and nothing may change."""
-    torch.manual_seed(0)
-    model = _WithAttention().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = get_peft_model(
-            copy.deepcopy(model), LoraConfig(r=2, lora_alpha=4, target_modules=["attn"], init_lora_weights=False)
-        )
-        pm.save_pretrained(tmp_path / "adapter")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(lm.UnsupportedAdapterError, match="MultiheadAttention.*merge_and_unload") as info:
-        lm.merge(model, lm.load_adapter(tmp_path / "adapter"), probes={"x": torch.randn(2, 3, 16)})
-    assert "does not fit" not in str(info.value)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(lm.UnsupportedAdapterError, match="MultiheadAttention.*merge_and_unload"):
-        lm.merge(pm, probes={"x": torch.randn(2, 3, 16)})
