@@ -200,7 +200,10 @@ def _judged(
     judged_names = {c.name for c in judged.layers}
     for module in sorted(set(mapping.variants.values()) - judged_names):  # no other check covers them
         reason = "merged by PEFT's own layer, and PEFT's layer could not be built to judge it"
-        judged.layers.append(LayerCheck(module, "linear", "", 0.0, math.inf, math.inf, 0.0, 0.0, 0.0, False, reason))
+        unjudged = LayerCheck(
+            module, "linear", "", math.nan, math.nan, math.inf, math.nan, math.nan, 0.0, False, reason
+        )
+        judged.layers.append(unjudged)
     base_reader, merged_reader = CheckpointReader(base), CheckpointReader(merged)
     for name in sorted(mapping.changed):
         if judged.leaves_alone(name) and name in merged_reader.tensors and name in base_reader.tensors:

@@ -240,7 +240,9 @@ def _variant_check(
         return oracle_only_check(probe, out, oracle, tol, storage)
     reason = "merged by PEFT's own layer, which cannot be run on probes here to judge it"
     dtype = str(probe.dtype).replace("torch.", "")
-    return LayerCheck(probe.name, probe.kind, dtype, 0.0, math.inf, math.inf, 0.0, 0.0, 0.0, False, reason)
+    return LayerCheck(
+        probe.name, probe.kind, dtype, math.nan, math.nan, math.inf, math.nan, math.nan, 0.0, False, reason
+    )
 
 
 def _unchanged(
