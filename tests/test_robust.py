@@ -76,13 +76,13 @@ def test_a_variant_merged_wrongly_fails_its_check(monkeypatch: pytest.MonkeyPatc
     """Negative control: a PEFT-merged layer whose result is off by 1 % fails against PEFT's own layer."""
     import loramerge.engine.inmemory_merge as inmemory
 
-    real = inmemory.peft_merged
+    real = inmemory.peft_merged_weight
 
     def off(*args: Any, **kwargs: Any) -> Any:
         weight, bias = real(*args, **kwargs)
         return weight * 1.01, bias
 
-    monkeypatch.setattr(inmemory, "peft_merged", off)
+    monkeypatch.setattr(inmemory, "peft_merged_weight", off)
     torch.manual_seed(0)
     pm = peft(MLP(), r=4, lora_alpha=8, target_modules=["lin0", "lin1"], kasa_config=KasaConfig())
     with pytest.raises(VerificationError, match="against PEFT's own LoRA layer"):

@@ -131,7 +131,7 @@ def test_a_variant_merged_wrongly_on_a_checkpoint_fails_and_names_the_layer(
     nothing is written."""
     _, base_dir, adapter_dir, _ = _setup("kasa", torch.float32, tmp_path)
     real = steps.peft_merged_weight
-    monkeypatch.setattr(steps, "peft_merged_weight", lambda *a: real(*a) * 1.01)
+    monkeypatch.setattr(steps, "peft_merged_weight", lambda *a: (real(*a)[0] * 1.01, None))
     with pytest.raises(VerificationError, match=r"model\.layers\.\d\.(self_attn|mlp)\.(q|v|down)_proj"):
         lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", progress=False)
     assert not (tmp_path / "merged").exists()

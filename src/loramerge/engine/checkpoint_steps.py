@@ -164,7 +164,7 @@ class MergeStep:
                 f"{expected}; nothing was written. Use the base checkpoint the adapter was trained on."
             )
         work = self._out(tensor)
-        merged = peft_merged_weight(layer, work, module)
+        merged, _ = peft_merged_weight(layer, work, module)  # a LoRA bias on such a layer was refused
         if not bool(torch.isfinite(merged).all()):
             raise NonFiniteMergeError(
                 f"merging {module} would produce non-finite weights or overflow (PEFT's own merge of this layer); "

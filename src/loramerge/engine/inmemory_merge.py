@@ -46,13 +46,13 @@ from loramerge.numerics.requantize import dequantized_linear, forget_quantizatio
 from loramerge.numerics.tolerance import Tolerance, relative_errors
 from loramerge.numerics.update_checks import check_updates
 from loramerge.plan.attention import attention_kept
+from loramerge.plan.injection import peft_merged_weight
 from loramerge.plan.param_targets import ParamPlan, merge_param_, param_plans, param_problems
 from loramerge.plan.peft_glue import unwrap
 from loramerge.plan.peft_plans import (
     LayerPlan,
     TokenPlan,
     collect_plans,
-    peft_merged,
     peft_merged_attention,
     untie_shared,
 )
@@ -198,7 +198,8 @@ class MergeRun:
         problems: list[str] = []
         if plan.via_peft:  # merged by PEFT's own layer, now, on a widened copy: refused before any change
             module = self.inner.get_submodule(plan.name)
-            self.peft_results[plan.name] = peft_merged(module, [a for a, _ in plan.updates], weight.dtype, plan.name)
+            names = [a for a, _ in plan.updates]
+            self.peft_results[plan.name] = peft_merged_weight(module, weight, plan.name, names)
             if not all(bool(torch.isfinite(t).all()) for t in self.peft_results[plan.name] if t is not None):
                 problems.append(f"{plan.name}: PEFT's merge of this layer is not finite")
         elif plan.quantized:

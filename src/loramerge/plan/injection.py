@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -145,34 +145,43 @@ def variant_layers(root: Path, adapter: Adapter, variants: Mapping[str, str]) ->
     return {tensor: mode.layers[module] for tensor, module in variants.items()}
 
 
-def peft_merged_weight(layer: nn.Module, weight: torch.Tensor, name: str) -> torch.Tensor:
-    """The weight PEFT's own LoRA ``layer`` (from PEFT's injection into the weightless model, its base
-    weight a placeholder) merges its adapter into when its base weight is ``weight``: computed on a
-    copy widened to fp32 (fp64 for fp32 weights), rounded once to ``weight``'s dtype. The layer
-    itself is left as it was (a variant's pending work, such as KaSA's truncation, stays pending).
+def peft_merged_weight(
+    layer: nn.Module, weight: torch.Tensor, name: str, adapter_names: Sequence[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight (and bias) PEFT's own LoRA ``layer`` merges its adapters into when its base weight
+    is ``weight``: computed on a copy widened to fp32 (fp64 for fp32 weights), rounded once to the
+    stored dtypes. Both engines merge a variant layer with it: the checkpoint engine gives a layer
+    of PEFT's injection into the weightless model (its base weight a placeholder) the stored weight,
+    the in-memory engine gives a live layer its own. The layer itself is left as it was (a
+    variant's pending work, such as KaSA's truncation, stays pending).
 
     Raises:
         UnsupportedAdapterError: PEFT itself cannot merge the layer (its reason is given).
     """
     wide = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
     base = cast(nn.Module, cast(Any, layer).get_base_layer())
-    placeholder = base.weight
-    base.weight = nn.Parameter(weight, requires_grad=False)
+    held = base.weight
+    base.weight = nn.Parameter(weight.detach(), requires_grad=False)
     try:
         clone = copy.deepcopy(layer)
     finally:
-        base.weight = placeholder
-    if isinstance(base, nn.Linear):  # run once in the stored dtype, on one row of zeros: what a variant
-        with torch.no_grad(), warnings.catch_warnings():  # defers to its first forward (KaSA truncating the
-            warnings.simplefilter("ignore")  # base weight) happens as on a model loaded in that dtype
-            clone(torch.zeros(1, base.in_features, dtype=weight.dtype))
-    clone.to(wide)
+        base.weight = held
+    names = None if adapter_names is None else list(adapter_names)
     try:
-        with warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cast(Any, clone).merge(safe_merge=True)
+            if isinstance(base, nn.Linear):  # run once in the stored dtype, on one row of zeros: what a
+                # variant defers to its first forward (KaSA truncating the base weight) happens as on a
+                # model loaded in that dtype
+                clone(torch.zeros(1, base.in_features, dtype=weight.dtype, device=weight.device))
+            clone.to(wide)
+            cast(Any, clone).merge(safe_merge=True, adapter_names=names)
     except Exception as e:  # PEFT's own refusal or failure
         raise UnsupportedAdapterError(
-            f"{name}: PEFT cannot merge this LoRA layer ({type(e).__name__}: {e}); nothing was written."
+            f"{name}: PEFT cannot merge this LoRA layer ({type(e).__name__}: {e}); nothing was changed."
         ) from e
-    return cast(torch.Tensor, cast(Any, clone).get_base_layer().weight).detach().to(weight.dtype)
+    merged = cast(Any, clone).get_base_layer()
+    bias = cast(torch.Tensor | None, getattr(merged, "bias", None))
+    old_bias = cast(torch.Tensor | None, getattr(base, "bias", None))
+    new_bias = None if bias is None or old_bias is None else bias.detach().to(old_bias.dtype)
+    return cast(torch.Tensor, merged.weight).detach().to(weight.dtype), new_bias

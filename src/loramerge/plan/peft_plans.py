@@ -158,31 +158,6 @@ def _needs_peft(module: Any, adapter_names: Sequence[str], kind: Kind, name: str
     return bool(special)
 
 
-def peft_merged(
-    module: nn.Module, adapter_names: Sequence[str], dtype: torch.dtype, name: str
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight (and bias) PEFT's own layer merges ``adapter_names`` into, computed on a copy of this
-    one layer widened to fp32 (fp64 for fp32 weights) and rounded once to ``dtype``.
-
-    Raises:
-        UnsupportedAdapterError: PEFT itself cannot merge the layer (its reason is given).
-    """
-    weight = cast(torch.Tensor, base_layer_of(module).weight)
-    wide = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    clone = copy.deepcopy(module).to(wide)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cast(Any, clone).merge(safe_merge=True, adapter_names=list(adapter_names))
-    except Exception as e:  # PEFT's own refusal (aLoRA, Arrow, ...) or failure
-        raise UnsupportedAdapterError(
-            f"{name}: PEFT cannot merge this LoRA layer ({type(e).__name__}: {e}); nothing was changed."
-        ) from e
-    merged = base_layer_of(clone)
-    bias = cast(torch.Tensor | None, getattr(merged, "bias", None))
-    return cast(torch.Tensor, merged.weight).detach().to(dtype), None if bias is None else bias.detach().to(dtype)
-
-
 def collect_plans(
     peft_model: PeftModel, adapter_names: Sequence[str]
 ) -> tuple[list[LayerPlan], dict[str, str], list[TokenPlan]]:
