@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -175,3 +176,30 @@ def test_modules_to_save_on_a_tied_head_is_written_as_its_own_tensor(tmp_path: P
     in_memory = lm.merge(copy.deepcopy(base), lm.load_adapter(adapter)).model.state_dict()
     for name, tensor in merged.state_dict().items():
         assert torch.equal(tensor, in_memory[name]), name
+
+
+def test_an_adapter_name_that_fits_several_stored_tensors_is_refused_with_the_list(tmp_path: Path) -> None:
+    """A name is resolved by a unique suffix at most: when several stored tensors end like it, the
+    merge is refused and the error lists them, instead of picking one."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import save_adapter, tiny_llama
+
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    base.save_pretrained(tmp_path / "base")
+    shard = tmp_path / "base/model.safetensors"
+    tensors = load_file(shard)
+    tensors["vision.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"].clone()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    adapter = save_adapter(base, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}, tmp_path / "a")
+    file = adapter / "adapter_model.safetensors"
+    factors = {
+        k.replace("base_model.model.model.layers.0.", "base_model.model.layers.0."): v
+        for k, v in load_file(file).items()
+    }
+    save_file(factors, file, metadata={"format": "pt"})
+    wanted = "['model.layers.0.self_attn.q_proj.weight', 'vision.layers.0.self_attn.q_proj.weight']"
+    with pytest.raises(lm.AdapterMismatchError, match=re.escape(f"ambiguous: {wanted}")):
+        lm.merge_checkpoint(tmp_path / "base", adapter, tmp_path / "merged", progress=False)
+    assert not (tmp_path / "merged").exists()

@@ -150,6 +150,13 @@ class _Stored:
             self._renamed = renamed_keys(self.reader.root, self.reader.names)
         return self._renamed.get(wanted) or _resolve(self.names, wanted)
 
+    def missing(self, wanted: str) -> str:
+        """Why ``wanted`` resolves to no stored tensor: none is named like it, or several are (listed)."""
+        matches = sorted(n for n in self.names if n.endswith("." + wanted))
+        if len(matches) > 1:
+            return f"ambiguous: {matches} all end like it; the checkpoint's names must say which one is meant"
+        return "no tensor named like this in the checkpoint"
+
 
 def _map_modules(
     stored: _Stored, adapter: Adapter, problems: list[tuple[str, str]]
@@ -160,7 +167,7 @@ def _map_modules(
     for module_name, mod in adapter.modules.items():
         tensor = stored.resolve(f"{module_name}.weight")
         if tensor is None:
-            problems.append((module_name, "no tensor named like this in the checkpoint"))
+            problems.append((module_name, stored.missing(f"{module_name}.weight")))
             continue
         shape = stored.reader.tensors[tensor].shape
         kind: Kind = mod.kind
@@ -195,7 +202,7 @@ def _map_variants(stored: _Stored, adapter: Adapter, problems: list[tuple[str, s
             continue
         tensor = stored.resolve(f"{module_name}.weight")
         if tensor is None:
-            problems.append((module_name, "no tensor named like this in the checkpoint"))
+            problems.append((module_name, stored.missing(f"{module_name}.weight")))
         elif f"{prefix}{module_name}.lora_B.bias" in adapter.tensors:
             problems.append((module_name, f"a LoRA bias on a {variant} module is merged in memory only"))
         else:
