@@ -25,7 +25,13 @@ from loramerge.errors import (
 )
 from loramerge.formats.directio import BufferPool
 from loramerge.formats.io import atomic_directory, read_json_object
-from loramerge.formats.shard_writer import ShardWriter, copy_side_files, plan_shards, return_freed_memory_to_os
+from loramerge.formats.shard_writer import (
+    ShardWriter,
+    copy_side_files,
+    plan_shards,
+    return_freed_memory_to_os,
+    trim_heap,
+)
 from loramerge.formats.shards import CheckpointReader, TensorInfo, parse_size, scan_file
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.plan.checkpoint_plan import AdapterMapping, _untie_config
@@ -339,6 +345,7 @@ def _publish(
             return
         report = verifier.report(tmp, reader.names, tol, operation)
         if extra_check is not None and report.passed:
+            trim_heap()  # the stream's freed temporaries, before the judgement's widened copies
             report = extra_check(tmp, report)
         reports.append(report)
         if not report.passed:

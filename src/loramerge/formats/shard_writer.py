@@ -44,6 +44,17 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(byte_view(data)).hexdigest()
 
 
+def trim_heap() -> None:
+    """Hand the heap memory freed so far back to the system (glibc's ``malloc_trim``): called between
+    a stream and the judgement that follows it, whose widened copies of one layer would otherwise
+    come on top of the stream's freed but still resident temporaries (measured on the 3.55 GB merge:
+    peak 0.74 GB with it, 0.86-0.96 GB without). A no-op off glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # musl or another libc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def return_freed_memory_to_os() -> None:
     """Fix glibc's mmap threshold at 32 MiB, so that resident memory stays flat while streaming.
 
