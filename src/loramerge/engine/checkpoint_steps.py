@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from loramerge.engine.checkpoint_stream import _Expectations, _fixed_check, _probe_check
-from loramerge.errors import AdapterMismatchError, NonFiniteMergeError
+from loramerge.errors import AdapterMismatchError, NonFiniteMergeError, UnmergeImpossibleError
 from loramerge.formats.adapter import Adapter
 from loramerge.formats.receipts import Receipt
 from loramerge.formats.receipts import apply as apply_receipt
@@ -35,7 +35,7 @@ from loramerge.plan.quant_spec import QuantSpec, quantizable, simulate
 from loramerge.proof.layer_checks import MAX_PROBE_OUTPUTS, LayerProbe
 from loramerge.proof.reports import LayerCheck
 
-__all__ = ["MergeStep", "UnmergeStep", "find_original", "variants_not_undone"]
+__all__ = ["MergeStep", "UnmergeStep", "find_original", "refuse_inexact_unmerge", "variants_not_undone"]
 
 
 def find_original(originals: Mapping[str, torch.Tensor], name: str) -> str | None:
@@ -54,6 +54,32 @@ def variants_not_undone(adapter: Adapter, modules: list[str]) -> str:
         f"Pass originals= with {weights} (read from the base checkpoint), or merge a checkpoint with receipt=True "
         "(--receipt), which keeps them."
     )
+
+
+def refuse_inexact_unmerge(
+    adapter: Adapter, norms: list[str], originals: list[str], variants: list[str], nothing: str
+) -> None:
+    """Raise :class:`~loramerge.UnmergeImpossibleError` listing what an exact unmerge lacks (both
+    engines refuse with it, before anything changes): the DoRA modules without their norms, the
+    replaced tensors without their original values, the variant modules without their base weights.
+    ``nothing``: what did not happen ("changed", "written")."""
+    lines = []
+    if norms:
+        lines.append(
+            f"DoRA modules {norms}: the merged weight is m * (W + ΔW) / ‖W + ΔW‖ and the norms ‖W + ΔW‖ cannot be "
+            "recovered from the merged weight and the adapter. Pass dora_norms= (the merge result's dora_norms), or "
+            "merge a checkpoint with receipt=True (--receipt), which keeps them."
+        )
+    if variants:
+        lines.append(variants_not_undone(adapter, variants))
+    if originals:
+        lines.append(
+            f"tensors {originals} were replaced by the adapter (modules_to_save, trained biases, trainable-token "
+            "rows), so their original values are neither in the merged weights nor in the adapter. Pass originals= "
+            "(read from the base checkpoint), or merge a checkpoint with receipt=True (--receipt), which keeps them."
+        )
+    if lines:
+        raise UnmergeImpossibleError(f"cannot unmerge exactly; nothing was {nothing}:\n  - " + "\n  - ".join(lines))
 
 
 @dataclass

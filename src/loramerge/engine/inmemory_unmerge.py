@@ -22,9 +22,9 @@ from typing import cast
 import torch
 from torch import nn
 
-from loramerge.engine.checkpoint_steps import variants_not_undone
+from loramerge.engine.checkpoint_steps import refuse_inexact_unmerge
 from loramerge.engine.inmemory_common import FileMappings, _raise_problems
-from loramerge.errors import AdapterMismatchError, InvalidArgumentError, UnmergeImpossibleError
+from loramerge.errors import AdapterMismatchError, InvalidArgumentError
 from loramerge.formats.adapter import Adapter
 from loramerge.formats.receipts import Receipt, ReceiptError
 from loramerge.formats.receipts import apply as apply_receipt
@@ -69,22 +69,7 @@ def _check_exact(
     missing_variants = sorted(
         m for m in adapter.variant_modules if any(w not in originals for w in adapter.weight_names(m))
     )
-    lines = []
-    if missing_norms:
-        lines.append(
-            f"DoRA modules {missing_norms}: the merged weight is m * (W + ΔW) / ‖W + ΔW‖ and the norms ‖W + ΔW‖ cannot "
-            "be recovered from the merged weight and the adapter. Pass dora_norms= (MergeResult.dora_norms from the merge)."
-        )
-    if missing_variants:
-        lines.append(variants_not_undone(adapter, missing_variants))
-    if missing_originals:
-        lines.append(
-            f"tensors {missing_originals} were replaced by the adapter (modules_to_save, trained biases, trainable-token "
-            "rows), so their original values are not in the merged model nor in the adapter. Pass "
-            "originals={name: tensor}, e.g. read from the base checkpoint with safetensors."
-        )
-    if lines:
-        raise UnmergeImpossibleError("cannot unmerge exactly; nothing was changed:\n  - " + "\n  - ".join(lines))
+    refuse_inexact_unmerge(adapter, missing_norms, missing_originals, missing_variants, "changed")
     bad_shapes = sorted(
         n for n, t in originals.items() if n in adapter.replaced and tuple(t.shape) != tuple(adapter.replaced[n].shape)
     )

@@ -12,11 +12,8 @@ from typing import Any
 
 import torch
 
-from loramerge.engine.checkpoint_steps import UnmergeStep, find_original, variants_not_undone
+from loramerge.engine.checkpoint_steps import UnmergeStep, find_original, refuse_inexact_unmerge
 from loramerge.engine.checkpoint_stream import _publish
-from loramerge.errors import (
-    UnmergeImpossibleError,
-)
 from loramerge.formats.adapter import Adapter, load_adapter
 from loramerge.formats.confine import confined_file
 from loramerge.formats.lineage_records import (
@@ -171,17 +168,4 @@ def _check_unmergeable(
         + [n for n in mapping.token_rows if find_original(originals, n) is None]
     )
     missing_variants = sorted(m for t, m in mapping.variants.items() if find_original(originals, t) is None)
-    if not missing_norms and not missing_originals and not missing_variants:
-        return
-    raise UnmergeImpossibleError(
-        "cannot unmerge exactly; nothing was written:\n"
-        + (f"  - DoRA modules {missing_norms} need dora_norms= (from the merge report)\n" if missing_norms else "")
-        + (
-            f"  - {missing_originals} were replaced by the adapter (modules_to_save, trained biases, trainable-token "
-            "rows) and neither the merged checkpoint nor the adapter holds their original values: pass originals= "
-            "(read from the base checkpoint), or merge with receipt=True (--receipt), which keeps them\n"
-            if missing_originals
-            else ""
-        )
-        + (f"  - {variants_not_undone(adapter, missing_variants)}\n" if missing_variants else "")
-    )
+    refuse_inexact_unmerge(adapter, missing_norms, missing_originals, missing_variants, "written")
