@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import peft
 import torch
 from peft import PeftModel
 from torch import nn
@@ -53,6 +54,7 @@ from loramerge.plan.peft_plans import (
     LayerPlan,
     TokenPlan,
     collect_plans,
+    out_proj_multiple,
     peft_merged_attention,
     untie_shared,
 )
@@ -186,6 +188,13 @@ class MergeRun:
             module = self.inner.get_submodule(name)
             packed, out = peft_merged_attention(module, self.names, name)
             self.attention_results.update({name: packed, f"{name}.base_layer.out_proj": out})
+            times = out_proj_multiple(module, self.names, out)
+            if abs(times - 1) > 0.25:
+                self.notes.append(
+                    f"{name}: PEFT {peft.__version__}'s attention layer adds its out_proj update {times:.2g} times, in "
+                    "adapter mode and in its own merge (peft PR #3774); this merge reproduces adapter mode with this "
+                    "PEFT"
+                )
             if not (bool(torch.isfinite(packed).all()) and bool(torch.isfinite(out).all())):
                 problems.append(f"{name}: PEFT's merge of this attention is not finite")
             elif self.verify:

@@ -24,7 +24,7 @@ from loramerge.numerics.quantized import is_quantized_layer
 from loramerge.plan.attention import PackedProjection
 from loramerge.plan.peft_glue import base_layer_of
 
-__all__ = ["LayerPlan", "TokenPlan", "collect_plans", "peft_merged_attention"]
+__all__ = ["LayerPlan", "TokenPlan", "collect_plans", "out_proj_multiple", "peft_merged_attention"]
 
 
 @dataclass
@@ -69,6 +69,18 @@ def _attention_plans(name: str, module: Any, active: Sequence[str]) -> list[Laye
         LayerPlan(name, "linear", PackedProjection(attention), packed, via_peft=True, attention=name),
         LayerPlan(f"{name}.base_layer.out_proj", "linear", base_layer_of(nested), out, via_peft=True, attention=name),
     ]
+
+
+def out_proj_multiple(module: nn.Module, adapter_names: Sequence[str], merged_out: torch.Tensor) -> float:
+    """How many times PEFT's attention layer ``module`` added its ``out_proj`` update into
+    ``merged_out`` (a least-squares multiple of ``ΔW``: 1 as a merge should, 2 in PEFT 0.21, see
+    peft PR #3774), for the report."""
+    nested = cast(Any, module).get_base_layer().out_proj
+    with torch.no_grad():
+        delta = sum(nested.get_delta_weight(a).detach().double() for a in adapter_names)
+        change = merged_out.double() - cast(torch.Tensor, base_layer_of(nested).weight).detach().double()
+        size = float((delta * delta).sum())
+        return float((change * delta).sum()) / size if size > 0 else 1.0
 
 
 def peft_merged_attention(
