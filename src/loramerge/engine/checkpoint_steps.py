@@ -21,7 +21,7 @@ from torch import nn
 
 from loramerge.engine.checkpoint_stream import _Expectations, _fixed_check, _probe_check
 from loramerge.errors import AdapterMismatchError, NonFiniteMergeError, UnmergeImpossibleError
-from loramerge.formats.adapter import Adapter
+from loramerge.formats.adapter import ATTENTION, Adapter
 from loramerge.formats.receipts import Receipt
 from loramerge.formats.receipts import apply as apply_receipt
 from loramerge.formats.receipts import encode as encode_receipt
@@ -43,16 +43,24 @@ def find_original(originals: Mapping[str, torch.Tensor], name: str) -> str | Non
     return next((k for k in originals if name == k or name.endswith("." + k) or k.endswith("." + name)), None)
 
 
+_NOT_UNDONE = {
+    "KaSA": "KaSA drops part of the base weight's spectrum",
+    "BD-LoRA": "loramerge does not subtract BD-LoRA's block-diagonal update",
+    "DoRA on an embedding": "DoRA on embeddings needs norms loramerge does not record",
+    "DoRA on a convolution": "DoRA on convolutions needs norms loramerge does not record",
+    ATTENTION: "PEFT's attention layer adds its out_proj update its own way",
+}
+
+
 def variants_not_undone(adapter: Adapter, modules: list[str]) -> str:
     """Why the weights of variant modules cannot be unmerged from the adapter, and what to pass instead."""
-    kinds = ", ".join(sorted({adapter.variant_modules[m] for m in modules}))
+    kinds = sorted({adapter.variant_modules[m] for m in modules})
+    why = "; ".join(_NOT_UNDONE.get(k, f"{k} is merged by PEFT's layer only") for k in kinds)
     weights = sorted(w for m in modules for w in adapter.weight_names(m))
     return (
-        f"modules {modules} ({kinds}) were merged by PEFT's own layer; their base weights cannot be recovered from the "
-        "merged weights and the adapter (KaSA drops part of the base weight's spectrum, DoRA on embeddings and "
-        "convolutions needs norms loramerge does not record, PEFT's attention layer adds its out_proj update twice). "
-        f"Pass originals= with {weights} (read from the base checkpoint), or merge a checkpoint with receipt=True "
-        "(--receipt), which keeps them."
+        f"modules {modules} ({', '.join(kinds)}) were merged by PEFT's own layer; their base weights cannot be "
+        f"recovered from the merged weights and the adapter ({why}). Pass originals= with {weights} (Python API, "
+        "read from the base checkpoint), or merge again with receipt=True (CLI: --receipt), which keeps them."
     )
 
 

@@ -196,10 +196,13 @@ def _map_variants(stored: _Stored, adapter: Adapter, problems: list[tuple[str, s
     when it loads them into the layer the config builds)."""
     variants: dict[str, str] = {}
     prefix = "base_model.model."
+    attention = sorted(m for m, v in adapter.variant_modules.items() if v == ATTENTION)
+    if attention:  # the adapter fits; PEFT's attention layer merges its two weights together, in its own way
+        raise UnsupportedAdapterError(
+            f"{attention}: {ATTENTION} merges in memory only; nothing was written. Load the model and call "
+            "loramerge.merge(model, load_adapter(...)), then save it."
+        )
     for module_name, variant in adapter.variant_modules.items():
-        if variant == ATTENTION:  # PEFT's attention layer merges two tensors at once, in its own way
-            problems.append((module_name, f"{variant} merges in memory only (loramerge.merge on the loaded model)"))
-            continue
         tensor = stored.resolve(f"{module_name}.weight")
         if tensor is None:
             problems.append((module_name, stored.missing(f"{module_name}.weight")))
