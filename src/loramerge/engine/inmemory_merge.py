@@ -47,7 +47,7 @@ from loramerge.numerics.requantize import dequantized_linear, forget_quantizatio
 from loramerge.numerics.tolerance import Tolerance, relative_errors
 from loramerge.numerics.update_checks import check_updates
 from loramerge.plan.attention import attention_kept
-from loramerge.plan.injection import peft_merged_weight
+from loramerge.plan.injection import peft_merged_attention, peft_merged_weight
 from loramerge.plan.param_targets import ParamPlan, merge_param_, param_plans, param_problems
 from loramerge.plan.peft_glue import unwrap
 from loramerge.plan.peft_plans import (
@@ -55,7 +55,6 @@ from loramerge.plan.peft_plans import (
     TokenPlan,
     collect_plans,
     out_proj_multiple,
-    peft_merged_attention,
     untie_shared,
 )
 from loramerge.preserve import ModuleFlags
@@ -184,11 +183,15 @@ class MergeRun:
         """Each attention merged by PEFT's own layer now, on a widened copy; probed whole (PEFT's
         attention layer cannot run a linear layer's probes)."""
         problems: list[str] = []
-        for name in dict.fromkeys(p.attention for p in self.attention_plans if p.attention is not None):
+        for plan in self.attention_plans:
+            name = plan.name
+            if plan.attention != name:  # its out_proj: merged with the attention, below
+                continue
             module = self.inner.get_submodule(name)
-            packed, out = peft_merged_attention(module, self.names, name)
+            adapters = [a for a, _ in plan.updates]  # those of the adapters merged that adapt it
+            packed, out = peft_merged_attention(module, adapters, name)
             self.attention_results.update({name: packed, f"{name}.base_layer.out_proj": out})
-            times = out_proj_multiple(module, self.names, out)
+            times = out_proj_multiple(module, adapters, out)
             if abs(times - 1) > 0.25:
                 self.notes.append(
                     f"{name}: PEFT {peft.__version__}'s attention layer adds its out_proj update {times:.2g} times, in "

@@ -25,7 +25,7 @@ from loramerge.formats.adapter import Adapter
 from loramerge.formats.adapter_tensors import TRAINING_STATE
 from loramerge.plan.skeleton import meta_model, tied_names
 
-__all__ = ["ADAPTER", "AdapterMode", "adapter_mode", "peft_merged_weight", "variant_layers"]
+__all__ = ["ADAPTER", "AdapterMode", "adapter_mode", "peft_merged_attention", "peft_merged_weight", "variant_layers"]
 
 ADAPTER = "default"  # the adapter name PEFT's injected layers use
 
@@ -166,22 +166,52 @@ def peft_merged_weight(
         clone = copy.deepcopy(layer)
     finally:
         base.weight = held
+    zero_row = (
+        torch.zeros(1, base.in_features, dtype=weight.dtype, device=weight.device)
+        if isinstance(base, nn.Linear)
+        else None
+    )
+    _merge_widened(clone, wide, adapter_names, name, zero_row)
+    merged = cast(Any, clone).get_base_layer()
+    bias = cast(torch.Tensor | None, getattr(merged, "bias", None))
+    old_bias = cast(torch.Tensor | None, getattr(base, "bias", None))
+    new_bias = None if bias is None or old_bias is None else bias.detach().to(old_bias.dtype)
+    return cast(torch.Tensor, merged.weight).detach().to(weight.dtype), new_bias
+
+
+def peft_merged_attention(
+    module: nn.Module, adapter_names: Sequence[str], name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(in_proj_weight, out_proj.weight)`` as PEFT's own attention layer ``module`` merges
+    ``adapter_names``, computed on a copy widened to fp32 (fp64 for fp32 weights), rounded once.
+
+    Raises:
+        UnsupportedAdapterError: PEFT itself cannot merge the layer (its reason is given).
+    """
+    dtype = cast(Any, module).get_base_layer().in_proj_weight.dtype
+    wide = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+    clone = copy.deepcopy(module)
+    _merge_widened(clone, wide, adapter_names, name, None)
+    merged = cast(Any, clone).get_base_layer()
+    out = cast(torch.Tensor, merged.out_proj.get_base_layer().weight)
+    return merged.in_proj_weight.detach().to(dtype), out.detach().to(dtype)
+
+
+def _merge_widened(
+    clone: nn.Module, wide: torch.dtype, adapter_names: Sequence[str] | None, name: str, zero_row: torch.Tensor | None
+) -> None:
+    """Merge PEFT's layer ``clone`` (a copy) in place in the ``wide`` dtype, as PEFT merges it. With
+    ``zero_row`` it first runs once in its stored dtype, on that row: what a variant defers to its
+    first forward (KaSA truncating the base weight) happens as on a model loaded in that dtype."""
     names = None if adapter_names is None else list(adapter_names)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if isinstance(base, nn.Linear):  # run once in the stored dtype, on one row of zeros: what a
-                # variant defers to its first forward (KaSA truncating the base weight) happens as on a
-                # model loaded in that dtype
-                clone(torch.zeros(1, base.in_features, dtype=weight.dtype, device=weight.device))
+            if zero_row is not None:
+                clone(zero_row)
             clone.to(wide)
             cast(Any, clone).merge(safe_merge=True, adapter_names=names)
     except Exception as e:  # PEFT's own refusal or failure
         raise UnsupportedAdapterError(
             f"{name}: PEFT cannot merge this LoRA layer ({type(e).__name__}: {e}); nothing was changed."
         ) from e
-    merged = cast(Any, clone).get_base_layer()
-    bias = cast(torch.Tensor | None, getattr(merged, "bias", None))
-    old_bias = cast(torch.Tensor | None, getattr(base, "bias", None))
-    new_bias = None if bias is None or old_bias is None else bias.detach().to(old_bias.dtype)
-    return cast(torch.Tensor, merged.weight).detach().to(weight.dtype), new_bias

@@ -4,7 +4,6 @@ modules share. (:mod:`loramerge.plan.param_targets` plans ``target_parameters``.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from loramerge.numerics.quantized import is_quantized_layer
 from loramerge.plan.attention import PackedProjection
 from loramerge.plan.peft_glue import base_layer_of
 
-__all__ = ["LayerPlan", "TokenPlan", "collect_plans", "out_proj_multiple", "peft_merged_attention"]
+__all__ = ["LayerPlan", "TokenPlan", "collect_plans", "out_proj_multiple"]
 
 
 @dataclass
@@ -48,7 +47,7 @@ class LayerPlan:
 def _attention_plans(name: str, module: Any, active: Sequence[str]) -> list[LayerPlan]:
     """PEFT's LoRA on an ``nn.MultiheadAttention``: its packed projection and its ``out_proj`` (a
     nested LoRA Linear, by PEFT's name ``<name>.base_layer.out_proj``). PEFT's attention layer merges
-    them together (:func:`peft_merged_attention`), as its adapter mode computes."""
+    them together (:func:`~loramerge.plan.injection.peft_merged_attention`), as its adapter mode computes."""
     attention = cast(nn.MultiheadAttention, module.get_base_layer())
     nested = cast(Any, attention.out_proj)
     if not attention._qkv_same_embed_dim:
@@ -81,32 +80,6 @@ def out_proj_multiple(module: nn.Module, adapter_names: Sequence[str], merged_ou
         change = merged_out.double() - cast(torch.Tensor, base_layer_of(nested).weight).detach().double()
         size = float((delta * delta).sum())
         return float((change * delta).sum()) / size if size > 0 else 1.0
-
-
-def peft_merged_attention(
-    module: nn.Module, adapter_names: Sequence[str], name: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(in_proj_weight, out_proj.weight)`` as PEFT's own attention layer merges ``adapter_names``,
-    computed on a copy widened to fp32 (fp64 for fp32 weights) and rounded once.
-
-    Raises:
-        UnsupportedAdapterError: PEFT itself cannot merge the layer (its reason is given).
-    """
-    attention = cast(Any, module).get_base_layer()
-    dtype = attention.in_proj_weight.dtype
-    wide = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
-    clone = copy.deepcopy(module).to(wide)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cast(Any, clone).merge(safe_merge=True, adapter_names=list(adapter_names))
-    except Exception as e:
-        raise UnsupportedAdapterError(
-            f"{name}: PEFT cannot merge this attention ({type(e).__name__}: {e}); nothing was changed."
-        ) from e
-    merged = cast(Any, clone).get_base_layer()
-    out = cast(torch.Tensor, base_layer_of(merged.out_proj).weight)
-    return merged.in_proj_weight.detach().to(dtype), out.detach().to(dtype)
 
 
 @dataclass
