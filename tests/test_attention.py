@@ -156,3 +156,25 @@ def test_verify_and_unmerge_of_an_attention_adapter(tmp_path: Path) -> None:
     originals = {n: base.get_parameter(n).detach().clone() for n in adapter.weight_names("attn")}
     restored = lm.unmerge(merged, adapter, originals=originals, probes=x).model
     assert all(torch.equal(restored.get_parameter(n), originals[n]) for n in originals)
+
+
+def test_objects_come_back_as_they_went_in(tmp_path: Path) -> None:
+    """PEFT registers new weight parameters when it wraps an attention (and again around each
+    forward): ``merge`` gives the model its own parameter objects back (merged), with their
+    ``requires_grad`` and order, in training mode if it was; ``verify`` leaves the base as it was."""
+    base, peft_model = _models(torch.float32)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapter = lm.load_adapter(tmp_path / "adapter")
+    x = {"x": _x(torch.float32)}
+    model = copy.deepcopy(base).train()
+    model.emb.weight.requires_grad_(False)
+    before = [(n, p, p.requires_grad) for n, p in model.named_parameters()]
+    merged = lm.merge(model, adapter, probes=x).model
+    assert merged is model and model.training
+    assert [(n, p, p.requires_grad) for n, p in model.named_parameters()] == before
+    assert not torch.equal(model.attn.in_proj_weight, base.attn.in_proj_weight)  # merged into them
+
+    kept = [(n, p, p.detach().clone()) for n, p in base.named_parameters()]
+    assert lm.verify(base, adapter, merged.eval(), probes=x).passed
+    for (n, p, value), (m, q) in zip(kept, base.named_parameters(), strict=True):
+        assert n == m and q is p and torch.equal(q, value), n

@@ -37,6 +37,7 @@ from loramerge.formats.lineage_records import (
 from loramerge.numerics.delta import LoraUpdate
 from loramerge.numerics.quantized import keep_layout
 from loramerge.numerics.tolerance import Tolerance
+from loramerge.plan.attention import attention_kept
 from loramerge.plan.param_targets import ParamPlan
 from loramerge.plan.peft_glue import attach, unwrap
 from loramerge.plan.peft_plans import LayerPlan
@@ -116,7 +117,8 @@ def merge(
     """
     was_plain = not isinstance(model, PeftModel)
     inner = cast(nn.Module, model.base_model.model) if isinstance(model, PeftModel) else model
-    with preserved(inner) as flags:
+    # an attention's weights keep their parameter objects through PEFT's wrapping (values: the merge's)
+    with preserved(inner) as flags, attention_kept(inner, values=False):
         peft_model, attached = _attach_all(model, adapters)
         sources = {n: str(a.path) for n, a in attached.items() if a.path is not None}
         try:

@@ -32,30 +32,38 @@ class PackedProjection(nn.Module):
 
 
 @contextlib.contextmanager
-def attention_kept(model: nn.Module) -> Iterator[None]:
-    """Keep the weights of every ``nn.MultiheadAttention`` PEFT wraps in ``model`` as they are.
+def attention_kept(model: nn.Module, values: bool = True) -> Iterator[None]:
+    """Give every ``nn.MultiheadAttention`` in ``model`` (wrapped by PEFT or not yet) its own weight
+    parameters back afterwards, with their values as they were (``values=False``: as they are then).
 
-    PEFT's attention layer computes adapter mode by merging its update into the weights before the
-    forward and subtracting it after, which moves them by rounding (``W + ΔW − ΔW``) and registers
-    new parameters: afterwards the same parameters, with the same values, are put back."""
-    from peft.tuners.lora import layer as lora_layer
-
-    kept: list[tuple[nn.Module, str, nn.Parameter, torch.Tensor, list[str]]] = []
+    PEFT registers new ``in_proj_weight`` and ``out_proj.weight`` parameters when it wraps an
+    attention, and its attention layer computes adapter mode by merging its update into the weights
+    before each forward and subtracting it after, which moves them by rounding (``W + ΔW − ΔW``) and
+    registers new parameters again. The same parameter objects (so their ``requires_grad`` and
+    place among the module's parameters) come back; ``values=False`` carries the values the
+    operation left (a merge's) into them."""
+    kept: list[tuple[nn.Module, str, nn.Parameter, torch.Tensor | None, list[str]]] = []
+    seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, lora_layer.MultiheadAttention):
-            attention = module.get_base_layer()
-            out = cast(nn.Module, cast(Any, attention.out_proj).get_base_layer())  # PEFT wraps it too
-            for owner, pname in ((attention, "in_proj_weight"), (out, "weight")):
-                p = cast(nn.Parameter, getattr(owner, pname))
-                kept.append((owner, pname, p, p.detach().clone(), list(owner._parameters)))
+        attention = cast(Any, module).get_base_layer() if hasattr(module, "get_base_layer") else module
+        if not isinstance(attention, nn.MultiheadAttention) or id(attention) in seen:
+            continue
+        seen.add(id(attention))
+        wrapped: Any = attention.out_proj  # PEFT wraps it too
+        out = cast(nn.Module, wrapped.get_base_layer() if hasattr(wrapped, "get_base_layer") else wrapped)
+        owners: tuple[tuple[nn.Module, str], ...] = ((attention, "in_proj_weight"), (out, "weight"))
+        for owner, pname in owners:
+            p = cast(nn.Parameter, getattr(owner, pname))
+            kept.append((owner, pname, p, p.detach().clone() if values else None, list(owner._parameters)))
     try:
         yield
     finally:
         for owner, pname, p, value, order in kept:
+            current = cast(torch.Tensor, getattr(owner, pname))
+            with torch.no_grad():
+                p.copy_(value if value is not None else current.detach())
             if owner._parameters.get(pname) is not p:
                 if pname in owner._parameters or pname in owner.__dict__:
                     delattr(owner, pname)
                 owner.register_parameter(pname, p)
                 owner._parameters = {k: owner._parameters[k] for k in order if k in owner._parameters}
-            with torch.no_grad():
-                p.copy_(value)

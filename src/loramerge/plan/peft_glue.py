@@ -347,13 +347,15 @@ def adapter_mode(model: nn.Module, adapters: Sequence[Adapter]) -> Iterator[nn.M
                 originals[pname] = model.get_parameter(pname).detach().clone()
     current: nn.Module = model
     try:
-        for i, adapter in enumerate(adapters):
-            current = attach(current, adapter, name=f"loramerge_{i}")
-        with attention_kept(current):
-            yield current
+        with attention_kept(model):  # before attaching: PEFT registers an attention's weights anew
+            try:
+                for i, adapter in enumerate(adapters):
+                    current = attach(current, adapter, name=f"loramerge_{i}")
+                yield current
+            finally:
+                if isinstance(current, PeftModel):
+                    unwrap(current)
     finally:
-        if isinstance(current, PeftModel):
-            unwrap(current)
         for pname, value in originals.items():
             with torch.no_grad():
                 model.get_parameter(pname).copy_(value)
