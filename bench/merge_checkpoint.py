@@ -6,9 +6,9 @@ seven projections, then runs, alternating the order between repetitions:
 * ``cp``: ``cp`` of the shard files, then ``sync`` (the physical floor: one read, one write)
 * ``copy``: a plain safetensors read + write copy of the shards
 * ``peft``: from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained
-* ``loramerge``: ``merge_checkpoint`` (streaming, default verification included)
-* ``loramerge-noverify``: the same with ``verify=False`` (what verification costs)
-* ``unmerge`` and ``unmerge-noverify`` (only when asked for with ``--modes``): ``unmerge_checkpoint``
+* ``loramerge``: ``loramerge merge`` (the command line, streaming, default verification included)
+* ``loramerge-noverify``: the same with ``--no-verify`` (what verification costs)
+* ``unmerge`` and ``unmerge-noverify`` (only when asked for with ``--modes``): ``loramerge unmerge``
   of the adapter from a merged copy of the checkpoint (merged once, untimed), with and without
   verification
 
@@ -99,14 +99,14 @@ def _child(mode: str, base: Path, adapter: Path, out: Path) -> None:
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         merged.save_pretrained(str(out), max_shard_size="1GB")
         return
-    import loramerge as lm
+    from loramerge.cli.main import main as loramerge_cli
 
-    verify = not mode.endswith("-noverify")
-    if mode.startswith("unmerge"):  # ``base`` is then the merged checkpoint
-        report = lm.unmerge_checkpoint(base, adapter, out, max_shard_size="1GB", progress=False, verify=verify)
-    else:
-        report = lm.merge_checkpoint(base, adapter, out, max_shard_size="1GB", progress=False, verify=verify)
-    assert report.passed, str(report)
+    # The command line, as a user runs it (``loramerge merge BASE ADAPTER -o OUT``), in this process.
+    command = ["unmerge"] if mode.startswith("unmerge") else ["merge"]  # ``base`` is then the merged checkpoint
+    command += [str(base), str(adapter), "-o", str(out), "--max-shard-size", "1GB"]
+    if mode.endswith("-noverify"):
+        command.append("--no-verify")
+    assert loramerge_cli(command) == 0, f"loramerge {' '.join(command)} failed"
 
 
 def run(mode: str, base: Path, adapter: Path, out: Path) -> dict[str, float]:

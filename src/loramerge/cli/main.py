@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from loramerge.cli.lean_imports import without_bitsandbytes
 from loramerge.cli.parser import build_parser
 from loramerge.errors import LoraMergeError, VerificationError
 
@@ -268,14 +269,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             return _inspect(args)
         if args.command in ("merge", "unmerge"):
-            return _stream_command(args)
+            with without_bitsandbytes(args):
+                return _stream_command(args)
         if args.command == "push":
             return _push(args)
         if args.command == "lineage":
             return _lineage(args)
         if args.command == "bench":
             return _bench(args)
-        return _verify(args)
+        with without_bitsandbytes(args):
+            return _verify(args)
     except (LoraMergeError, ValueError) as e:
         print(f"loramerge {args.command}: error: {e}", file=sys.stderr)
         return 2
