@@ -241,6 +241,41 @@ def test_an_unmeasured_unmerge_is_the_same_unmerge(dt: str, use_dora: bool, monk
         assert math.isnan(quick.error_bound) and math.isnan(quick.remerge_gap)
 
 
+@pytest.mark.parametrize("dt", list(DT))
+def test_unmerge_checks_match_their_element_by_element_definitions(dt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unmerge's bound and re-merge gap are computed per chunk from extremes and bit patterns
+    (numerics.unmerge_checks); here they are recomputed element by element from their definitions.
+    The "merged" weight is random, not a merge of this delta, and the delta as large as the weights:
+    recovered values then land in other binades, and some re-merges miss, so the gap is not 0."""
+    dtype = DT[dt]
+    gen = torch.Generator().manual_seed(5)
+    base = (torch.randn(53, 41, generator=gen) * 0.05).to(dtype)
+    up = LoraUpdate("linear", torch.randn(3, 41, generator=gen) * 0.2, torch.randn(53, 3, generator=gen) * 0.2, 1.0)
+    merged = base.clone()
+    monkeypatch.setattr(delta_mod, "CHUNK_ELEMENTS", 400)  # several chunks
+    stats = unmerge_tensor_(base, [up])
+    recovered = base
+    cdt = torch.float64 if dtype == torch.float32 else torch.float32
+    spacing = ulp(recovered, dtype).to(torch.float64) + ulp(merged, dtype).to(torch.float64)
+    assert stats.error_bound >= 0.5 * float(spacing.max())  # no element's own bound is larger
+    assert stats.error_bound <= float(spacing.max())  # and it is not looser than twice the largest
+    delta = (up.lora_B.to(cdt) @ up.lora_A.to(cdt)) * up.scale
+    remerged = (recovered.to(cdt) + delta).to(dtype)
+    gaps = (remerged.to(torch.float64) - merged.to(torch.float64)).abs() / spacing
+    if dtype != torch.float32:  # (fp32 weights are unmerged in fp64: their re-merges land)
+        assert float(gaps.max()) > 0  # the case exercises the measured path
+    assert stats.remerge_gap == pytest.approx(float(gaps.max()), rel=1e-6)
+
+
+def test_a_remerge_that_misses_fails_the_check() -> None:
+    """Negative control: a merged fp16 weight near the top of its range, with a delta that takes the
+    unmerged value past it, cannot be re-merged (the recovered value is infinite)."""
+    merged = torch.full((4, 4), 60000.0, dtype=torch.float16)
+    up = LoraUpdate("linear", torch.ones(1, 4), -torch.full((4, 1), 10000.0), 1.0)  # W − ΔW = 70000 > 65504
+    stats = unmerge_tensor_(merged, [up])
+    assert stats.remerge_gap > 1.0
+
+
 def test_ulp_of_bf16_values_is_the_same_from_their_own_bits() -> None:
     """``ulp`` of a bf16 tensor is computed from its 2-byte bits (a faster path); it must equal the
     fp32 path for every one of the 65,536 bf16 bit patterns."""

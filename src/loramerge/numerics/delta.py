@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from loramerge.numerics.tolerance import ulp
+from loramerge.numerics.unmerge_checks import unmerged_rows_checks
 
 __all__ = ["Kind", "LoraUpdate", "TensorStats", "dora_norms", "merge_tensor_", "unmerge_tensor_"]
 
@@ -128,16 +128,16 @@ def _row_ranges(rows: int, cols: int) -> list[tuple[int, int]]:
 _scratch = threading.local()
 
 
-def _workspace(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _workspace(rows: int, cols: int, dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
     """A ``rows × cols`` buffer for merge temporaries, reused between chunks and calls on the CPU
     (a fresh 16 MiB tensor per chunk makes the kernel fault in and zero its pages every time, which
-    cost more than the arithmetic when streaming a checkpoint). One per thread and dtype."""
+    cost more than the arithmetic when streaming a checkpoint). One per thread, dtype and ``slot``."""
     if device.type != "cpu":
         return torch.empty(rows, cols, dtype=dtype, device=device)
-    cache: dict[torch.dtype, torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
-    buffer = cache.get(dtype)
+    cache: dict[tuple[torch.dtype, int], torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    buffer = cache.get((dtype, slot))
     if buffer is None or buffer.numel() < rows * cols:
-        buffer = cache[dtype] = torch.empty(max(rows * cols, CHUNK_ELEMENTS), dtype=dtype)
+        buffer = cache[(dtype, slot)] = torch.empty(max(rows * cols, CHUNK_ELEMENTS), dtype=dtype)
     return buffer[: rows * cols].view(rows, cols)
 
 
@@ -229,8 +229,10 @@ class TensorStats:
     """Largest rounding residual in ulps of the weight's dtype (measured by unmerge; a merge rounds to
     nearest by construction, so it is not re-measured there)."""
     error_bound: float = 0.0
-    """Unmerge only: largest bound ``½ulp(W_merged) + ½ulp(W_recovered)`` on the distance to the base
-    (for DoRA the first term is divided by the DoRA factor ``m / ‖W + ΔW‖``)."""
+    """Unmerge only: a bound on every element's distance to the base, ``½ulp(W_merged) +
+    ½ulp(W_recovered)`` taken at the largest magnitudes of each in a chunk of rows, so that no
+    element's own bound is larger (for DoRA it is taken element by element, the first term divided by
+    the DoRA factor ``m / ‖W + ΔW‖``)."""
     remerge_gap: float = 0.0
     """Unmerge only: largest gap between re-merging the result and the merged weight, as a fraction
     of what rounding allows (``ulp(W_recovered) + ulp(W_merged)``): above 1 means precision was lost."""
@@ -348,26 +350,17 @@ def unmerge_tensor_(
         if not measure:
             chunk.copy_(exact)  # the one rounding, straight into the weight
             continue
-        merged = chunk.to(cdt)
-        spacing_merged = ulp(chunk, dtype)  # from the stored values (a faster path for bf16)
-        delta = _delta_rows(updates, factors, start, stop)
+        merged = _workspace(stop - start, w.shape[1], dtype, w.device, slot=1).copy_(chunk)  # kept, as stored
+        if factor is not None:  # DoRA: the change is measured element by element
+            change_sq += float(torch.linalg.vector_norm(torch.sub(merged.to(cdt), exact)) ** 2)
         chunk.copy_(exact)  # the one rounding, straight into the weight
-        back = chunk.to(cdt)
-        diff = torch.sub(merged, exact)
-        change_sq += float(torch.linalg.vector_norm(diff) ** 2)
-        residual_sq += float(torch.linalg.vector_norm(torch.sub(back, exact, out=diff)) ** 2)
-        if back.numel():
-            spacing = ulp(chunk, dtype).add_(spacing_merged)  # ulp(W_recovered) + ulp(W_merged)
-            if factor is None:
-                stats.error_bound = max(stats.error_bound, 0.5 * float(spacing.max()))
-            else:  # DoRA: undoing the factor m / ‖W + ΔW‖ scales the merged value's rounding error by its inverse
-                bound = (spacing_merged / factor.abs()).add_(spacing - spacing_merged).mul_(0.5)
-                stats.error_bound = max(stats.error_bound, float(bound.max()))
-            remerged = delta.add_(back)  # back + ΔW, in delta's buffer
-            if factor is not None:
-                remerged.mul_(factor)
-            gap = remerged.copy_(remerged.to(dtype)).sub_(merged).abs_().div_(spacing)
-            stats.remerge_gap = max(stats.remerge_gap, float(gap.max()))
+        back = _workspace(stop - start, w.shape[1], cdt, w.device, slot=2).copy_(chunk)
+        residual_sq += float(torch.linalg.vector_norm(torch.sub(back, exact, out=exact)) ** 2)
+        rounded = _workspace(stop - start, w.shape[1], dtype, w.device, slot=3)
+        bound, gap = unmerged_rows_checks(chunk, merged, back, exact, rounded, factors, factor, start)
+        stats.error_bound, stats.remerge_gap = max(stats.error_bound, bound), max(stats.remerge_gap, gap)
+    if measure and dora is None:
+        change_sq = _low_rank_norm(factors) ** 2
     if measure:
         stats.residual_norm = math.sqrt(residual_sq)
         stats.delta_norm = math.sqrt(change_sq)
