@@ -21,10 +21,11 @@ from torch import nn
 
 from loramerge.engine.checkpoint_stream import _Expectations, _fixed_check, _probe_check
 from loramerge.errors import AdapterMismatchError, NonFiniteMergeError, UnmergeImpossibleError
-from loramerge.formats.adapter import ATTENTION, Adapter
+from loramerge.formats.adapter import ATTENTION, Adapter, AdapterModule
 from loramerge.formats.receipts import Receipt
 from loramerge.formats.receipts import apply as apply_receipt
 from loramerge.formats.receipts import encode as encode_receipt
+from loramerge.formats.shard_writer import release_pages
 from loramerge.formats.shards import TensorInfo
 from loramerge.numerics.delta import LoraUpdate, merge_tensor_, unmerge_tensor_
 from loramerge.numerics.tolerance import Tolerance
@@ -36,6 +37,12 @@ from loramerge.proof.layer_checks import MAX_PROBE_OUTPUTS, LayerProbe
 from loramerge.proof.reports import LayerCheck
 
 __all__ = ["MergeStep", "UnmergeStep", "find_original", "refuse_inexact_unmerge", "variants_not_undone"]
+
+
+def _factor_tensors(mod: AdapterModule) -> list[torch.Tensor]:
+    """A module's factors, whose file pages need not stay resident once it is merged or unmerged (an
+    adapter grows with the model; the judgement reads them again if it needs them)."""
+    return [t for t in (mod.update.lora_A, mod.update.lora_B, mod.update.magnitude) if t is not None]
 
 
 def find_original(originals: Mapping[str, torch.Tensor], name: str) -> str | None:
@@ -184,6 +191,7 @@ class MergeStep:
             self.norms[mod.name] = stats.extras["dora_norms"].cpu()
         if self.receipt is not None and original is not None:
             self._receipt_entry(name, mod.name, original, work, up)
+        release_pages(_factor_tensors(mod))
         return work
 
     def _through_peft(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -296,4 +304,5 @@ class UnmergeStep:
             # computed only when the layer fails without it, so the verdict is the full allowance's
             layer = judged(False)
             self.expect.checks[name] = _fixed_check(layer if layer.passed else judged(True))
+        release_pages(_factor_tensors(mod))
         return work

@@ -55,6 +55,35 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+_MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages (clean file pages are dropped; nothing is discarded)
+
+
+def release_pages(tensors: Sequence[torch.Tensor]) -> None:
+    """Ask the kernel to take back the resident pages of tensors this process is done reading for now
+    (``madvise(MADV_PAGEOUT)`` on the whole pages inside each tensor).
+
+    Used for an adapter's factors once their module is merged: safetensors maps the adapter file, so
+    every page read stays resident, and a whole adapter (71 MB for r=16 on every projection of a
+    Qwen2-1.5B shape, twice that at twice the depth) would otherwise sit on top of a streaming merge
+    whose memory is meant not to grow with the model. Reclaiming never changes a value: a file page
+    is read again on the next access, and memory that has no file behind it (a tensor someone
+    changed in place, or one not mapped from a file) is left where it is when there is no swap, or
+    swapped out and back. A no-op off Linux or where the kernel does not know the advice."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        page = os.sysconf("SC_PAGE_SIZE")
+        for t in tensors:
+            if t.device.type != "cpu" or not t.numel():
+                continue
+            start = t.data_ptr()
+            stop = start + t.numel() * t.element_size()
+            first, last = -(-start // page) * page, stop // page * page  # whole pages only
+            if last > first:
+                libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+
+
 def return_freed_memory_to_os() -> None:
     """Fix glibc's mmap threshold at 32 MiB, so that resident memory stays flat while streaming.
 

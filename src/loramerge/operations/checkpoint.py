@@ -45,7 +45,7 @@ from loramerge.formats.lineage_records import (
 from loramerge.formats.loading import resolve_dtype
 from loramerge.formats.receipts import FILENAME as RECEIPT_FILE
 from loramerge.formats.receipts import Receipt
-from loramerge.formats.shard_writer import copy_side_files
+from loramerge.formats.shard_writer import copy_side_files, release_pages
 from loramerge.formats.shards import CheckpointReader
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.plan.checkpoint_plan import AdapterMapping, _read_config, _untie_plan, map_adapter
@@ -154,7 +154,7 @@ def merge_checkpoint(
         )
     reader = CheckpointReader(base_dir)
     mapping = map_adapter(reader, loaded)
-    fingerprint = fingerprint_of(loaded)
+    fingerprint = fingerprinted(loaded)
     target = resolve_dtype(dtype)
     source = str(adapter) if not isinstance(adapter, Adapter) else str(loaded.path or "<in memory>")
     dtype_name = str(target or next(iter(reader.tensors.values())).dtype)
@@ -203,6 +203,14 @@ def merge_checkpoint(
 
 
 _SIMULATED = ": every linear weight quantized and dequantized as bitsandbytes does, then merged"
+
+
+def fingerprinted(adapter: Adapter) -> str:
+    """The adapter's fingerprint; the pages of its tensors, which that read whole, need not stay
+    resident: the stream reads each module's factors again and lets them go (flat memory)."""
+    fingerprint = fingerprint_of(adapter)
+    release_pages(list(adapter.tensors.values()))
+    return fingerprint
 
 
 def _rounds(

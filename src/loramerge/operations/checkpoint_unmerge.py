@@ -20,14 +20,13 @@ from loramerge.formats.lineage_records import (
     METADATA_KEY,
     check_last,
     drop_round,
-    fingerprint_of,
     lineage,
     write_record,
 )
 from loramerge.formats.receipts import Receipt, ReceiptError, as_receipt, load_receipt
 from loramerge.formats.shards import CheckpointReader
 from loramerge.numerics.tolerance import Tolerance
-from loramerge.operations.checkpoint import _carry_receipts
+from loramerge.operations.checkpoint import _carry_receipts, fingerprinted
 from loramerge.operations.checkpoint_verify import _judged
 from loramerge.plan.checkpoint_plan import AdapterMapping, map_adapter
 from loramerge.proof.reports import VerificationReport
@@ -84,7 +83,7 @@ def unmerge_checkpoint(
     reader = CheckpointReader(merged_dir)
     mapping = map_adapter(reader, loaded)
     tol = tolerance or Tolerance()
-    fingerprint = fingerprint_of(loaded)
+    fingerprint = fingerprinted(loaded)
     rounds = lineage(merged_dir)
     lineage_notes = check_last(rounds, fingerprint, force)
     rc = _receipt(receipt, merged_dir, rounds, fingerprint)
