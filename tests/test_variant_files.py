@@ -2,11 +2,11 @@
 and convolutions), merged from adapter files: on checkpoints and in memory, through PEFT's own layer
 (built with the stored base weight widened, rounded once), judged by PEFT's layer in adapter mode.
 
-For each variant, in fp32 and bf16: the checkpoint merge passes its verification, every variant
+For each variant (BD-LoRA also with a LoRA bias), in fp32 and bf16: the checkpoint merge passes its verification, every variant
 layer is judged by PEFT's layer (not one per family), the merged model computes what PEFT's adapter
 mode computes, the checkpoint equals the in-memory merge bit for bit, and the unmerge needs the base
 weights (a receipt or ``originals=``) and then restores them byte for byte. Negative controls: a
-PEFT merge that is off by 1 % fails and names the layer; ``verify``/``verify_checkpoint`` reject a
+PEFT merge that is off by 1 % fails and names the layer, and so does a LoRA bias off by 1 % of its update; ``verify``/``verify_checkpoint`` reject a
 variant weight left unmerged.
 """
 
@@ -28,7 +28,7 @@ from torch import nn
 
 import loramerge as lm
 import loramerge.engine.checkpoint_steps as steps  # where the step looks PEFT's merge up
-from conftest import save_adapter, tiny_llama, tiny_vit
+from conftest import save_adapter, tiny_llama, tiny_qwen2, tiny_vit
 from loramerge.errors import AdapterConfigError, UnmergeImpossibleError, VerificationError
 
 ATTN = ["q_proj", "v_proj", "down_proj"]
@@ -43,6 +43,17 @@ VARIANTS: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], dict[str, tor
         {
             "target_modules": ["q_proj", "o_proj"],
             "use_bdlora": BdLoraConfig(target_modules_bd_a=["q_proj"], target_modules_bd_b=["o_proj"], nblocks=2),
+        },
+        TOKENS,
+        "BD-LoRA",
+    ),
+    "bdlora-lora-bias": (  # a LoRA bias too: Qwen2's q/k projections have biases
+        tiny_qwen2,
+        {
+            "target_modules": ["q_proj", "k_proj"],
+            # (block-diagonal B has no bias: PEFT cannot merge a LoRA bias there, and says so)
+            "use_bdlora": BdLoraConfig(target_modules_bd_a=["q_proj", "k_proj"], target_modules_bd_b=[], nblocks=2),
+            "lora_bias": True,
         },
         TOKENS,
         "BD-LoRA",
@@ -93,6 +104,9 @@ def test_variant_adapter_files_merge_on_checkpoints_as_peft_computes(variant: st
     for module in adapter.variant_modules:
         name = next(n for n in stored if n.endswith(f"{module.split('.', 1)[-1]}.weight"))
         assert not torch.equal(stored[name], merged_sd[name]), f"{name}: the merge changed nothing"
+        if VARIANTS[variant][1].get("lora_bias"):  # and the bias, as PEFT merges it
+            bias = name.removesuffix(".weight") + ".bias"
+            assert not torch.equal(stored[bias], merged_sd[bias]), f"{bias}: the merge changed nothing"
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -131,8 +145,26 @@ def test_a_variant_merged_wrongly_on_a_checkpoint_fails_and_names_the_layer(
     nothing is written."""
     _, base_dir, adapter_dir, _ = _setup("kasa", torch.float32, tmp_path)
     real = steps.peft_merged_weight
-    monkeypatch.setattr(steps, "peft_merged_weight", lambda *a: (real(*a)[0] * 1.01, None))
+    monkeypatch.setattr(steps, "peft_merged_weight", lambda *a, **kw: (real(*a, **kw)[0] * 1.01, None))
     with pytest.raises(VerificationError, match=r"model\.layers\.\d\.(self_attn|mlp)\.(q|v|down)_proj"):
+        lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_variant_bias_merged_wrongly_fails_and_names_the_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Negative control: a LoRA bias of a variant layer merged off by 1 % of its update fails
+    against PEFT's own layer; nothing is written."""
+    _, base_dir, adapter_dir, _ = _setup("bdlora-lora-bias", torch.float32, tmp_path)
+    real = steps.peft_merged_bias
+
+    def wrong(layer: nn.Module, bias: torch.Tensor, name: str) -> torch.Tensor:
+        merged = real(layer, bias, name)
+        return merged + 0.01 * (merged - bias)
+
+    monkeypatch.setattr(steps, "peft_merged_bias", wrong)
+    with pytest.raises(VerificationError, match=r"model\.layers\.\d\.self_attn\.(q|k)_proj"):
         lm.merge_checkpoint(base_dir, adapter_dir, tmp_path / "merged", progress=False)
     assert not (tmp_path / "merged").exists()
 

@@ -31,7 +31,7 @@ from loramerge.numerics.delta import LoraUpdate, merge_tensor_, unmerge_tensor_
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.numerics.update_checks import check_updates
 from loramerge.plan.checkpoint_plan import AdapterMapping, _updates_for
-from loramerge.plan.injection import peft_merged_weight
+from loramerge.plan.injection import peft_merged_bias, peft_merged_weight
 from loramerge.plan.quant_spec import QuantSpec, quantizable, simulate
 from loramerge.proof.layer_checks import MAX_PROBE_OUTPUTS, LayerProbe
 from loramerge.proof.reports import LayerCheck
@@ -64,6 +64,7 @@ def variants_not_undone(adapter: Adapter, modules: list[str]) -> str:
     kinds = sorted({adapter.variant_modules[m] for m in modules})
     why = "; ".join(_NOT_UNDONE.get(k, f"{k} is merged by PEFT's layer only") for k in kinds)
     weights = sorted(w for m in modules for w in adapter.weight_names(m))
+    weights += sorted(f"{m}.bias" for m in modules if f"base_model.model.{m}.lora_B.bias" in adapter.tensors)
     return (
         f"modules {modules} ({', '.join(kinds)}) were merged by PEFT's own layer; their base weights cannot be "
         f"recovered from the merged weights and the adapter ({why}). Pass originals= with {weights} (Python API, "
@@ -199,14 +200,20 @@ class MergeStep:
         rounded once. No own check is left: PEFT's layer in adapter mode judges every such layer."""
         module = self.mapping.variants[name]
         layer = self.peft_layers[name]
-        expected = tuple(cast(torch.Tensor, cast(Any, layer).get_base_layer().weight).shape)
-        if tuple(tensor.shape) != expected:
+        is_bias = name in self.mapping.variant_biases
+        held = cast(torch.Tensor, getattr(cast(Any, layer).get_base_layer(), "bias" if is_bias else "weight"))
+        if tuple(tensor.shape) != tuple(held.shape):
             raise AdapterMismatchError(
                 f"{name} has shape {tuple(tensor.shape)}, but {module} in the model config.json builds holds "
-                f"{expected}; nothing was written. Use the base checkpoint the adapter was trained on."
+                f"{tuple(held.shape)}; nothing was written. Use the base checkpoint the adapter was trained on."
             )
         work = self._out(tensor)
-        merged, _ = peft_merged_weight(layer, work, module)  # a LoRA bias on such a layer was refused
+        if is_bias:
+            merged = peft_merged_bias(layer, work, module)
+        else:  # the layer's bias is streamed apart (and a weight's merge does not depend on it): zeros here
+            own = getattr(cast(Any, layer).get_base_layer(), "bias", None)
+            zeros = None if own is None else torch.zeros(own.shape, dtype=work.dtype)
+            merged = peft_merged_weight(layer, work, module, bias=zeros)[0]
         if not bool(torch.isfinite(merged).all()):
             raise NonFiniteMergeError(
                 f"merging {module} would produce non-finite weights or overflow (PEFT's own merge of this layer); "

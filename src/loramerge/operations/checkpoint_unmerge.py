@@ -166,5 +166,5 @@ def _check_unmergeable(
         ]
         + [n for n in mapping.token_rows if find_original(originals, n) is None]
     )
-    missing_variants = sorted(m for t, m in mapping.variants.items() if find_original(originals, t) is None)
+    missing_variants = sorted({m for t, m in mapping.variants.items() if find_original(originals, t) is None})
     refuse_inexact_unmerge(adapter, missing_norms, missing_originals, missing_variants, "written")

@@ -69,8 +69,10 @@ class AdapterMapping:
     # a replaced tensor the checkpoint does not store because it is tied to one it does: written as
     # its own tensor (the output unties it), name -> the stored tensor it was tied to
     tied_copies: dict[str, str] = field(default_factory=dict)
-    # weight tensor name -> module name, for modules only PEFT's own layer merges (Adapter.variant_modules)
+    # weight (and LoRA-bias) tensor name -> module name, for modules only PEFT's own layer merges
+    # (Adapter.variant_modules)
     variants: dict[str, str] = field(default_factory=dict)
+    variant_biases: set[str] = field(default_factory=set)  # the bias tensors among ``variants``
 
     @property
     def changed(self) -> set[str]:
@@ -117,7 +119,7 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
     modules, biases = _map_modules(stored, adapter, problems)
     replaced, tied_copies = _map_replaced(stored, adapter, problems)
     token_rows = _map_token_rows(stored, adapter, problems)
-    variants = _map_variants(stored, adapter, problems)
+    variants, variant_biases = _map_variants(stored, adapter, problems)
     if adapter.parameter_factors:  # target_parameters: each stored piece of each expert gets its own update
         experts, why = expert_tensors(reader, adapter)
         modules.update(experts)
@@ -129,7 +131,7 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
             f"the adapter {str(adapter.path or '<in memory>')!r} does not fit the checkpoint {str(reader.root)!r}, "
             f"{len(problems)} problem(s):\n{lines}\nUse the base checkpoint the adapter was trained on."
         )
-    return AdapterMapping(modules, biases, replaced, token_rows, tied_copies, variants)
+    return AdapterMapping(modules, biases, replaced, token_rows, tied_copies, variants, variant_biases)
 
 
 class _Stored:
@@ -191,10 +193,13 @@ def _map_modules(
     return modules, biases
 
 
-def _map_variants(stored: _Stored, adapter: Adapter, problems: list[tuple[str, str]]) -> dict[str, str]:
-    """The stored weight of each module only PEFT's own layer merges (PEFT checks its factors' shapes
-    when it loads them into the layer the config builds)."""
+def _map_variants(
+    stored: _Stored, adapter: Adapter, problems: list[tuple[str, str]]
+) -> tuple[dict[str, str], set[str]]:
+    """The stored weight (and the bias, with a LoRA bias) of each module only PEFT's own layer merges
+    (PEFT checks its factors' shapes when it loads them into the layer the config builds)."""
     variants: dict[str, str] = {}
+    biases: set[str] = set()
     prefix = "base_model.model."
     attention = sorted(m for m, v in adapter.variant_modules.items() if v == ATTENTION)
     if attention:  # the adapter fits; PEFT's attention layer merges its two weights together, in its own way
@@ -202,15 +207,20 @@ def _map_variants(stored: _Stored, adapter: Adapter, problems: list[tuple[str, s
             f"{attention}: {ATTENTION} merges in memory only; nothing was written. Load the model and call "
             "loramerge.merge(model, load_adapter(...)), then save it."
         )
-    for module_name, variant in adapter.variant_modules.items():
+    for module_name in adapter.variant_modules:
         tensor = stored.resolve(f"{module_name}.weight")
         if tensor is None:
             problems.append((module_name, stored.missing(f"{module_name}.weight")))
-        elif f"{prefix}{module_name}.lora_B.bias" in adapter.tensors:
-            problems.append((module_name, f"a LoRA bias on a {variant} module is merged in memory only"))
-        else:
-            variants[tensor] = module_name
-    return variants
+            continue
+        if f"{prefix}{module_name}.lora_B.bias" in adapter.tensors:
+            bias = stored.resolve(f"{module_name}.bias")
+            if bias is None:
+                problems.append((module_name, "the adapter has a lora_bias but the checkpoint has no bias for it"))
+                continue
+            variants[bias] = module_name
+            biases.add(bias)
+        variants[tensor] = module_name
+    return variants, biases
 
 
 def _map_replaced(

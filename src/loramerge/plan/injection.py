@@ -146,26 +146,64 @@ def variant_layers(root: Path, adapter: Adapter, variants: Mapping[str, str]) ->
 
 
 def peft_merged_weight(
-    layer: nn.Module, weight: torch.Tensor, name: str, adapter_names: Sequence[str] | None = None
+    layer: nn.Module,
+    weight: torch.Tensor,
+    name: str,
+    adapter_names: Sequence[str] | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weight (and bias) PEFT's own LoRA ``layer`` merges its adapters into when its base weight
     is ``weight``: computed on a copy widened to fp32 (fp64 for fp32 weights), rounded once to the
     stored dtypes. Both engines merge a variant layer with it: the checkpoint engine gives a layer
     of PEFT's injection into the weightless model (its base weight a placeholder) the stored weight,
     the in-memory engine gives a live layer its own. The layer itself is left as it was (a
-    variant's pending work, such as KaSA's truncation, stays pending).
+    variant's pending work, such as KaSA's truncation, stays pending). ``bias``: the base bias to
+    merge with, when not the layer's own (a checkpoint streams a layer's bias apart from its weight,
+    and a weight's merge does not depend on it; the injection's own is a placeholder).
 
     Raises:
         UnsupportedAdapterError: PEFT itself cannot merge the layer (its reason is given).
     """
+    base = cast(nn.Module, cast(Any, layer).get_base_layer())
+    own = cast(torch.Tensor | None, getattr(base, "bias", None))
+    return _peft_merged(layer, weight, own if bias is None else bias, name, adapter_names)
+
+
+def peft_merged_bias(
+    layer: nn.Module, bias: torch.Tensor, name: str, adapter_names: Sequence[str] | None = None
+) -> torch.Tensor:
+    """The bias PEFT's own LoRA ``layer`` (with a LoRA bias) merges its adapters into when its base
+    bias is ``bias``, as :func:`peft_merged_weight` computes it. A checkpoint streams a layer's bias
+    apart from its weight; PEFT's merge adds the bias update whatever the weight (``bias +
+    lora_B.bias * scaling``), so the weight here is zeros of its shape."""
+    held = cast(torch.Tensor, cast(Any, layer).get_base_layer().weight)
+    zeros = torch.zeros(held.shape, dtype=bias.dtype, device=bias.device)
+    _, merged = _peft_merged(layer, zeros, bias, name, adapter_names)
+    if merged is None:
+        raise UnsupportedAdapterError(f"{name}: PEFT's layer merged no bias; nothing was changed.")
+    return merged
+
+
+def _peft_merged(
+    layer: nn.Module,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    name: str,
+    adapter_names: Sequence[str] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PEFT's merge of ``layer`` with base ``weight`` and ``bias``, on a widened copy, rounded once."""
     wide = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
     base = cast(nn.Module, cast(Any, layer).get_base_layer())
-    held = base.weight
+    held = base.weight, getattr(base, "bias", None)
     base.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None and held[1] is not None and bias is not held[1]:
+        base.bias = nn.Parameter(bias.detach(), requires_grad=False)
     try:
         clone = copy.deepcopy(layer)
     finally:
-        base.weight = held
+        base.weight = held[0]
+        if held[1] is not None:
+            base.bias = held[1]
     zero_row = (
         torch.zeros(1, base.in_features, dtype=weight.dtype, device=weight.device)
         if isinstance(base, nn.Linear)
@@ -173,9 +211,8 @@ def peft_merged_weight(
     )
     _merge_widened(clone, wide, adapter_names, name, zero_row)
     merged = cast(Any, clone).get_base_layer()
-    bias = cast(torch.Tensor | None, getattr(merged, "bias", None))
-    old_bias = cast(torch.Tensor | None, getattr(base, "bias", None))
-    new_bias = None if bias is None or old_bias is None else bias.detach().to(old_bias.dtype)
+    new = cast(torch.Tensor | None, getattr(merged, "bias", None))
+    new_bias = None if new is None or bias is None else new.detach().to(bias.dtype)
     return cast(torch.Tensor, merged.weight).detach().to(weight.dtype), new_bias
 
 
