@@ -31,7 +31,7 @@ from loramerge.numerics.delta import LoraUpdate, merge_tensor_, unmerge_tensor_
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.numerics.update_checks import check_updates
 from loramerge.plan.checkpoint_plan import AdapterMapping, _updates_for
-from loramerge.plan.injection import peft_merged_bias, peft_merged_weight
+from loramerge.plan.injection import peft_merged_attention_part, peft_merged_bias, peft_merged_weight
 from loramerge.plan.quant_spec import QuantSpec, quantizable, simulate
 from loramerge.proof.layer_checks import MAX_PROBE_OUTPUTS, LayerProbe
 from loramerge.proof.reports import LayerCheck
@@ -201,14 +201,19 @@ class MergeStep:
         module = self.mapping.variants[name]
         layer = self.peft_layers[name]
         is_bias = name in self.mapping.variant_biases
-        held = cast(torch.Tensor, getattr(cast(Any, layer).get_base_layer(), "bias" if is_bias else "weight"))
+        part = self.mapping.attention_parts.get(name, "bias" if is_bias else "weight")
+        base = cast(Any, layer).get_base_layer()
+        owner = base.out_proj.get_base_layer() if part == "out_proj.weight" else base  # (PEFT wraps out_proj)
+        held = cast(torch.Tensor, getattr(owner, part.rsplit(".", 1)[-1]))
         if tuple(tensor.shape) != tuple(held.shape):
             raise AdapterMismatchError(
                 f"{name} has shape {tuple(tensor.shape)}, but {module} in the model config.json builds holds "
                 f"{tuple(held.shape)}; nothing was written. Use the base checkpoint the adapter was trained on."
             )
         work = self._out(tensor)
-        if is_bias:
+        if name in self.mapping.attention_parts:  # an nn.MultiheadAttention's packed projection or out_proj
+            merged = peft_merged_attention_part(layer, work, part, module)
+        elif is_bias:
             merged = peft_merged_bias(layer, work, module)
         else:  # the layer's bias is streamed apart (and a weight's merge does not depend on it): zeros here
             own = getattr(cast(Any, layer).get_base_layer(), "bias", None)

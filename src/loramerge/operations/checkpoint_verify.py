@@ -197,7 +197,7 @@ def _judged(
     plan.update({module: ("merged by PEFT's layer", module) for module in mapping.variants.values()})  # every one
     judged = judge_by_peft(base, merged, adapter, report.tolerance, dtype, seed, list(report.layers), every_layer, plan)
     wrong = list(judged.unexpected)
-    judged_names = {c.name for c in judged.layers}
+    judged_names = {c.name.removesuffix(" (attention)") for c in judged.layers}  # (an attention's row)
     for module in sorted(set(mapping.variants.values()) - judged_names):  # no other check covers them
         reason = "merged by PEFT's own layer, and PEFT's layer could not be built to judge it"
         unjudged = LayerCheck(

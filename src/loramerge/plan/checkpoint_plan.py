@@ -73,6 +73,9 @@ class AdapterMapping:
     # (Adapter.variant_modules)
     variants: dict[str, str] = field(default_factory=dict)
     variant_biases: set[str] = field(default_factory=set)  # the bias tensors among ``variants``
+    # an nn.MultiheadAttention's two stored weights among ``variants``: tensor name -> its parameter
+    # name in the attention ("in_proj_weight" or "out_proj.weight")
+    attention_parts: dict[str, str] = field(default_factory=dict)
 
     @property
     def changed(self) -> set[str]:
@@ -119,7 +122,7 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
     modules, biases = _map_modules(stored, adapter, problems)
     replaced, tied_copies = _map_replaced(stored, adapter, problems)
     token_rows = _map_token_rows(stored, adapter, problems)
-    variants, variant_biases = _map_variants(stored, adapter, problems)
+    variants, variant_biases, attention_parts = _map_variants(stored, adapter, problems)
     if adapter.parameter_factors:  # target_parameters: each stored piece of each expert gets its own update
         experts, why = expert_tensors(reader, adapter)
         modules.update(experts)
@@ -131,7 +134,7 @@ def map_adapter(reader: CheckpointReader, adapter: Adapter) -> AdapterMapping:
             f"the adapter {str(adapter.path or '<in memory>')!r} does not fit the checkpoint {str(reader.root)!r}, "
             f"{len(problems)} problem(s):\n{lines}\nUse the base checkpoint the adapter was trained on."
         )
-    return AdapterMapping(modules, biases, replaced, token_rows, tied_copies, variants, variant_biases)
+    return AdapterMapping(modules, biases, replaced, token_rows, tied_copies, variants, variant_biases, attention_parts)
 
 
 class _Stored:
@@ -195,22 +198,20 @@ def _map_modules(
 
 def _map_variants(
     stored: _Stored, adapter: Adapter, problems: list[tuple[str, str]]
-) -> tuple[dict[str, str], set[str]]:
-    """The stored weight (and the bias, with a LoRA bias) of each module only PEFT's own layer merges
-    (PEFT checks its factors' shapes when it loads them into the layer the config builds)."""
+) -> tuple[dict[str, str], set[str], dict[str, str]]:
+    """The stored weights (and the bias, with a LoRA bias) of each module only PEFT's own layer
+    merges (PEFT checks its factors' shapes when it loads them into the layer the config builds);
+    an ``nn.MultiheadAttention`` has two, its packed projection and its ``out_proj``."""
     variants: dict[str, str] = {}
     biases: set[str] = set()
+    parts: dict[str, str] = {}
     prefix = "base_model.model."
-    attention = sorted(m for m, v in adapter.variant_modules.items() if v == ATTENTION)
-    if attention:  # the adapter fits; PEFT's attention layer merges its two weights together, in its own way
-        raise UnsupportedAdapterError(
-            f"{attention}: {ATTENTION} merges in memory only; nothing was written. Load the model and call "
-            "loramerge.merge(model, load_adapter(...)), then save it."
-        )
-    for module_name in adapter.variant_modules:
-        tensor = stored.resolve(f"{module_name}.weight")
-        if tensor is None:
-            problems.append((module_name, stored.missing(f"{module_name}.weight")))
+    for module_name, variant in adapter.variant_modules.items():
+        names = ("in_proj_weight", "out_proj.weight") if variant == ATTENTION else ("weight",)
+        found = {name: stored.resolve(f"{module_name}.{name}") for name in names}
+        missing = [f"{module_name}.{name}" for name, tensor in found.items() if tensor is None]
+        if missing:
+            problems.append((module_name, stored.missing(missing[0])))
             continue
         if f"{prefix}{module_name}.lora_B.bias" in adapter.tensors:
             bias = stored.resolve(f"{module_name}.bias")
@@ -219,8 +220,12 @@ def _map_variants(
                 continue
             variants[bias] = module_name
             biases.add(bias)
-        variants[tensor] = module_name
-    return variants, biases
+        for name, tensor in found.items():
+            assert tensor is not None
+            variants[tensor] = module_name
+            if variant == ATTENTION:
+                parts[tensor] = name
+    return variants, biases, parts
 
 
 def _map_replaced(

@@ -25,7 +25,16 @@ from loramerge.formats.adapter import Adapter
 from loramerge.formats.adapter_tensors import TRAINING_STATE
 from loramerge.plan.skeleton import meta_model, tied_names
 
-__all__ = ["ADAPTER", "AdapterMode", "adapter_mode", "peft_merged_attention", "peft_merged_weight", "variant_layers"]
+__all__ = [
+    "ADAPTER",
+    "AdapterMode",
+    "adapter_mode",
+    "peft_merged_attention",
+    "peft_merged_attention_part",
+    "peft_merged_bias",
+    "peft_merged_weight",
+    "variant_layers",
+]
 
 ADAPTER = "default"  # the adapter name PEFT's injected layers use
 
@@ -232,6 +241,28 @@ def peft_merged_attention(
     merged = cast(Any, clone).get_base_layer()
     out = cast(torch.Tensor, merged.out_proj.get_base_layer().weight)
     return merged.in_proj_weight.detach().to(dtype), out.detach().to(dtype)
+
+
+def peft_merged_attention_part(layer: nn.Module, tensor: torch.Tensor, part: str, name: str) -> torch.Tensor:
+    """One stored weight of an ``nn.MultiheadAttention`` (``part``: ``"in_proj_weight"`` or
+    ``"out_proj.weight"``) as PEFT's own attention ``layer`` merges it when that weight is ``tensor``,
+    as :func:`peft_merged_attention` computes it. A checkpoint streams the two weights apart; PEFT
+    merges each on its own (the packed projection's update into ``in_proj_weight``, ``out_proj``'s
+    through its own LoRA layer), so the other one is zeros here."""
+    attention = cast(Any, layer).get_base_layer()
+    out_proj = attention.out_proj.get_base_layer()
+    held = attention.in_proj_weight, out_proj.weight
+    given = {
+        "in_proj_weight": tensor if part == "in_proj_weight" else torch.zeros(held[0].shape, dtype=tensor.dtype),
+        "out_proj.weight": tensor if part == "out_proj.weight" else torch.zeros(held[1].shape, dtype=tensor.dtype),
+    }
+    attention.in_proj_weight = nn.Parameter(given["in_proj_weight"].detach(), requires_grad=False)
+    out_proj.weight = nn.Parameter(given["out_proj.weight"].detach(), requires_grad=False)
+    try:
+        merged_in, merged_out = peft_merged_attention(layer, [ADAPTER], name)
+    finally:
+        attention.in_proj_weight, out_proj.weight = held
+    return merged_in if part == "in_proj_weight" else merged_out
 
 
 def _merge_widened(

@@ -28,6 +28,7 @@ from loramerge.formats.shards import CheckpointReader
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.plan.injection import ADAPTER, AdapterMode, adapter_mode
 from loramerge.plan.skeleton import meta_model, renamed_keys, tied_names
+from loramerge.proof.oracle_attention import judge_attention
 from loramerge.proof.oracle_layers import (
     _convert,
     _holding,
@@ -144,8 +145,13 @@ def check_merged_checkpoint(
     if isinstance(built, str):
         return built
     judge = _Judge(built, base_root, merged_root, tolerance, dtype, seed, every_layer, plan or {}, rounded_base)
+    attentions = [n for n, layer in built.layers.items() if type(layer).__name__ == "MultiheadAttention"]
     for name, layer in built.layers.items():
-        if type(layer).__name__ == "ParamWrapper":  # target_parameters: a parameter stored in pieces
+        if name in attentions:
+            judge_attention(judge, name, layer)
+        elif any(name.startswith(f"{a}.base_layer.") for a in attentions):
+            continue  # an attention's out_proj: judged with its attention
+        elif type(layer).__name__ == "ParamWrapper":  # target_parameters: a parameter stored in pieces
             judge.wrapper(name, layer)
         else:
             judge.layer(name, layer)
@@ -153,7 +159,8 @@ def check_merged_checkpoint(
     judge.saved()
     judge.ties()
     added = frozenset(judge.changed - set(judge.base.reader.stored))
-    return OracleResult(tuple(judge.checks), tuple(judge.problems), frozenset(judge.changed), added, len(built.layers))
+    adapted = len(built.layers) - sum(any(n.startswith(f"{a}.base_layer.") for a in attentions) for n in built.layers)
+    return OracleResult(tuple(judge.checks), tuple(judge.problems), frozenset(judge.changed), added, adapted)
 
 
 class _Judge:
