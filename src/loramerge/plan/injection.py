@@ -23,6 +23,7 @@ from torch import nn
 from loramerge.errors import AdapterMismatchError, UnsupportedAdapterError
 from loramerge.formats.adapter import Adapter
 from loramerge.formats.adapter_tensors import TRAINING_STATE
+from loramerge.formats.shard_writer import release_pages
 from loramerge.plan.skeleton import meta_model, tied_names
 
 __all__ = [
@@ -105,6 +106,7 @@ def adapter_mode(root: Path, adapter: Adapter) -> AdapterMode | str:
             inner = cast(nn.Module, peft_model.base_model.model)
             layers = {n: cast(nn.Module, m) for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
             tensors = {k: v.clone() for k, v in adapter.tensors.items() if not TRAINING_STATE.search(k)}
+            release_pages(list(adapter.tensors.values()))  # the file's pages, read by the copy, need not stay
             result = set_peft_model_state_dict(peft_model, tensors, adapter_name=ADAPTER, low_cpu_mem_usage=True)
             # Loading next to a 16-bit placeholder rounds the factors to its dtype; from_pretrained keeps
             # them in fp32 (autocast_adapter_dtype): upcast as it does and load the file's values again.
