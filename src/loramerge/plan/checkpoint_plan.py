@@ -27,6 +27,7 @@ from loramerge.formats.shards import (
     CheckpointReader,
 )
 from loramerge.numerics.delta import Kind, LoraUpdate
+from loramerge.plan import skeleton
 from loramerge.plan.fused import fused_keys
 from loramerge.plan.param_targets import parameter_path, stored_updates
 from loramerge.plan.skeleton import conv1d_free, kind_of, layer_kinds, renamed_keys, tied_groups
@@ -182,6 +183,8 @@ def _map_modules(
                 problems.append((module_name, resolved))
                 continue
             kind = cast(Kind, resolved)
+        if kind == "conv" and skeleton.conv_padded(stored.reader.root, module_name):
+            raise UnsupportedAdapterError(f"{module_name}: {skeleton.PADDED_CONV}; nothing was written.")
         if _expected_shape(kind, mod.update) != shape:
             fits = _expected_shape(kind, mod.update)
             problems.append((module_name, f"{tensor} has shape {shape}; the adapter's A/B fit {fits}"))

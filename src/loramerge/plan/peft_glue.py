@@ -25,7 +25,7 @@ from loramerge.formats.adapter import ATTENTION, Adapter, AdapterModule
 from loramerge.numerics.delta import Kind
 from loramerge.numerics.quantized import is_quantized_layer
 from loramerge.plan.attention import attention_kept
-from loramerge.plan.skeleton import module_kind
+from loramerge.plan.skeleton import module_kind, padding_unmergeable
 from loramerge.preserve import ModuleFlags
 
 __all__ = ["adapter_mode", "attach", "check_compatible", "unwrap"]
@@ -166,6 +166,8 @@ def _fitting_kind(
         return None
     if kind == "conv" and getattr(base, "groups", 1) != 1:
         problems.append((name, "grouped convolutions are not supported"))
+    if kind == "conv" and (why := padding_unmergeable(base)) is not None:
+        raise UnsupportedAdapterError(f"{name}: {why}; nothing was changed.")
     if up.magnitude is not None and up.magnitude.numel() != n_out:
         problems.append((name, f"expected a DoRA magnitude of {n_out} values, found {tuple(up.magnitude.shape)}"))
     if up.bias is not None:

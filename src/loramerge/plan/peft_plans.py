@@ -22,6 +22,7 @@ from loramerge.numerics.delta import Kind, LoraUpdate
 from loramerge.numerics.quantized import is_quantized_layer
 from loramerge.plan.attention import PackedProjection
 from loramerge.plan.peft_glue import base_layer_of
+from loramerge.plan.skeleton import padding_unmergeable
 
 __all__ = ["LayerPlan", "TokenPlan", "collect_plans", "out_proj_multiple"]
 
@@ -121,6 +122,8 @@ def _lora_update(module: LoraLayer, adapter_name: str, kind: Kind, name: str, vi
             raise UnsupportedAdapterError(
                 f"{name}: grouped convolutions or LoRA B kernels larger than 1 are not supported."
             )
+        if (why := padding_unmergeable(base)) is not None:
+            raise UnsupportedAdapterError(f"{name}: {why}; nothing was changed.")
     return LoraUpdate(kind, a.detach(), b.detach(), float(m.scaling[adapter_name]), magnitude=magnitude, bias=bias)
 
 

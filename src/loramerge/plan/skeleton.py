@@ -21,12 +21,15 @@ import torch
 from torch import nn
 
 __all__ = [
+    "PADDED_CONV",
     "checkpoint_keys",
     "conv1d_free",
+    "conv_padded",
     "kind_of",
     "layer_kinds",
     "meta_model",
     "module_kind",
+    "padding_unmergeable",
     "renamed_keys",
     "tied_groups",
     "tied_names",
@@ -48,6 +51,31 @@ def module_kind(module: nn.Module) -> str | None:
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return "conv"
     return None
+
+
+PADDED_CONV = (
+    "a convolution padded with other than zeros: PEFT's adapter mode pads its LoRA branch with zeros, so no merged "
+    "weight computes what adapter mode computes at the borders (merging would change the model's outputs). Keep "
+    "this adapter unmerged, or train it without this layer in target_modules"
+)
+
+
+def padding_unmergeable(conv: nn.Module) -> str | None:
+    """Why no merged weight computes what PEFT's adapter mode computes for this convolution (``None``:
+    it can be merged): PEFT's LoRA branch pads with zeros, so a base that pads otherwise (reflect,
+    replicate, circular) gives a different result at the borders than the merged convolution."""
+    padding: Any = getattr(conv, "padding", (0,))
+    padded = padding == "same" if isinstance(padding, str) else any(int(p) != 0 for p in padding)
+    if getattr(conv, "padding_mode", "zeros") == "zeros" or not padded:
+        return None
+    return PADDED_CONV.replace("other than zeros", repr(getattr(conv, "padding_mode", "")))
+
+
+def conv_padded(root: Path, module_name: str) -> bool:
+    """Whether the model ``root/config.json`` describes pads the convolution ``module_name`` otherwise
+    than with zeros (:func:`padding_unmergeable`; ``False`` where transformers cannot build it)."""
+    kinds = layer_kinds(root)
+    return kinds is not None and kind_of(kinds, module_name) == "conv-padded"
 
 
 def meta_model(root: Path) -> nn.Module | str:
@@ -142,6 +170,8 @@ def _skeleton(root: str, mtime: float) -> tuple[tuple[tuple[str, str], ...], tup
     kinds = []
     for name, module in model.named_modules():
         kind = module_kind(module)
+        if kind == "conv" and padding_unmergeable(module) is not None:
+            kind = "conv-padded"  # a convolution no merged weight can stand for (padding_unmergeable)
         if kind is not None and name:
             kinds.append((name, kind))
     return tuple(kinds), tied_names(model)
