@@ -6,6 +6,9 @@ seven projections, then runs, alternating the order between repetitions:
 * ``cp``: ``cp`` of the shard files, then ``sync`` (the physical floor: one read, one write)
 * ``copy``: a plain safetensors read + write copy of the shards
 * ``peft``: from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained
+* ``mergekit``: ``mergekit-yaml`` with a ``passthrough`` merge of the model ``BASE+ADAPTER`` (its
+  LoRA syntax), when ``mergekit-yaml`` is on the PATH or named by ``$MERGEKIT_YAML`` (skipped with
+  a note otherwise: mergekit pins its own dependencies, so it belongs in its own environment)
 * ``loramerge``: ``loramerge merge`` (the command line, streaming, default verification included)
 * ``loramerge-noverify``: the same with ``--no-verify`` (what verification costs)
 * ``unmerge`` and ``unmerge-noverify`` (only when asked for with ``--modes``): ``loramerge unmerge``
@@ -19,7 +22,8 @@ Usage::
 
     python bench/merge_checkpoint.py [--layers 56] [--repeats 2] [--modes cp,copy,loramerge,loramerge-noverify]
 
-mergekit is not measured here: it is not installed in this project's environments.
+Peak memory is the child process's own high-water mark (for ``cp`` and ``mergekit``, which run
+in grandchild processes, the largest of those).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,6 +60,17 @@ def make_checkpoint(root: Path, layers: int) -> tuple[Path, Path]:
     )
 
 
+def _mergekit() -> str | None:
+    """The ``mergekit-yaml`` command to run, if there is one."""
+    return os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+
+
+def _children_peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
+
+
 def _peak_rss_gb() -> float:
     """This process's peak resident memory (VmHWM; a fresh count since exec, unlike wait4's ru_maxrss,
     which includes the forked parent's memory)."""
@@ -69,7 +85,7 @@ def child(mode: str, base: Path, adapter: Path, out: Path) -> None:
     try:
         _child(mode, base, adapter, out)
     finally:
-        print(json.dumps({"peak_rss_gb": _peak_rss_gb()}))
+        print(json.dumps({"peak_rss_gb": max(_peak_rss_gb(), _children_peak_rss_gb())}))
 
 
 def _child(mode: str, base: Path, adapter: Path, out: Path) -> None:
@@ -78,6 +94,17 @@ def _child(mode: str, base: Path, adapter: Path, out: Path) -> None:
         out.mkdir()
         for path in sorted(base.glob("*.safetensors")):
             subprocess.run(["cp", str(path), str(out / path.name)], check=True)
+        subprocess.run(["sync"], check=True)
+        return
+    if mode == "mergekit":
+        config = out.parent / f"{out.name}.yml"
+        spec = f"{base}+{adapter}"
+        config.write_text(f"merge_method: passthrough\ndtype: bfloat16\nmodels:\n  - model: {spec}\n")
+        cache = out.parent / f"{out.name}-lora-cache"  # mergekit merges the LoRA into a copy there first
+        command = [str(_mergekit()), str(config), str(out), "--out-shard-size", "500M", "--no-copy-tokenizer"]
+        subprocess.run([*command, "--lora-merge-cache", str(cache)], check=True, capture_output=True)
+        config.unlink()
+        shutil.rmtree(cache)
         subprocess.run(["sync"], check=True)
         return
     if mode == "copy":
@@ -126,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=QWEN2_15B["layers"])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--modes", default="cp,copy,peft,loramerge,loramerge-noverify")
+    parser.add_argument("--modes", default="cp,copy,peft,mergekit,loramerge,loramerge-noverify")
     parser.add_argument("--workdir", type=Path, help="where to build the checkpoint (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/merge_checkpoint.json"))
     parser.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
@@ -137,6 +164,9 @@ def main() -> None:
         return
 
     modes = args.modes.split(",")
+    if "mergekit" in modes and _mergekit() is None:
+        modes.remove("mergekit")
+        print("mergekit: skipped (no mergekit-yaml on the PATH, nor $MERGEKIT_YAML)", flush=True)
     with tempfile.TemporaryDirectory(prefix="loramerge-ckpt-bench-", dir=args.workdir) as tmp:
         root = Path(tmp)
         print(f"building a random Qwen2-1.5B-shaped bf16 checkpoint with {args.layers} layers ...", flush=True)
