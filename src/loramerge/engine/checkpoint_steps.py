@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -31,7 +31,12 @@ from loramerge.numerics.delta import LoraUpdate, merge_tensor_, unmerge_tensor_
 from loramerge.numerics.tolerance import Tolerance
 from loramerge.numerics.update_checks import check_updates
 from loramerge.plan.checkpoint_plan import AdapterMapping, _updates_for
-from loramerge.plan.injection import peft_merged_attention_part, peft_merged_bias, peft_merged_weight
+from loramerge.plan.injection import (
+    peft_merged_attention_part,
+    peft_merged_bias,
+    peft_merged_weight,
+    stored_owner,
+)
 from loramerge.plan.quant_spec import QuantSpec, quantizable, simulate
 from loramerge.proof.layer_checks import MAX_PROBE_OUTPUTS, LayerProbe
 from loramerge.proof.reports import LayerCheck
@@ -202,9 +207,8 @@ class MergeStep:
         layer = self.peft_layers[name]
         is_bias = name in self.mapping.variant_biases
         part = self.mapping.attention_parts.get(name, "bias" if is_bias else "weight")
-        base = cast(Any, layer).get_base_layer()
-        owner = base.out_proj.get_base_layer() if part == "out_proj.weight" else base  # (PEFT wraps out_proj)
-        held = cast(torch.Tensor, getattr(owner, part.rsplit(".", 1)[-1]))
+        owner, attr = stored_owner(layer, part)
+        held = cast(torch.Tensor, getattr(owner, attr))
         if tuple(tensor.shape) != tuple(held.shape):
             raise AdapterMismatchError(
                 f"{name} has shape {tuple(tensor.shape)}, but {module} in the model config.json builds holds "
@@ -216,7 +220,7 @@ class MergeStep:
         elif is_bias:
             merged = peft_merged_bias(layer, work, module)
         else:  # the layer's bias is streamed apart (and a weight's merge does not depend on it): zeros here
-            own = getattr(cast(Any, layer).get_base_layer(), "bias", None)
+            own = getattr(owner, "bias", None)
             zeros = None if own is None else torch.zeros(own.shape, dtype=work.dtype)
             merged = peft_merged_weight(layer, work, module, bias=zeros)[0]
         if not bool(torch.isfinite(merged).all()):

@@ -34,6 +34,7 @@ __all__ = [
     "peft_merged_attention_part",
     "peft_merged_bias",
     "peft_merged_weight",
+    "stored_owner",
     "variant_layers",
 ]
 
@@ -245,6 +246,16 @@ def peft_merged_attention(
     return merged.in_proj_weight.detach().to(dtype), out.detach().to(dtype)
 
 
+def stored_owner(layer: nn.Module, part: str) -> tuple[Any, str]:
+    """The module of PEFT's ``layer`` that holds the base parameter a stored tensor names (``part``,
+    relative to the layer: ``weight``, ``bias``, ``in_proj_weight``, ``out_proj.weight``), and the
+    parameter's name there (PEFT wraps an attention's ``out_proj`` in a LoRA layer of its own)."""
+    base = cast(Any, layer).get_base_layer()
+    if part.startswith("out_proj."):
+        return base.out_proj.get_base_layer(), part.split(".", 1)[1]
+    return base, part
+
+
 def peft_merged_attention_part(layer: nn.Module, tensor: torch.Tensor, part: str, name: str) -> torch.Tensor:
     """One stored weight of an ``nn.MultiheadAttention`` (``part``: ``"in_proj_weight"`` or
     ``"out_proj.weight"``) as PEFT's own attention ``layer`` merges it when that weight is ``tensor``,
@@ -252,7 +263,7 @@ def peft_merged_attention_part(layer: nn.Module, tensor: torch.Tensor, part: str
     merges each on its own (the packed projection's update into ``in_proj_weight``, ``out_proj``'s
     through its own LoRA layer), so the other one is zeros here."""
     attention = cast(Any, layer).get_base_layer()
-    out_proj = attention.out_proj.get_base_layer()
+    out_proj = stored_owner(layer, "out_proj.weight")[0]
     held = attention.in_proj_weight, out_proj.weight
     given = {
         "in_proj_weight": tensor if part == "in_proj_weight" else torch.zeros(held[0].shape, dtype=tensor.dtype),
